@@ -1,0 +1,182 @@
+"""The activation store's on-disk contract, format v1 (see docs/store-format.md).
+
+Every name and constant that the writer, the reader and `verify` must agree on
+lives here and nowhere else. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "tribunal-activation-store"
+
+# Groups and datasets.
+ACTIVATIONS = "activations"
+TOKENS = "tokens"
+TRACES = "traces"
+TRACE_TABLE = "traces/table"
+TRACE_TEXT = "traces/text_utf8"
+COMMIT = "commit"
+SYNTH = "synth"
+COMMIT_FIELDS = ("traces", "tokens", "text_bytes", "commits")
+
+TOKEN_ARRAYS = {
+    "token_id": np.dtype("int32"),
+    "is_generated": np.dtype("bool"),
+    "logprob": np.dtype("float32"),
+    "entropy": np.dtype("float32"),
+}
+
+LABELS = ("incorrect", "correct", "unparsed")
+LABEL_CODES = {name: code for code, name in enumerate(LABELS)}
+FINISH_REASONS = ("stop", "length", "other")
+FINISH_CODES = {name: code for code, name in enumerate(FINISH_REASONS)}
+
+ANSWER_BYTES = 48
+
+LABEL_DTYPE = h5py.enum_dtype(LABEL_CODES, basetype="i1")
+FINISH_DTYPE = h5py.enum_dtype(FINISH_CODES, basetype="i1")
+
+TRACE_DTYPE = np.dtype(
+    [
+        ("trace_id", "<i8"),
+        ("problem_id", "<i8"),
+        ("sample_index", "<i4"),
+        ("token_start", "<i8"),
+        ("token_end", "<i8"),
+        ("prompt_length", "<i4"),
+        ("label", LABEL_DTYPE),
+        ("predicted", f"S{ANSWER_BYTES}"),
+        ("gold", f"S{ANSWER_BYTES}"),
+        ("finish_reason", FINISH_DTYPE),
+        ("text_start", "<i8"),
+        ("text_end", "<i8"),
+        ("seed", "<u8"),
+    ]
+)
+
+# Attributes every store carries at the root; `verify` checks them.
+REQUIRED_ATTRS = (
+    "format",
+    "schema_version",
+    "model_id",
+    "model_revision",
+    "layers",
+    "d_model",
+    "dtype",
+    "activation_encoding",
+    "generation_settings",
+    "dataset_id",
+    "dataset_split",
+    "seed",
+    "tribunal_version",
+    "created",
+    "host",
+    "chunk_tokens",
+    "description",
+)
+
+# dtype name -> (numpy dtype stored on disk, encoding attribute, bytes per value)
+DTYPES = {
+    "float16": (np.dtype("<f2"), "ieee-float16", 2),
+    "bfloat16": (np.dtype("<u2"), "bfloat16-bits-in-uint16", 2),
+    "float32": (np.dtype("<f4"), "ieee-float32", 4),
+}
+
+# Chunk rows are chosen so one chunk is about this many bytes (bench/bench_store.py).
+TARGET_CHUNK_BYTES = 1 << 20
+
+
+def trace_id(problem_id: int, sample_index: int) -> int:
+    """Stable across shards and merges: problem id in the high bits, sample index in the low 20."""
+    return (int(problem_id) << 20) | int(sample_index)
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{int(layer):03d}"
+
+
+def activation_path(layer: int) -> str:
+    return f"{ACTIVATIONS}/{layer_name(layer)}"
+
+
+def default_chunk_tokens(d_model: int, dtype: str) -> int:
+    """Token rows per chunk: about TARGET_CHUNK_BYTES, a power of two, at least 16."""
+    row = d_model * DTYPES[dtype][2]
+    rows = max(16, TARGET_CHUNK_BYTES // max(row, 1))
+    return 1 << (int(rows).bit_length() - 1)
+
+
+def encode_activations(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Turn activations into the words stored on disk.
+
+    bfloat16 arrives either as raw 16-bit words (uint16/int16, e.g. a torch bf16
+    tensor viewed as int16) and is kept bit for bit, or as float32, which is
+    rounded to nearest-even.
+    """
+    disk = DTYPES[dtype][0]
+    if dtype != "bfloat16":
+        return np.asarray(values, dtype=disk)
+    values = np.asarray(values)
+    if values.dtype in (np.uint16, np.int16):
+        return values.view(np.uint16)
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def decode_activations(words: np.ndarray, dtype: str) -> np.ndarray:
+    """Real values (float32) from stored words; float16 stays float16 unless asked."""
+    if dtype == "bfloat16":
+        return (words.astype(np.uint32) << 16).view(np.float32)
+    return words
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What must match for two writers (or two shards) to share one store."""
+
+    model_id: str
+    layers: tuple
+    d_model: int
+    dtype: str
+    model_revision: str = "unknown"
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def differences(self, other: "StoreIdentity") -> list[str]:
+        """Human-readable list of what differs, e.g. ["layers: store has [4, 8], asked [4]"]."""
+        out = []
+        for name in ("schema_version", "model_id", "model_revision", "layers", "d_model", "dtype"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "layers":
+                mine, theirs = list(mine), list(theirs)
+            if mine != theirs:
+                out.append(f"{name}: store has {mine!r}, asked {theirs!r}")
+        for key in sorted(set(self.extra) | set(other.extra)):
+            if self.extra.get(key) != other.extra.get(key):
+                out.append(f"{key}: store has {self.extra.get(key)!r}, asked {other.extra.get(key)!r}")
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "StoreIdentity":
+        extra = json.loads(as_text(attrs.get("resume_identity", "{}")))
+        return cls(
+            model_id=as_text(attrs["model_id"]),
+            model_revision=as_text(attrs.get("model_revision", "unknown")),
+            layers=tuple(int(x) for x in attrs["layers"]),
+            d_model=int(attrs["d_model"]),
+            dtype=as_text(attrs["dtype"]),
+            schema_version=int(attrs["schema_version"]),
+            extra=extra,
+        )
+
+
+def as_text(value) -> str:
+    """HDF5 string attributes come back as str or bytes depending on how they were written."""
+    return value.decode() if isinstance(value, bytes) else str(value)

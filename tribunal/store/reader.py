@@ -1,0 +1,417 @@
+"""Read one shard, many shards or a merged file as one store.
+
+A shard is opened read-only in SWMR mode, so it can be read while its writer
+runs (and after a writer was killed, before anyone repairs it). The reader
+trusts only the commit record: it takes a snapshot of the committed counts when
+it opens (and on `refresh()`) and never reads past them. Like a streaming
+shard reader, it knows every trace's offsets from the small trace table
+without touching activations.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import IncompatibleStoreError, StoreError
+from . import format as fmt
+from .superblock import is_hdf5
+
+AGGREGATIONS = ("mean", "last", "last_k", "max", "mean_all")
+DEFAULT_BLOCK_BYTES = 64 << 20
+
+
+@dataclass
+class Trace:
+    """One committed trace without its activations."""
+
+    index: int
+    trace_id: int
+    problem_id: int
+    sample_index: int
+    label: str
+    predicted: str
+    gold: str
+    finish_reason: str
+    prompt_length: int
+    token_ids: np.ndarray
+    is_generated: np.ndarray
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    text: str
+    shard: str
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.token_ids))
+
+
+class Shard:
+    """One store file, opened read-only (SWMR), with a snapshot of its committed rows."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        _check_readable(self.path)
+        try:
+            self.file = h5py.File(self.path, "r", swmr=True, locking=False)
+        except OSError:
+            try:  # files not written in the SWMR-capable format (e.g. by other tools) open plainly
+                self.file = h5py.File(self.path, "r", locking=False)
+            except OSError as exc:
+                raise StoreError(f"cannot read {self.path}: {str(exc).splitlines()[0]}") from None
+        attrs = self.file.attrs
+        if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
+            self.close()
+            raise StoreError(f"{self.path} is an HDF5 file but not a tribunal store")
+        version = int(attrs.get("schema_version", -1))
+        if version > fmt.SCHEMA_VERSION:
+            self.close()
+            raise IncompatibleStoreError(
+                f"{self.path} has store schema {version}, newer than this tribunal reads ({fmt.SCHEMA_VERSION}); "
+                "upgrade tribunal"
+            )
+        self.attrs = {k: _plain(v) for k, v in attrs.items()}
+        self.identity = fmt.StoreIdentity.from_attrs(attrs)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take a new snapshot of what the writer has committed."""
+        commit = self.file[fmt.COMMIT]
+        commit.refresh()
+        self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
+        table = self.file[fmt.TRACE_TABLE]
+        table.refresh()
+        self.table = table[: self.committed["traces"]]
+        for name in fmt.TOKEN_ARRAYS:
+            self.file[f"{fmt.TOKENS}/{name}"].refresh()
+        self.file[fmt.TRACE_TEXT].refresh()
+        for layer in self.identity.layers:
+            self.file[fmt.activation_path(layer)].refresh()
+
+    @property
+    def n_traces(self) -> int:
+        return self.committed["traces"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.committed["tokens"]
+
+    def dataset(self, layer: int):
+        if layer not in self.identity.layers:
+            raise StoreError(f"layer {layer} is not in {self.path}; it has layers {list(self.identity.layers)}")
+        return self.file[fmt.activation_path(layer)]
+
+    def token_array(self, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
+        end = self.n_tokens if end is None else end
+        return self.file[f"{fmt.TOKENS}/{name}"][start:end]
+
+    def read_rows(self, layer: int, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored words of rows [start, end) of a layer, checked against the commit."""
+        if not 0 <= start <= end <= self.n_tokens:
+            raise StoreError(f"rows {start}:{end} are outside the committed 0:{self.n_tokens} of {self.path}")
+        ds = self.dataset(layer)
+        if out is None:
+            out = np.empty((end - start, ds.shape[1]), ds.dtype)
+        if end > start:
+            ds.read_direct(out, np.s_[start:end], np.s_[0 : end - start])
+        return out
+
+    def text(self, row) -> str:
+        return self.file[fmt.TRACE_TEXT][int(row["text_start"]) : int(row["text_end"])].tobytes().decode("utf-8", "replace")
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+            self.file = None
+
+
+class Store:
+    """Several shards of one run read as one: global trace indices run shard after shard."""
+
+    def __init__(self, shards: list[Shard]):
+        if not shards:
+            raise StoreError("no store files given")
+        first = shards[0]
+        for shard in shards[1:]:
+            diffs = first.identity.differences(shard.identity)
+            if diffs:
+                raise IncompatibleStoreError(
+                    f"{shard.path} does not match {first.path} ({'; '.join(diffs)}); read them separately"
+                )
+        self.shards = shards
+        self.identity = first.identity
+        self._index()
+
+    def _index(self) -> None:
+        counts = [s.n_traces for s in self.shards]
+        self.trace_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.table = np.concatenate([s.table for s in self.shards]) if self.shards else None
+        self.shard_of_trace = np.repeat(np.arange(len(self.shards)), counts)
+        if len(np.unique(self.table["trace_id"])) != len(self.table):
+            raise StoreError(
+                "some (problem_id, sample_index) appear in more than one shard; these files are not one run's shards"
+            )
+
+    def refresh(self) -> None:
+        for shard in self.shards:
+            shard.refresh()
+        self._index()
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple:
+        return self.identity.layers
+
+    @property
+    def d_model(self) -> int:
+        return self.identity.d_model
+
+    @property
+    def dtype(self) -> str:
+        return self.identity.dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.identity.model_id
+
+    @property
+    def attrs(self) -> dict:
+        return self.shards[0].attrs
+
+    @property
+    def n_traces(self) -> int:
+        return int(self.trace_offsets[-1])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label names per trace ('correct', 'incorrect', 'unparsed')."""
+        return np.array(fmt.LABELS, dtype=object)[self.table["label"].astype(int)]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.table["token_end"] - self.table["token_start"]).astype(np.int64)
+
+    @property
+    def generated_lengths(self) -> np.ndarray:
+        return self.lengths - self.table["prompt_length"].astype(np.int64)
+
+    def check_layers(self, layers) -> list[int]:
+        layers = list(self.layers) if layers is None else [int(x) for x in layers]
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise StoreError(f"layer(s) {missing} are not in the store; it has layers {list(self.layers)}")
+        return layers
+
+    # -- traces ----------------------------------------------------------------------------
+
+    def _locate(self, index: int) -> tuple[Shard, np.void]:
+        if not 0 <= index < self.n_traces:
+            raise StoreError(f"trace {index} does not exist; the store has traces 0..{self.n_traces - 1}")
+        shard = self.shards[int(self.shard_of_trace[index])]
+        return shard, self.table[index]
+
+    def trace(self, index: int) -> Trace:
+        shard, row = self._locate(index)
+        start, end = int(row["token_start"]), int(row["token_end"])
+        return Trace(
+            index=index,
+            trace_id=int(row["trace_id"]),
+            problem_id=int(row["problem_id"]),
+            sample_index=int(row["sample_index"]),
+            label=fmt.LABELS[int(row["label"])],
+            predicted=row["predicted"].decode("utf-8", "replace"),
+            gold=row["gold"].decode("utf-8", "replace"),
+            finish_reason=fmt.FINISH_REASONS[int(row["finish_reason"])],
+            prompt_length=int(row["prompt_length"]),
+            token_ids=shard.token_array("token_id", start, end),
+            is_generated=shard.token_array("is_generated", start, end),
+            logprobs=shard.token_array("logprob", start, end),
+            entropies=shard.token_array("entropy", start, end),
+            text=shard.text(row),
+            shard=str(shard.path),
+        )
+
+    def iter_traces(self):
+        for i in range(self.n_traces):
+            yield self.trace(i)
+
+    def activations(self, layer: int, index: int) -> np.ndarray:
+        """(tokens, d_model) float32 activations of one trace at one layer."""
+        shard, row = self._locate(index)
+        words = shard.read_rows(int(layer), int(row["token_start"]), int(row["token_end"]))
+        return fmt.decode_activations(words, self.dtype).astype(np.float32, copy=False)
+
+    def activations_batch(self, layer: int, indices) -> list[np.ndarray]:
+        """Activations of several traces, read in file order."""
+        indices = list(indices)
+        order = sorted(range(len(indices)), key=lambda j: (self.shard_of_trace[indices[j]], self.table[indices[j]]["token_start"]))
+        out = [None] * len(indices)
+        for j in order:
+            out[j] = self.activations(layer, indices[j])
+        return out
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def block_rows(self, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+        """Rows per streamed block: a whole number of chunks, about block_bytes of stored words."""
+        chunk = int(self.attrs.get("chunk_tokens", 256))
+        row_bytes = self.d_model * fmt.DTYPES[self.dtype][2]
+        return max(chunk, (int(block_bytes) // row_bytes) // chunk * chunk)
+
+    def iter_blocks(self, layer: int, block_bytes: int = DEFAULT_BLOCK_BYTES, decode: bool = True):
+        """Yield (shard_index, first_row, rows) over a layer's whole token axis in large sequential blocks.
+
+        One buffer is reused: copy a block if you keep it past the next iteration.
+        """
+        layer = self.check_layers([layer])[0]
+        rows = self.block_rows(block_bytes)
+        for s, shard in enumerate(self.shards):
+            ds = shard.dataset(layer)
+            buffer = np.empty((rows, self.d_model), ds.dtype)
+            for start in range(0, shard.n_tokens, rows):
+                end = min(start + rows, shard.n_tokens)
+                words = shard.read_rows(layer, start, end, buffer[: end - start])
+                yield s, start, fmt.decode_activations(words, self.dtype) if decode else words
+
+    def aggregate(self, layer: int, aggregations=("mean",), k: int = 10, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
+        """Per-trace aggregates of one layer in one sequential pass; memory is bounded by block_bytes.
+
+        mean: mean over generated tokens; last: the last token; last_k: mean of the last k generated tokens;
+        max: elementwise max over generated tokens; mean_all: mean over every token, prompt included.
+        Returns {aggregation: (n_traces, d_model) float32}. A trace with no generated token gets its last
+        token for every aggregation.
+        """
+        aggregations = tuple(aggregations)
+        unknown = [a for a in aggregations if a not in AGGREGATIONS]
+        if unknown:
+            raise StoreError(f"unknown aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+        if k < 1:
+            raise StoreError(f"k must be at least 1, got {k}")
+        n, d = self.n_traces, self.d_model
+        sums = {a: np.zeros((n, d), np.float32) for a in aggregations if a != "max" and a != "last"}
+        if "max" in aggregations:
+            sums["max"] = np.full((n, d), -np.inf, np.float32)
+        if "last" in aggregations:
+            sums["last"] = np.zeros((n, d), np.float32)
+        starts = self.table["token_start"].astype(np.int64)
+        ends = self.table["token_end"].astype(np.int64)
+        gen = starts + self.table["prompt_length"].astype(np.int64)
+        gen = np.where(gen >= ends, ends - 1, gen)  # no generated token: fall back to the last token
+        ranges = {
+            "mean": (gen, ends),
+            "max": (gen, ends),
+            "mean_all": (starts, ends),
+            "last_k": (np.maximum(gen, ends - k), ends),
+            "last": (ends - 1, ends),
+        }
+        for s, first, block in self.iter_blocks(layer, block_bytes):
+            lo, hi = self.trace_offsets[s], self.trace_offsets[s + 1]
+            last = first + len(block)
+            sel = np.arange(lo, hi)[(starts[lo:hi] < last) & (ends[lo:hi] > first)]
+            for t in sel.tolist():
+                for name in aggregations:
+                    a, b = ranges[name][0][t], ranges[name][1][t]
+                    a, b = max(a, first) - first, min(b, last) - first
+                    if a >= b:
+                        continue
+                    part = block[a:b]
+                    if name == "max":
+                        np.maximum(sums["max"][t], part.max(axis=0), out=sums["max"][t])
+                    elif name == "last":
+                        sums["last"][t] = part[-1]
+                    else:
+                        sums[name][t] += part.sum(axis=0, dtype=np.float32)
+        for name in aggregations:
+            if name in ("max", "last"):
+                continue
+            a, b = ranges[name]
+            sums[name] /= np.maximum(b - a, 1)[:, None].astype(np.float32)
+        return sums
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def resolve_paths(specs) -> list[Path]:
+    """Files from paths, globs and run folders (every *.h5 inside), in a stable order."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    paths: list[Path] = []
+    for spec in specs:
+        spec = str(spec)
+        if any(ch in spec for ch in "*?["):
+            found = sorted(glob.glob(spec))
+            if not found:
+                raise StoreError(f"no store files match {spec!r}")
+            paths += [Path(p) for p in found]
+        elif os.path.isdir(spec):
+            found = sorted(Path(spec).glob("*.h5"))
+            if not found:
+                raise StoreError(f"{spec} is a folder with no *.h5 store files in it")
+            paths += found
+        else:
+            paths.append(Path(spec))
+    if not paths:
+        raise StoreError("no store files given")
+    return paths
+
+
+def open_store(specs) -> Store:
+    """Open one shard, a list or glob of shards, a run folder, or a merged file as one Store."""
+    shards = []
+    try:
+        for path in resolve_paths(specs):
+            shards.append(Shard(path))
+        return Store(shards)
+    except BaseException:
+        for shard in shards:
+            shard.close()
+        raise
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder; give the store files (or a glob) instead")
+    if path.stat().st_size == 0:
+        raise StoreError(f"{path} is empty (0 bytes): not a store; a writer may have died before its first commit")
+    if not is_hdf5(path):
+        raise StoreError(f"{path} is not an HDF5 file (no HDF5 signature); is this the right path?")
+
+
+def _plain(value):
+    """Attribute values as plain Python (str, int, list) for summaries and JSON."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value

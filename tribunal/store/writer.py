@@ -1,0 +1,473 @@
+"""Append traces to a store shard with a commit protocol that survives kill -9.
+
+Lifecycle (one small object, as a context manager): open -> append batches ->
+close. `open` takes the writer lock, creates the file or repairs and validates
+an existing one, truncates every dataset back to the committed offsets, then
+starts HDF5 single-writer/multiple-reader (SWMR) mode so readers in other
+processes can follow. Each `append` writes a whole batch and commits it:
+
+    1. grow the token-axis datasets and write activations, token arrays, text
+    2. grow the trace table and write its rows
+    3. flush (data and metadata reach the file, in SWMR's safe order)
+    4. write the commit record (traces, tokens, text bytes, commits); flush
+
+Readers and reopening writers trust only the commit record, so a trace row
+never points at unwritten activations and activations past the last commit
+are discarded. See docs/store-format.md for why this design.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import IncompatibleStoreError, StoreError
+from . import format as fmt
+from .lock import WriterLock
+from .superblock import is_hdf5, repair_after_crash
+
+# HDF5 objects are written in the 1.10 formats (the oldest that has SWMR), so
+# clusters with HDF5 1.10+ read the stores.
+LIBVER = ("v110", "latest")
+
+
+@dataclass
+class TraceRecord:
+    """One finished trace, ready to store. Activations are (n_layers, tokens, d_model) in store layer order."""
+
+    problem_id: int
+    sample_index: int
+    token_ids: np.ndarray
+    prompt_length: int
+    activations: np.ndarray
+    label: str
+    text: str = ""
+    predicted: str | None = None
+    gold: str | None = None
+    finish_reason: str = "stop"
+    logprobs: np.ndarray | None = None
+    entropies: np.ndarray | None = None
+    seed: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.token_ids))
+
+
+class StoreWriter:
+    """Writer of one store shard. Refuses a store of another model, layer set, d_model, dtype or schema."""
+
+    def __init__(
+        self,
+        path,
+        *,
+        model_id: str,
+        layers,
+        d_model: int,
+        dtype: str = "float16",
+        model_revision: str = "unknown",
+        generation_settings: dict | None = None,
+        dataset_id: str = "",
+        dataset_split: str = "",
+        seed: int = 0,
+        resume_identity: dict | None = None,
+        chunk_tokens: int | None = None,
+        compression: str | None = None,
+        description: str = "",
+        extra_attrs: dict | None = None,
+        extra_datasets: dict | None = None,
+    ):
+        if dtype not in fmt.DTYPES:
+            raise StoreError(f"dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}")
+        layers = tuple(int(x) for x in layers)
+        if not layers or len(set(layers)) != len(layers):
+            raise StoreError(f"layers must be a non-empty list without repeats, got {list(layers)}")
+        if int(d_model) <= 0:
+            raise StoreError(f"d_model must be positive, got {d_model}")
+        if compression not in (None, "gzip", "lzf"):
+            raise StoreError(f"compression {compression!r} is not one of None, 'gzip', 'lzf'")
+        self.path = Path(path)
+        self.identity = fmt.StoreIdentity(
+            model_id=str(model_id),
+            layers=layers,
+            d_model=int(d_model),
+            dtype=dtype,
+            model_revision=str(model_revision),
+            extra=dict(resume_identity or {}),
+        )
+        self.chunk_tokens = int(chunk_tokens or fmt.default_chunk_tokens(int(d_model), dtype))
+        self.compression = compression
+        self._attrs = {
+            "generation_settings": json.dumps(generation_settings or {}, sort_keys=True),
+            "dataset_id": dataset_id,
+            "dataset_split": dataset_split,
+            "seed": int(seed),
+            "description": description or "Per-token residual-stream activations of sampled chain-of-thought traces.",
+            **(extra_attrs or {}),
+        }
+        self._extra_datasets = extra_datasets or {}
+        self._lock = WriterLock(self.path)
+        self._file = None
+        self._failed = None
+        self._done: set[tuple[int, int]] = set()
+        self.repairs: list[str] = []
+        self.committed = dict.fromkeys(fmt.COMMIT_FIELDS, 0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+
+    def open(self) -> "StoreWriter":
+        """Take the lock, create or repair the file, truncate to the last commit, start SWMR."""
+        self._lock.acquire()
+        try:
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._open_existing()
+            else:
+                self._create()
+            self._file.swmr_mode = True
+        except BaseException:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._lock.release()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Close the file (clearing its write flags) and release the lock. Safe to call twice."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                if self._failed is None:
+                    raise
+            self._file = None
+        self._lock.release()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def n_traces(self) -> int:
+        return int(self.committed["traces"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.committed["tokens"])
+
+    def committed_table(self) -> np.ndarray:
+        """Rows of every committed trace (small: no activations)."""
+        return self._file[fmt.TRACE_TABLE][: self.n_traces]
+
+    def done_keys(self) -> set[tuple[int, int]]:
+        """(problem_id, sample_index) of every committed trace, for resuming without duplicates."""
+        return set(self._done)
+
+    def label_counts(self) -> Counter:
+        table = self.committed_table()
+        return Counter(fmt.LABELS[code] for code in table["label"].tolist())
+
+    # -- appending -------------------------------------------------------------------------
+
+    def append(self, records) -> None:
+        """Write a batch of traces and commit it: all of it becomes visible, or none."""
+        if self._file is None:
+            raise StoreError(f"{self.path} is not open for writing; use StoreWriter as a context manager")
+        if self._failed is not None:
+            raise StoreError(f"{self.path}: an earlier write failed ({self._failed}); reopen the store to resume")
+        records = list(records)
+        if not records:
+            return
+        prepared = [self._prepare(r) for r in records]
+        self._check_unique(records)
+        try:
+            self._write_batch(records, prepared)
+        except OSError as exc:
+            self._failed = str(exc)
+            hint = "free disk space, then rerun to resume" if _is_disk_full(exc) else "rerun to resume"
+            raise StoreError(
+                f"writing {self.path} failed ({_short(exc)}); the store is intact up to its last commit "
+                f"({self.n_traces} traces, {self.n_tokens} tokens): {hint}"
+            ) from exc
+
+    def _prepare(self, rec: TraceRecord) -> dict:
+        n_layers, d_model = len(self.identity.layers), self.identity.d_model
+        acts = rec.activations
+        if isinstance(acts, (list, tuple)):
+            acts = np.stack(acts)
+        want = (n_layers, rec.n_tokens, d_model)
+        if tuple(acts.shape) != want:
+            raise StoreError(
+                f"trace (problem {rec.problem_id}, sample {rec.sample_index}): activations have shape "
+                f"{tuple(acts.shape)}, expected (layers, tokens, d_model) = {want}"
+            )
+        if rec.label not in fmt.LABEL_CODES:
+            raise StoreError(f"label {rec.label!r} is not one of {list(fmt.LABELS)}")
+        if rec.finish_reason not in fmt.FINISH_CODES:
+            raise StoreError(f"finish_reason {rec.finish_reason!r} is not one of {list(fmt.FINISH_REASONS)}")
+        if not 0 <= rec.prompt_length <= rec.n_tokens:
+            raise StoreError(f"prompt_length {rec.prompt_length} is outside 0..{rec.n_tokens}")
+        n_gen = rec.n_tokens - rec.prompt_length
+        logprob = np.full(rec.n_tokens, np.nan, np.float32)
+        entropy = np.full(rec.n_tokens, np.nan, np.float32)
+        for name, values, out in (("logprobs", rec.logprobs, logprob), ("entropies", rec.entropies, entropy)):
+            if values is None:
+                continue
+            values = np.asarray(values, np.float32)
+            if values.shape != (n_gen,):
+                raise StoreError(f"{name} has shape {values.shape}, expected one per generated token ({n_gen},)")
+            out[rec.prompt_length :] = values
+        is_generated = np.zeros(rec.n_tokens, bool)
+        is_generated[rec.prompt_length :] = True
+        return {
+            "activations": fmt.encode_activations(acts, self.identity.dtype),
+            "token_id": np.asarray(rec.token_ids, np.int32),
+            "is_generated": is_generated,
+            "logprob": logprob,
+            "entropy": entropy,
+            "text": rec.text.encode("utf-8"),
+        }
+
+    def _check_unique(self, records) -> None:
+        keys = [(int(r.problem_id), int(r.sample_index)) for r in records]
+        clash = set(keys) & self._done
+        if clash or len(set(keys)) != len(keys):
+            dup = sorted(clash) or [k for k, n in Counter(keys).items() if n > 1]
+            raise StoreError(f"(problem_id, sample_index) {dup[0]} is already in {self.path}; each pair is stored once")
+
+    def _write_batch(self, records, prepared) -> None:
+        f = self._file
+        tok0, trace0, text0 = self.n_tokens, self.n_traces, int(self.committed["text_bytes"])
+        n_tok = sum(r.n_tokens for r in records)
+        tok1 = tok0 + n_tok
+        for i, layer in enumerate(self.identity.layers):
+            ds = f[fmt.activation_path(layer)]
+            ds.resize(tok1, axis=0)
+            pos = tok0
+            for p in prepared:
+                n = p["activations"].shape[1]
+                ds[pos : pos + n] = p["activations"][i]
+                pos += n
+        for name in fmt.TOKEN_ARRAYS:
+            ds = f[f"{fmt.TOKENS}/{name}"]
+            ds.resize(tok1, axis=0)
+            ds[tok0:tok1] = np.concatenate([p[name] for p in prepared])
+        text = b"".join(p["text"] for p in prepared)
+        text_ds = f[fmt.TRACE_TEXT]
+        text_ds.resize(text0 + len(text), axis=0)
+        if text:
+            text_ds[text0:] = np.frombuffer(text, np.uint8)
+
+        rows = np.zeros(len(records), fmt.TRACE_DTYPE)
+        pos, tpos = tok0, text0
+        for j, (r, p) in enumerate(zip(records, prepared)):
+            rows[j] = (
+                fmt.trace_id(r.problem_id, r.sample_index),
+                r.problem_id,
+                r.sample_index,
+                pos,
+                pos + r.n_tokens,
+                r.prompt_length,
+                fmt.LABEL_CODES[r.label],
+                _answer_bytes(r.predicted),
+                _answer_bytes(r.gold),
+                fmt.FINISH_CODES[r.finish_reason],
+                tpos,
+                tpos + len(p["text"]),
+                r.seed,
+            )
+            pos += r.n_tokens
+            tpos += len(p["text"])
+        table = f[fmt.TRACE_TABLE]
+        table.resize(trace0 + len(records), axis=0)
+        table[trace0:] = rows
+        f.flush()
+        new = {
+            "traces": trace0 + len(records),
+            "tokens": tok1,
+            "text_bytes": text0 + len(text),
+            "commits": int(self.committed["commits"]) + 1,
+        }
+        f[fmt.COMMIT][:] = np.array([new[k] for k in fmt.COMMIT_FIELDS], np.int64)
+        f.flush()
+        self.committed = new
+        self._done.update((int(r.problem_id), int(r.sample_index)) for r in records)
+
+    # -- creating and reopening ------------------------------------------------------------
+
+    def _h5_open(self, mode):
+        chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
+        return h5py.File(
+            self.path,
+            mode,
+            libver=LIBVER,
+            locking=False,  # exclusion is the sidecar flock's job (lock.py); HDF5's lock breaks on some cluster FS
+            rdcc_nbytes=max(4 << 20, 4 * chunk_bytes),
+            rdcc_w0=1.0,
+            rdcc_nslots=1021,
+        )
+
+    def _create(self) -> None:
+        try:
+            self._file = self._h5_open("w")
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {_short(exc)}") from None
+        f = self._file
+        ident = self.identity
+        attrs = {
+            "format": fmt.FORMAT_NAME,
+            "schema_version": fmt.SCHEMA_VERSION,
+            "model_id": ident.model_id,
+            "model_revision": ident.model_revision,
+            "layers": np.array(ident.layers, np.int32),
+            "d_model": ident.d_model,
+            "dtype": ident.dtype,
+            "activation_encoding": fmt.DTYPES[ident.dtype][1],
+            "resume_identity": json.dumps(ident.extra, sort_keys=True),
+            "tribunal_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "chunk_tokens": self.chunk_tokens,
+            "compression": self.compression or "none",
+            "format_doc": "docs/store-format.md in the tribunal repository; read only rows < /commit",
+            **self._attrs,
+        }
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        self._record_open(["created"])
+
+        disk_dtype, encoding, _ = fmt.DTYPES[ident.dtype]
+        acts = f.create_group(fmt.ACTIVATIONS)
+        acts.attrs["description"] = (
+            "Residual stream leaving each decoder layer, one row per token of /tokens; "
+            f"values are {encoding}" + (" (bfloat16 bit patterns: shift left 16 and read as float32)" if ident.dtype == "bfloat16" else "")
+        )
+        for layer in ident.layers:
+            ds = acts.create_dataset(
+                fmt.layer_name(layer),
+                shape=(0, ident.d_model),
+                maxshape=(None, ident.d_model),
+                chunks=(self.chunk_tokens, ident.d_model),
+                dtype=disk_dtype,
+                compression=self.compression,
+            )
+            ds.attrs["layer"] = layer
+            ds.attrs["encoding"] = encoding
+            ds.attrs["dtype"] = ident.dtype
+            ds.attrs["description"] = f"hidden state leaving decoder layer {layer} (0-based), rows = tokens"
+        toks = f.create_group(fmt.TOKENS)
+        toks.attrs["description"] = "token axis shared by every /activations dataset"
+        descriptions = {
+            "token_id": "vocabulary id of the token",
+            "is_generated": "FALSE for prompt tokens, TRUE for sampled tokens",
+            "logprob": "log-probability of the sampled token (natural log); NaN for prompt tokens",
+            "entropy": "entropy (nats) of the sampling distribution at this token; NaN for prompt tokens",
+        }
+        for name, dtype in fmt.TOKEN_ARRAYS.items():
+            ds = toks.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=dtype)
+            ds.attrs["description"] = descriptions[name]
+        traces = f.create_group(fmt.TRACES)
+        traces.attrs["description"] = "one row per trace in /traces/table; its text is /traces/text_utf8[text_start:text_end]"
+        table = f.create_dataset(fmt.TRACE_TABLE, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=fmt.TRACE_DTYPE)
+        table.attrs["description"] = (
+            "token_start/token_end: rows of /tokens and /activations (end exclusive); the first prompt_length are the "
+            "prompt; label: outcome graded from the final answer; trace_id = problem_id << 20 | sample_index"
+        )
+        text = f.create_dataset(fmt.TRACE_TEXT, shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
+        text.attrs["description"] = "UTF-8 bytes of the generated texts, concatenated"
+        commit = f.create_dataset(fmt.COMMIT, data=np.zeros(len(fmt.COMMIT_FIELDS), np.int64))
+        commit.attrs["fields"] = list(fmt.COMMIT_FIELDS)
+        commit.attrs["description"] = (
+            "committed counts: traces, tokens, text bytes, commits. Rows past these counts are uncommitted and "
+            "are discarded on the next open for append"
+        )
+        for name, data in self._extra_datasets.items():
+            value, ds_attrs = data if isinstance(data, tuple) else (data, {})
+            ds = f.create_dataset(name, data=value)
+            for key, item in ds_attrs.items():
+                ds.attrs[key] = item
+        f.flush()
+
+    def _open_existing(self) -> None:
+        if not is_hdf5(self.path):
+            raise StoreError(f"{self.path} exists but is not an HDF5 file; choose another path or move it away")
+        try:
+            self.repairs = repair_after_crash(self.path)
+            self._file = self._h5_open("r+")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot open {self.path} for append: {_short(exc)}") from None
+        f = self._file
+        attrs = f.attrs
+        if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
+            raise StoreError(f"{self.path} is an HDF5 file but not a tribunal store; choose another path")
+        version = int(attrs.get("schema_version", -1))
+        if version > fmt.SCHEMA_VERSION:
+            raise IncompatibleStoreError(
+                f"{self.path} has store schema {version}, newer than this tribunal ({__version__}, schema "
+                f"{fmt.SCHEMA_VERSION}); upgrade tribunal"
+            )
+        diffs = fmt.StoreIdentity.from_attrs(attrs).differences(self.identity)
+        if diffs:
+            raise IncompatibleStoreError(
+                f"{self.path} was written with different settings ({'; '.join(diffs)}); "
+                "use a new --out path or the store's own settings"
+            )
+        self.chunk_tokens = int(attrs["chunk_tokens"])
+        values = f[fmt.COMMIT][:]
+        self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, values)}
+        self.repairs += self._truncate_to_commit()
+        table = self.committed_table()
+        self._done = set(zip(table["problem_id"].tolist(), table["sample_index"].tolist()))
+        self._record_open(self.repairs)
+        f.flush()
+
+    def _truncate_to_commit(self) -> list[str]:
+        f, done = self._file, []
+        sizes = {fmt.TRACE_TABLE: self.n_traces, fmt.TRACE_TEXT: int(self.committed["text_bytes"])}
+        for name in fmt.TOKEN_ARRAYS:
+            sizes[f"{fmt.TOKENS}/{name}"] = self.n_tokens
+        for layer in self.identity.layers:
+            sizes[fmt.activation_path(layer)] = self.n_tokens
+        for name, size in sizes.items():
+            ds = f[name]
+            if ds.shape[0] != size:
+                done.append(f"{name}: discarded {ds.shape[0] - size} uncommitted rows")
+                ds.resize(size, axis=0)
+        return done
+
+    def _record_open(self, events) -> None:
+        history = json.loads(fmt.as_text(self._file.attrs.get("open_history", "[]")))
+        history.append(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
+             "committed_traces": self.n_traces, "events": list(events)}
+        )
+        self._file.attrs["open_history"] = json.dumps(history[-100:])
+
+
+def _answer_bytes(value) -> bytes:
+    if value is None:
+        return b""
+    return str(value).encode("utf-8")[: fmt.ANSWER_BYTES]
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "quota" in str(exc).lower()
+
+
+def _short(exc: Exception) -> str:
+    """HDF5 errors are long stacks; keep the first line."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
