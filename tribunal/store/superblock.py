@@ -4,11 +4,11 @@ A writer of the newest file format sets "file is open for write" flags in the
 superblock and clears them on close. After kill -9 they stay set and HDF5
 refuses a plain reopen. `h5clear -s` fixes that, but it is not installed on
 every cluster, so the store does the same thing itself: clear the flags byte
-and recompute the superblock's Jenkins lookup3 checksum. It also lengthens a
-file that is shorter than the end-of-file address the superblock recorded
-(space the writer had allocated but not yet written), which HDF5 would
-otherwise call a truncated file. Both are done only while the caller holds the
-store's writer lock, so no live writer is affected.
+and recompute the superblock's Jenkins lookup3 checksum, only while the caller
+holds the store's writer lock, so no live writer is affected. A file shorter
+than the end-of-file address its superblock records is refused: a killed
+writer leaves its file longer than that address (the data lands first), a
+cut-short copy leaves it shorter.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def read_status(path) -> dict:
 
 
 def repair_after_crash(path) -> list[str]:
-    """Clear leftover write flags and lengthen a short file; returns what was done.
+    """Clear write flags left by a writer that did not close; returns what was done.
 
     Caller must hold the writer lock. A no-op on a cleanly closed file.
     """
@@ -114,8 +114,10 @@ def repair_after_crash(path) -> list[str]:
         if lookup3(bytes(head[:body])) != stored:
             raise ValueError(f"{path}: superblock checksum does not match; the file is damaged")
         if info["eof"] is not None and info["eof"] > info["size"]:
-            fh.truncate(offset + info["eof"])
-            done.append(f"lengthened file from {info['size']} to {info['eof']} bytes (space allocated before the crash)")
+            raise ValueError(
+                f"the file is truncated ({info['size']:,} of {info['eof']:,} bytes); a killed writer never leaves "
+                "that, a cut-short copy does"
+            )
         if head[11] != 0:
             head[11] = 0
             struct.pack_into("<I", head, body, lookup3(bytes(head[:body])))

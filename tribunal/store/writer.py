@@ -194,15 +194,35 @@ class StoreWriter:
             return
         prepared = [self._prepare(r) for r in records]
         self._check_unique(records)
+        self._ensure_space(prepared)
         try:
             self._write_batch(records, prepared)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for a failed flush
             self._failed = str(exc)
             hint = "free disk space, then rerun to resume" if _is_disk_full(exc) else "rerun to resume"
             raise StoreError(
                 f"writing {self.path} failed ({_short(exc)}); the store is intact up to its last commit "
                 f"({self.n_traces} traces, {self.n_tokens} tokens): {hint}"
             ) from exc
+
+    def _ensure_space(self, prepared) -> None:
+        """Refuse a batch the disk cannot hold, before HDF5 sees a full disk.
+
+        HDF5 survives ENOSPC inside a SWMR flush with the last commit intact, but
+        its library state is then broken (h5py 3.16 / HDF5 2.0 segfaults at exit),
+        so the writer checks first: the batch's bytes, a partial chunk per
+        dataset and 1 MiB for metadata.
+        """
+        need = sum(p["activations"].nbytes + p["token_id"].nbytes * 4 + len(p["text"]) for p in prepared)
+        chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
+        need += chunk_bytes * len(self.identity.layers) + (1 << 20)
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < need:
+            raise StoreError(
+                f"disk full: {self.path.parent} has {free:,} bytes free, the next batch needs about {need:,}; "
+                f"the store is intact up to its last commit ({self.n_traces} traces): free disk space, then rerun to resume"
+            )
 
     def _prepare(self, rec: TraceRecord) -> dict:
         n_layers, d_model = len(self.identity.layers), self.identity.d_model
@@ -409,7 +429,9 @@ class StoreWriter:
             self.repairs = repair_after_crash(self.path)
             self._file = self._h5_open("r+")
         except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot open {self.path} for append: {_short(exc)}") from None
+            raise StoreError(
+                f"cannot open {self.path} for append: {_short(exc)}; if it was copied, copy it again in full"
+            ) from None
         f = self._file
         attrs = f.attrs
         if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
@@ -435,14 +457,17 @@ class StoreWriter:
         self._record_open(self.repairs)
         f.flush()
 
-    def _truncate_to_commit(self) -> list[str]:
-        f, done = self._file, []
+    def _committed_sizes(self) -> dict:
         sizes = {fmt.TRACE_TABLE: self.n_traces, fmt.TRACE_TEXT: int(self.committed["text_bytes"])}
         for name in fmt.TOKEN_ARRAYS:
             sizes[f"{fmt.TOKENS}/{name}"] = self.n_tokens
         for layer in self.identity.layers:
             sizes[fmt.activation_path(layer)] = self.n_tokens
-        for name, size in sizes.items():
+        return sizes
+
+    def _truncate_to_commit(self) -> list[str]:
+        f, done = self._file, []
+        for name, size in self._committed_sizes().items():
             ds = f[name]
             if ds.shape[0] != size:
                 done.append(f"{name}: discarded {ds.shape[0] - size} uncommitted rows")
@@ -464,8 +489,8 @@ def _answer_bytes(value) -> bytes:
     return str(value).encode("utf-8")[: fmt.ANSWER_BYTES]
 
 
-def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "quota" in str(exc).lower()
+def _is_disk_full(exc: Exception) -> bool:
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "quota" in str(exc).lower()
 
 
 def _short(exc: Exception) -> str:

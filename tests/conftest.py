@@ -1,0 +1,51 @@
+"""Shared helpers: deterministic trace records, so a test can recompute what a store must hold."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def make_record(index: int, layers=(2, 5), d_model: int = 16, tokens=None, prompt: int = 4, label=None):
+    """Trace `index` of a deterministic stream: problem index // 3, sample index % 3."""
+    from tribunal.store import TraceRecord
+
+    rng = np.random.default_rng(index)
+    n = tokens or int(rng.integers(prompt + 1, prompt + 40))
+    labels = ("correct", "incorrect", "unparsed")
+    return TraceRecord(
+        problem_id=index // 3,
+        sample_index=index % 3,
+        token_ids=rng.integers(0, 500, n),
+        prompt_length=prompt,
+        activations=rng.standard_normal((len(layers), n, d_model)).astype(np.float32),
+        label=label or labels[index % 3],
+        text=f"trace {index} \u00e9 #### {index}",
+        predicted=str(index),
+        gold=str(index),
+        finish_reason="stop",
+        logprobs=-rng.random(n - prompt),
+        entropies=rng.random(n - prompt),
+        seed=index,
+    )
+
+
+def writer_kwargs(layers=(2, 5), d_model=16, dtype="float16", **extra):
+    return dict(model_id="test/model", layers=layers, d_model=d_model, dtype=dtype, chunk_tokens=32, **extra)
+
+
+@pytest.fixture
+def python_env():
+    """Environment for subprocesses that import tribunal from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+sys.path.insert(0, str(Path(__file__).parent))

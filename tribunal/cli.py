@@ -1,0 +1,143 @@
+"""The `tribunal` command: thin click commands over library functions.
+
+This is the only module that imports click. Every command calls a function
+that tests can call directly; a TribunalError becomes a one-line message and
+exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import TribunalError
+
+
+def user_errors(func):
+    """Turn TribunalError (and HDF5/OS errors on user paths) into one-line click errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except TribunalError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'4,8,12-15' -> [4, 8, 12, 13, 14, 15]."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out += list(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a list of integers like 4,8,12-15") from None
+    return out
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'64-256' -> (64, 256); '100' -> (100, 100)."""
+    try:
+        if "-" in text:
+            lo, hi = text.split("-", 1)
+            return int(lo), int(hi)
+        return int(text), int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a range like 64-256") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tribunal")
+def main():
+    """tribunal: do a reasoning model's activations know whether its chain of thought is going right?
+
+    problems -> traces (generate) -> store (inspect, verify, merge) -> probes (probe, score) -> report (run).
+    """
+
+
+# -- store -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--trace", "trace_index", type=int, default=None, help="Show one trace (global index): text, label, log-probs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@user_errors
+def inspect(stores, trace_index, as_json):
+    """Summarize STORES (files, globs or a run folder), also while a writer is running."""
+    from .store import open_store
+    from .store.summary import format_summary, format_trace, summarize
+
+    with open_store(stores) as store:
+        if trace_index is not None:
+            click.echo(format_trace(store, trace_index))
+            return
+        info = summarize(store)
+        click.echo(json.dumps(info, indent=2, default=str) if as_json else format_summary(info))
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--no-values", is_flag=True, help="Skip the NaN/Inf scan of the activations (fast).")
+@user_errors
+def verify(stores, no_values):
+    """Check every invariant of STORES; exit 0 when all hold, 1 with the list of problems otherwise."""
+    from .store import open_store
+    from .store.verify import verify_store
+
+    with open_store(stores) as store:
+        problems = verify_store(store, check_values=not no_values)
+        if problems:
+            for p in problems:
+                click.echo(f"FAIL {p}", err=True)
+            click.echo(f"{len(problems)} problem(s) in {len(store.shards)} file(s)", err=True)
+            sys.exit(1)
+        click.echo(f"OK: {store.n_traces} traces, {store.n_tokens} tokens in {len(store.shards)} file(s); all invariants hold")
+
+
+@main.command()
+@click.argument("out")
+@click.option("--traces", default=200, show_default=True, help="Number of traces.")
+@click.option("--problems", default=50, show_default=True, help="Number of problems (samples per problem = traces / problems).")
+@click.option("--layers", default="4,8,12,16", show_default=True, help="Layer indices, e.g. 4,8,12-16.")
+@click.option("--d-model", default=64, show_default=True)
+@click.option("--tokens-per-trace", default="64-256", show_default=True, help="Range of trace lengths in tokens.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--signal", default=0.8, show_default=True, help="AUROC of the ideal linear probe on the mean (0.5 = none).")
+@click.option("--signal-layers", default=None, help="Layers carrying the signal (default: the middle half).")
+@click.option("--length-confound", default=0.0, show_default=True, help="0..1: how much trace length decides the label.")
+@click.option("--problem-leak", default=0.0, show_default=True, help="0..1: how much the problem decides the label.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def synth(out, traces, problems, layers, d_model, tokens_per_trace, dtype, seed, signal, signal_layers,
+          length_confound, problem_leak, quiet):
+    """Write a store of synthetic traces with a planted truth to OUT (resumes an interrupted OUT)."""
+    from .traces.synthetic import SynthSettings, write_synthetic_store
+
+    settings = SynthSettings(
+        traces=traces, problems=problems, layers=tuple(parse_int_list(layers)), d_model=d_model,
+        tokens_per_trace=parse_range(tokens_per_trace), dtype=dtype, seed=seed, signal=signal,
+        signal_layers=tuple(parse_int_list(signal_layers)) if signal_layers else None,
+        length_confound=length_confound, problem_leak=problem_leak,
+    )
+    result = write_synthetic_store(out, settings, progress=not quiet)
+    click.echo(f"wrote {out}: {result['traces']} traces, {result['tokens']} tokens"
+               + (f" (resumed after {result['resumed_from']})" if result["resumed_from"] else ""))
+
+
+if __name__ == "__main__":
+    main()

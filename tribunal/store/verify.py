@@ -1,0 +1,125 @@
+"""Check every invariant of format v1 (`tribunal verify`): a list of problems, empty when all hold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import format as fmt
+from .reader import DEFAULT_BLOCK_BYTES, Shard, Store
+
+
+def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[str]:
+    """Problems found in one shard's committed part (uncommitted rows are not an error)."""
+    where = str(shard.path)
+    problems = []
+    missing = [a for a in fmt.REQUIRED_ATTRS if a not in shard.attrs]
+    if missing:
+        problems.append(f"{where}: missing file attributes {missing}")
+    ident = shard.identity
+    if ident.dtype not in fmt.DTYPES:
+        problems.append(f"{where}: dtype attribute {ident.dtype!r} is not one of {sorted(fmt.DTYPES)}")
+        return problems
+    f = shard.file
+    n_traces, n_tokens = shard.n_traces, shard.n_tokens
+    n_text = shard.committed["text_bytes"]
+    for name in [fmt.TRACE_TABLE, fmt.TRACE_TEXT] + [f"{fmt.TOKENS}/{n}" for n in fmt.TOKEN_ARRAYS]:
+        if name not in f:
+            problems.append(f"{where}: dataset /{name} is missing")
+    for layer in ident.layers:
+        name = fmt.activation_path(layer)
+        if name not in f:
+            problems.append(f"{where}: dataset /{name} is missing")
+        elif f[name].shape[1:] != (ident.d_model,):
+            problems.append(f"{where}: /{name} has width {f[name].shape[1:]}, d_model is {ident.d_model}")
+        elif f[name].shape[0] < n_tokens:
+            problems.append(f"{where}: /{name} has {f[name].shape[0]} rows, fewer than the {n_tokens} committed")
+    if problems:
+        return problems
+    for name, need in [(fmt.TRACE_TABLE, n_traces), (fmt.TRACE_TEXT, n_text)] + [
+        (f"{fmt.TOKENS}/{n}", n_tokens) for n in fmt.TOKEN_ARRAYS
+    ]:
+        if f[name].shape[0] < need:
+            problems.append(f"{where}: /{name} has {f[name].shape[0]} rows, fewer than the {need} committed")
+    if problems:
+        return problems
+
+    t = shard.table
+    starts, ends = t["token_start"].astype(np.int64), t["token_end"].astype(np.int64)
+    if n_traces:
+        if starts[0] != 0:
+            problems.append(f"{where}: the first trace starts at token {starts[0]}, not 0")
+        gaps = np.flatnonzero(starts[1:] != ends[:-1])
+        for i in gaps[:5]:
+            problems.append(f"{where}: trace {i + 1} starts at {starts[i + 1]} but trace {i} ends at {ends[i]} (not contiguous)")
+        bad = np.flatnonzero(ends <= starts)
+        for i in bad[:5]:
+            problems.append(f"{where}: trace {i} has token range {starts[i]}:{ends[i]} (empty or reversed)")
+        if ends[-1] != n_tokens:
+            problems.append(f"{where}: traces end at token {ends[-1]} but {n_tokens} tokens are committed")
+        tstart, tend = t["text_start"].astype(np.int64), t["text_end"].astype(np.int64)
+        if tstart[0] != 0 or np.any(tstart[1:] != tend[:-1]) or np.any(tend < tstart) or tend[-1] != n_text:
+            problems.append(f"{where}: text offsets are not contiguous within the {n_text} committed bytes")
+        lengths = ends - starts
+        plen = t["prompt_length"].astype(np.int64)
+        for i in np.flatnonzero((plen < 0) | (plen > lengths))[:5]:
+            problems.append(f"{where}: trace {i} has prompt_length {plen[i]} outside its {lengths[i]} tokens")
+        labels = t["label"].astype(int)
+        for i in np.flatnonzero((labels < 0) | (labels >= len(fmt.LABELS)))[:5]:
+            problems.append(f"{where}: trace {i} has label code {labels[i]}, not one of {list(fmt.LABEL_CODES.values())}")
+        expected_ids = (t["problem_id"].astype(np.int64) << 20) | t["sample_index"].astype(np.int64)
+        for i in np.flatnonzero(t["trace_id"] != expected_ids)[:5]:
+            problems.append(f"{where}: trace {i} has trace_id {t['trace_id'][i]}, expected problem_id << 20 | sample_index")
+        _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
+        for i in first[counts > 1][:5]:
+            problems.append(f"{where}: (problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
+        problems += _check_token_arrays(shard, starts, plen, lengths)
+    if check_values:
+        problems += _check_finite(shard, block_bytes)
+    return problems
+
+
+def _check_token_arrays(shard: Shard, starts, plen, lengths) -> list[str]:
+    where, problems = str(shard.path), []
+    is_gen = shard.token_array("is_generated")
+    expected = np.ones(shard.n_tokens, bool)
+    for s, p in zip(starts.tolist(), plen.tolist()):
+        expected[s : s + p] = False
+    wrong = np.flatnonzero(is_gen != expected)
+    if len(wrong):
+        problems.append(f"{where}: is_generated disagrees with prompt_length at {len(wrong)} tokens (first at {wrong[0]})")
+    logprob = shard.token_array("logprob")
+    if np.any(logprob[expected] > 1e-4):
+        problems.append(f"{where}: some generated tokens have a log-prob above 0")
+    entropy = shard.token_array("entropy")
+    if np.any(entropy[expected] < -1e-4):
+        problems.append(f"{where}: some generated tokens have a negative entropy")
+    return problems
+
+
+def _check_finite(shard: Shard, block_bytes: int) -> list[str]:
+    problems = []
+    store = Store([shard])
+    for layer in shard.identity.layers:
+        bad_rows = 0
+        first_bad = None
+        for _, first, block in store.iter_blocks(layer, block_bytes):
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad_rows += int((~finite).sum())
+                if first_bad is None:
+                    first_bad = first + int(np.flatnonzero(~finite)[0])
+        if bad_rows:
+            problems.append(f"{shard.path}: layer {layer} has NaN/Inf in {bad_rows} token rows (first at row {first_bad})")
+    return problems
+
+
+def verify_store(store: Store, check_values: bool = True) -> list[str]:
+    """Problems in every shard, plus (problem, sample) pairs repeated across shards."""
+    problems = []
+    for shard in store.shards:
+        problems += verify_shard(shard, check_values)
+    if len(store.shards) > 1:
+        ids, counts = np.unique(store.table["trace_id"], return_counts=True)
+        if np.any(counts > 1):
+            problems.append(f"{int((counts > 1).sum())} (problem, sample) pairs appear in more than one shard")
+    return problems

@@ -1,0 +1,187 @@
+"""Synthetic traces with a planted ground truth, written through the real store writer (`tribunal synth`).
+
+Every token row is isotropic noise plus known parts, so an analysis can be
+checked against the truth:
+
+* a "value direction" w: every generated token of a trace in a signal layer
+  carries s * w, with s ~ N(+-delta/2, 1) by label. Nothing else varies along w,
+  so the ideal linear probe on the mean over generated tokens is w and its
+  AUROC is exactly Phi(delta / sqrt 2) = the requested --signal.
+* a position direction v (all layers): row t carries (t / 256) * v, as real
+  residual streams encode position; with --length-confound the label is tied
+  to trace length, and a probe can read length off v.
+* a problem component u_p shared by all samples of problem p (--problem-leak),
+  with labels mostly decided per problem: an ungrouped split memorizes u_p.
+
+Each trace is drawn from its own seed (run seed, trace index), so an
+interrupted run resumes to the same store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import TribunalError
+from ..store.writer import StoreWriter, TraceRecord
+
+SYNTH_MODEL_ID = "tribunal/synthetic"
+
+
+@dataclass
+class SynthSettings:
+    traces: int = 200
+    problems: int = 50
+    layers: tuple = (4, 8, 12, 16)
+    d_model: int = 64
+    tokens_per_trace: tuple = (64, 256)
+    dtype: str = "float16"
+    seed: int = 0
+    signal: float = 0.8
+    signal_layers: tuple | None = None
+    length_confound: float = 0.0
+    problem_leak: float = 0.0
+    prompt_tokens: int = 16
+    problem_scale: float = 1.0
+    batch_tokens: int = 8192
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "SynthSettings":
+        if self.traces < 1 or self.problems < 1 or self.traces % self.problems:
+            raise TribunalError(f"--traces ({self.traces}) must be a positive multiple of --problems ({self.problems})")
+        lo, hi = self.tokens_per_trace
+        if not 1 <= lo <= hi:
+            raise TribunalError(f"--tokens-per-trace {lo}-{hi} must be a range like 64-256 with 1 <= low <= high")
+        if self.prompt_tokens >= lo:
+            self.prompt_tokens = max(0, lo - 1)
+        if not 0.5 <= self.signal < 1.0:
+            raise TribunalError(f"--signal is an AUROC in [0.5, 1), got {self.signal}")
+        for name in ("length_confound", "problem_leak"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise TribunalError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.d_model < 4:
+            raise TribunalError(f"--d-model must be at least 4, got {self.d_model}")
+        self.layers = tuple(int(x) for x in self.layers)
+        if self.signal_layers is None:
+            n = len(self.layers)
+            self.signal_layers = tuple(self.layers[n // 4 : max(n // 4 + 1, (3 * n + 3) // 4)])
+        self.signal_layers = tuple(int(x) for x in self.signal_layers)
+        unknown = [x for x in self.signal_layers if x not in self.layers]
+        if unknown:
+            raise TribunalError(f"signal layers {unknown} are not among --layers {list(self.layers)}")
+        return self
+
+    @property
+    def samples_per_problem(self) -> int:
+        return self.traces // self.problems
+
+    @property
+    def delta(self) -> float:
+        """Separation of the class means along w, in units of its spread."""
+        return float(np.sqrt(2.0) * NormalDist().inv_cdf(self.signal))
+
+
+def _orthonormal(rng, d: int, k: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    return q.T.astype(np.float32)
+
+
+class SynthWorld:
+    """The fixed truth of one synthetic run: directions, problem components and per-trace draws."""
+
+    def __init__(self, settings: SynthSettings):
+        self.s = settings
+        rng = np.random.default_rng([settings.seed, 0])
+        self.direction, self.position_direction = _orthonormal(rng, settings.d_model, 2)
+        P, d = settings.problems, settings.d_model
+        self.problem_label = rng.permutation(np.arange(P) % 2)
+        comp = rng.standard_normal((P, d)).astype(np.float32) * settings.problem_scale
+        comp -= np.outer(comp @ self.direction, self.direction)
+        self.problem_component = comp
+
+    def trace(self, index: int) -> TraceRecord:
+        s = self.s
+        problem, sample = divmod(index, s.samples_per_problem)
+        rng = np.random.default_rng([s.seed, 1, index])
+        if rng.random() < s.problem_leak:
+            y = int(self.problem_label[problem])
+        else:
+            y = int(rng.random() < 0.5)
+        lo, hi = s.tokens_per_trace
+        u = rng.random()
+        frac = (1.0 - s.length_confound) * u + s.length_confound * (1 - y)
+        n_tokens = int(round(lo + (hi - lo) * frac))
+        prompt = s.prompt_tokens
+        latent = (s.delta / 2.0) * (1 if y else -1) + rng.standard_normal()
+        acts = rng.standard_normal((len(s.layers), n_tokens, s.d_model), dtype=np.float32)
+        acts -= (acts @ self.direction)[..., None] * self.direction
+        acts += (np.arange(n_tokens, dtype=np.float32) / 256.0)[None, :, None] * self.position_direction
+        if s.problem_leak > 0:
+            acts += self.problem_component[problem]
+        for i, layer in enumerate(s.layers):
+            if layer in s.signal_layers:
+                acts[i, prompt:] += latent * self.direction
+        n_gen = n_tokens - prompt
+        answer = str(int(rng.integers(1, 500)))
+        gold = answer if y else str(int(answer) + 1)
+        return TraceRecord(
+            problem_id=problem,
+            sample_index=sample,
+            token_ids=rng.integers(0, 1000, n_tokens),
+            prompt_length=prompt,
+            activations=acts,
+            label="correct" if y else "incorrect",
+            text=f"Synthetic trace {index} of problem {problem}. The answer is {answer}.\n#### {answer}",
+            predicted=answer,
+            gold=gold,
+            finish_reason="stop",
+            logprobs=-rng.exponential(0.5, n_gen),
+            entropies=rng.exponential(1.0, n_gen),
+            seed=int(s.seed),
+        )
+
+
+def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -> dict:
+    """Write (or resume) a synthetic store; returns counts of what is in it now."""
+    settings.validate()
+    world = SynthWorld(settings)
+    truth = {k: v for k, v in asdict(settings).items() if k not in ("extra", "batch_tokens")}
+    truth.update(delta=settings.delta, direction_dataset="synth/direction")
+    writer = StoreWriter(
+        out,
+        model_id=SYNTH_MODEL_ID,
+        layers=settings.layers,
+        d_model=settings.d_model,
+        dtype=settings.dtype,
+        model_revision="synthetic-v1",
+        generation_settings={"synthetic": True},
+        dataset_id="synthetic",
+        dataset_split="synthetic",
+        seed=settings.seed,
+        resume_identity={"synth": json.dumps(truth, sort_keys=True)},
+        description="Synthetic traces with a planted value direction (tribunal synth); truth in /synth and attr 'synth'.",
+        extra_attrs={"synth": json.dumps(truth, sort_keys=True)},
+        extra_datasets={
+            "synth/direction": (world.direction, {"description": "planted unit value direction w (signal layers)",
+                                                  "signal_layers": list(settings.signal_layers)}),
+            "synth/position_direction": (world.position_direction,
+                                         {"description": "unit direction carrying token position / 256"}),
+        },
+    )
+    with writer:
+        done = writer.done_keys()
+        todo = [i for i in range(settings.traces) if divmod(i, settings.samples_per_problem) not in done]
+        batch, batch_tokens = [], 0
+        for index in tqdm(todo, desc="synth", unit="trace", disable=not progress):
+            rec = world.trace(index)
+            batch.append(rec)
+            batch_tokens += rec.n_tokens
+            if batch_tokens >= settings.batch_tokens:
+                writer.append(batch)
+                batch, batch_tokens = [], 0
+        writer.append(batch)
+        return {"traces": writer.n_traces, "tokens": writer.n_tokens, "resumed_from": settings.traces - len(todo)}
