@@ -88,8 +88,10 @@ DTYPES = {
     "float32": (np.dtype("<f4"), "ieee-float32", 4),
 }
 
-# Chunk rows are chosen so one chunk is about this many bytes (bench/bench_store.py).
-TARGET_CHUNK_BYTES = 1 << 20
+# Chunk rows are chosen so one chunk is about this many bytes, within these row bounds
+# (measured in bench/bench_store.py; docs/store-format.md says why).
+TARGET_CHUNK_BYTES = 4 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 2048
 
 
 def trace_id(problem_id: int, sample_index: int) -> int:
@@ -106,9 +108,9 @@ def activation_path(layer: int) -> str:
 
 
 def default_chunk_tokens(d_model: int, dtype: str) -> int:
-    """Token rows per chunk: about TARGET_CHUNK_BYTES, a power of two, at least 16."""
+    """Token rows per chunk: about TARGET_CHUNK_BYTES, a power of two, within the row bounds."""
     row = d_model * DTYPES[dtype][2]
-    rows = max(16, TARGET_CHUNK_BYTES // max(row, 1))
+    rows = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // max(row, 1)))
     return 1 << (int(rows).bit_length() - 1)
 
 

@@ -11,6 +11,7 @@ without touching activations.
 from __future__ import annotations
 
 import glob
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 from dataclasses import dataclass
@@ -271,72 +272,38 @@ class Store:
     def iter_blocks(self, layer: int, block_bytes: int = DEFAULT_BLOCK_BYTES, decode: bool = True):
         """Yield (shard_index, first_row, rows) over a layer's whole token axis in large sequential blocks.
 
-        One buffer is reused: copy a block if you keep it past the next iteration.
+        The next block is read in a background thread while the caller works on this one (h5py
+        releases the GIL while reading), so disk and compute overlap; two block buffers are the
+        whole memory cost. A yielded block is valid until the next iteration: copy it to keep it.
         """
         layer = self.check_layers([layer])[0]
         rows = self.block_rows(block_bytes)
-        for s, shard in enumerate(self.shards):
-            ds = shard.dataset(layer)
-            buffer = np.empty((rows, self.d_model), ds.dtype)
-            for start in range(0, shard.n_tokens, rows):
-                end = min(start + rows, shard.n_tokens)
-                words = shard.read_rows(layer, start, end, buffer[: end - start])
+        spans = [(s, start, min(start + rows, shard.n_tokens))
+                 for s, shard in enumerate(self.shards) for start in range(0, shard.n_tokens, rows)]
+        if not spans:
+            return
+        disk_dtype = fmt.DTYPES[self.dtype][0]
+        buffers = [np.empty((rows, self.d_model), disk_dtype) for _ in range(min(2, len(spans)))]
+
+        def read(i):
+            s, start, end = spans[i]
+            return self.shards[s].read_rows(layer, start, end, buffers[i % len(buffers)][: end - start])
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, 0)
+            for i, (s, start, _) in enumerate(spans):
+                words = pending.result()
+                if i + 1 < len(spans):
+                    pending = pool.submit(read, i + 1)
                 yield s, start, fmt.decode_activations(words, self.dtype) if decode else words
 
     def aggregate(self, layer: int, aggregations=("mean",), k: int = 10, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
         """Per-trace aggregates of one layer in one sequential pass; memory is bounded by block_bytes.
 
-        mean: mean over generated tokens; last: the last token; last_k: mean of the last k generated tokens;
-        max: elementwise max over generated tokens; mean_all: mean over every token, prompt included.
-        Returns {aggregation: (n_traces, d_model) float32}. A trace with no generated token gets its last
-        token for every aggregation.
+        See `reduce_blocks` for the aggregations. Returns {aggregation: (n_traces, d_model) float32}.
         """
-        aggregations = tuple(aggregations)
-        unknown = [a for a in aggregations if a not in AGGREGATIONS]
-        if unknown:
-            raise StoreError(f"unknown aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
-        if k < 1:
-            raise StoreError(f"k must be at least 1, got {k}")
-        n, d = self.n_traces, self.d_model
-        sums = {a: np.zeros((n, d), np.float32) for a in aggregations if a != "max" and a != "last"}
-        if "max" in aggregations:
-            sums["max"] = np.full((n, d), -np.inf, np.float32)
-        if "last" in aggregations:
-            sums["last"] = np.zeros((n, d), np.float32)
-        starts = self.table["token_start"].astype(np.int64)
-        ends = self.table["token_end"].astype(np.int64)
-        gen = starts + self.table["prompt_length"].astype(np.int64)
-        gen = np.where(gen >= ends, ends - 1, gen)  # no generated token: fall back to the last token
-        ranges = {
-            "mean": (gen, ends),
-            "max": (gen, ends),
-            "mean_all": (starts, ends),
-            "last_k": (np.maximum(gen, ends - k), ends),
-            "last": (ends - 1, ends),
-        }
-        for s, first, block in self.iter_blocks(layer, block_bytes):
-            lo, hi = self.trace_offsets[s], self.trace_offsets[s + 1]
-            last = first + len(block)
-            sel = np.arange(lo, hi)[(starts[lo:hi] < last) & (ends[lo:hi] > first)]
-            for t in sel.tolist():
-                for name in aggregations:
-                    a, b = ranges[name][0][t], ranges[name][1][t]
-                    a, b = max(a, first) - first, min(b, last) - first
-                    if a >= b:
-                        continue
-                    part = block[a:b]
-                    if name == "max":
-                        np.maximum(sums["max"][t], part.max(axis=0), out=sums["max"][t])
-                    elif name == "last":
-                        sums["last"][t] = part[-1]
-                    else:
-                        sums[name][t] += part.sum(axis=0, dtype=np.float32)
-        for name in aggregations:
-            if name in ("max", "last"):
-                continue
-            a, b = ranges[name]
-            sums[name] /= np.maximum(b - a, 1)[:, None].astype(np.float32)
-        return sums
+        return reduce_blocks(self.iter_blocks(layer, block_bytes), self.table, self.trace_offsets,
+                             self.d_model, aggregations, k)
 
     def close(self) -> None:
         for shard in self.shards:
@@ -347,6 +314,59 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mean",), k: int = 10) -> dict:
+    """Per-trace aggregates from (shard, first_row, rows) blocks in file order.
+
+    mean: mean over generated tokens; last: the last token; last_k: mean of the last k generated tokens;
+    max: elementwise max over generated tokens; mean_all: mean over every token, prompt included.
+    A trace with no generated token gets its last token for every aggregation. Kept apart from the
+    reader so the benchmark's memmap baseline runs the very same reductions.
+    """
+    aggregations = tuple(aggregations)
+    unknown = [a for a in aggregations if a not in AGGREGATIONS]
+    if unknown:
+        raise StoreError(f"unknown aggregation(s) {unknown}; choose from {list(AGGREGATIONS)}")
+    if k < 1:
+        raise StoreError(f"k must be at least 1, got {k}")
+    n = len(table)
+    out = {a: np.zeros((n, d_model), np.float32) for a in aggregations}
+    if "max" in out:
+        out["max"].fill(-np.inf)
+    starts = table["token_start"].astype(np.int64)
+    ends = table["token_end"].astype(np.int64)
+    gen = starts + table["prompt_length"].astype(np.int64)
+    gen = np.where(gen >= ends, ends - 1, gen)  # no generated token: fall back to the last token
+    ranges = {
+        "mean": (gen, ends),
+        "max": (gen, ends),
+        "mean_all": (starts, ends),
+        "last_k": (np.maximum(gen, ends - k), ends),
+        "last": (ends - 1, ends),
+    }
+    for s, first, block in blocks:
+        lo, hi = trace_offsets[s], trace_offsets[s + 1]
+        last = first + len(block)
+        sel = np.arange(lo, hi)[(starts[lo:hi] < last) & (ends[lo:hi] > first)]
+        for t in sel.tolist():
+            for name in aggregations:
+                a = max(ranges[name][0][t], first) - first
+                b = min(ranges[name][1][t], last) - first
+                if a >= b:
+                    continue
+                part = block[a:b]
+                if name == "max":
+                    np.maximum(out["max"][t], part.max(axis=0), out=out["max"][t])
+                elif name == "last":
+                    out["last"][t] = part[-1]
+                else:
+                    out[name][t] += part.sum(axis=0, dtype=np.float32)
+    for name in aggregations:
+        if name not in ("max", "last"):
+            a, b = ranges[name]
+            out[name] /= np.maximum(b - a, 1)[:, None].astype(np.float32)
+    return out
 
 
 def resolve_paths(specs) -> list[Path]:
