@@ -49,3 +49,36 @@ def python_env():
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with the embedded model's real tokenizer, saved in Hugging Face format."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tribunal.traces.models import EMBEDDED_MODEL
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_problems(tmp_path_factory):
+    """40 synthetic problems as a local .jsonl dataset."""
+    import json
+
+    from tribunal.problems.synthetic import make_problems
+
+    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
+    with open(path, "w") as fh:
+        for p in make_problems(40, seed=7):
+            fh.write(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n")
+    return path

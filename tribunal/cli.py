@@ -139,5 +139,68 @@ def synth(out, traces, problems, layers, d_model, tokens_per_trace, dtype, seed,
                + (f" (resumed after {result['resumed_from']})" if result["resumed_from"] else ""))
 
 
+# -- traces ------------------------------------------------------------------------------------
+
+
+def load_config_file(ctx, param, value):
+    """--config FILE (YAML or TOML, same keys as the options): its values become defaults; the command line wins."""
+    if not value:
+        return value
+    from .config import read_config
+
+    try:
+        values = read_config(value)
+    except Exception as exc:
+        raise click.BadParameter(str(exc)) from None
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown key(s) {unknown}; use the option names, e.g. max_new_tokens")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file, is_eager=True,
+              expose_value=False, help="YAML or TOML file with these options' keys; the command line wins.")
+@click.option("--out", required=True, help="Store file to write (resumed if it exists).")
+@click.option("--model", default=None, help="Hugging Face id or local path (default: the embedded model).")
+@click.option("--revision", default=None, help="Model revision on the hub (commit, tag, branch).")
+@click.option("--dataset", default=None, help="Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--layers", default=None, help="e.g. 12,16,20 or 10-20 or all (default: the study's middle layers, scaled).")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--samples-per-problem", default=4, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--target-correct", default=50, show_default=True, help="Stop storing correct traces after this many.")
+@click.option("--target-incorrect", default=50, show_default=True, help="Stop storing incorrect traces after this many.")
+@click.option("--max-problems", default=200, show_default=True, help="Try at most this many problems (all shards together).")
+@click.option("--keep-all", is_flag=True, help="Store every trace, even past the targets.")
+@click.option("--shard", default="0/1", show_default=True, help="i/N: take problems whose index = i (mod N).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16.")
+@click.option("--compute-dtype", default="auto", show_default=True, help="Model dtype: auto, float32, bfloat16, float16.")
+@click.option("--device-map", default=None, help="auto, cpu, cuda, or a JSON map / .json file (accelerate).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own code (off by default).")
+@click.option("--prompt-template", default=None, help="Prompt with {question}; default R1-style for chat models.")
+@click.option("--chat-template/--no-chat-template", default=None, help="Use the tokenizer's chat template (default: if it has one).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def generate(quiet, **options):
+    """Sample and grade traces; stream per-token activations of the target layers into --out.
+
+    Exit codes: 0 done, 1 failed, 75 interrupted by SIGUSR1/SIGTERM/SIGINT (store closed; rerun to resume).
+    """
+    from .traces.generate import EXIT_INTERRUPTED, GenerateConfig, format_summary, run_generation
+
+    summary = run_generation(GenerateConfig(progress=not quiet, **options))
+    click.echo(format_summary(summary))
+    if summary["status"] == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
+
+
 if __name__ == "__main__":
     main()

@@ -23,7 +23,9 @@ TRACE_TABLE = "traces/table"
 TRACE_TEXT = "traces/text_utf8"
 COMMIT = "commit"
 SYNTH = "synth"
-COMMIT_FIELDS = ("traces", "tokens", "text_bytes", "commits")
+PROBLEMS = "problems"
+COMMIT_FIELDS = ("traces", "tokens", "text_bytes", "problems", "commits")
+PROBLEM_DTYPE = np.dtype([("problem_id", "<i8"), ("samples", "<i4")])
 
 TOKEN_ARRAYS = {
     "token_id": np.dtype("int32"),
@@ -151,8 +153,11 @@ class StoreIdentity:
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 
-    def differences(self, other: "StoreIdentity") -> list[str]:
-        """Human-readable list of what differs, e.g. ["layers: store has [4, 8], asked [4]"]."""
+    def differences(self, other: "StoreIdentity", resume: bool = True) -> list[str]:
+        """Human-readable list of what differs, e.g. ["layers: store has [4, 8], asked [4]"].
+
+        resume=False compares only what shards of one run must share (not shard-specific settings).
+        """
         out = []
         for name in ("schema_version", "model_id", "model_revision", "layers", "d_model", "dtype"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -160,7 +165,7 @@ class StoreIdentity:
                 mine, theirs = list(mine), list(theirs)
             if mine != theirs:
                 out.append(f"{name}: store has {mine!r}, asked {theirs!r}")
-        for key in sorted(set(self.extra) | set(other.extra)):
+        for key in sorted(set(self.extra) | set(other.extra)) if resume else ():
             if self.extra.get(key) != other.extra.get(key):
                 out.append(f"{key}: store has {self.extra.get(key)!r}, asked {other.extra.get(key)!r}")
         return out

@@ -92,6 +92,7 @@ class Shard:
         for name in fmt.TOKEN_ARRAYS:
             self.file[f"{fmt.TOKENS}/{name}"].refresh()
         self.file[fmt.TRACE_TEXT].refresh()
+        self.file[fmt.PROBLEMS].refresh()
         for layer in self.identity.layers:
             self.file[fmt.activation_path(layer)].refresh()
 
@@ -143,7 +144,7 @@ class Store:
             raise StoreError("no store files given")
         first = shards[0]
         for shard in shards[1:]:
-            diffs = first.identity.differences(shard.identity)
+            diffs = first.identity.differences(shard.identity, resume=False)
             if diffs:
                 raise IncompatibleStoreError(
                     f"{shard.path} does not match {first.path} ({'; '.join(diffs)}); read them separately"

@@ -22,7 +22,7 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
     f = shard.file
     n_traces, n_tokens = shard.n_traces, shard.n_tokens
     n_text = shard.committed["text_bytes"]
-    for name in [fmt.TRACE_TABLE, fmt.TRACE_TEXT] + [f"{fmt.TOKENS}/{n}" for n in fmt.TOKEN_ARRAYS]:
+    for name in [fmt.TRACE_TABLE, fmt.TRACE_TEXT, fmt.PROBLEMS] + [f"{fmt.TOKENS}/{n}" for n in fmt.TOKEN_ARRAYS]:
         if name not in f:
             problems.append(f"{where}: dataset /{name} is missing")
     for layer in ident.layers:
@@ -35,7 +35,7 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
             problems.append(f"{where}: /{name} has {f[name].shape[0]} rows, fewer than the {n_tokens} committed")
     if problems:
         return problems
-    for name, need in [(fmt.TRACE_TABLE, n_traces), (fmt.TRACE_TEXT, n_text)] + [
+    for name, need in [(fmt.TRACE_TABLE, n_traces), (fmt.TRACE_TEXT, n_text), (fmt.PROBLEMS, shard.committed["problems"])] + [
         (f"{fmt.TOKENS}/{n}", n_tokens) for n in fmt.TOKEN_ARRAYS
     ]:
         if f[name].shape[0] < need:
@@ -73,6 +73,9 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
         for i in first[counts > 1][:5]:
             problems.append(f"{where}: (problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
         problems += _check_token_arrays(shard, starts, plen, lengths)
+    done = f[fmt.PROBLEMS][: shard.committed["problems"]]["problem_id"]
+    if len(np.unique(done)) != len(done):
+        problems.append(f"{where}: /problems lists a problem more than once")
     if check_values:
         problems += _check_finite(shard, block_bytes)
     return problems

@@ -185,26 +185,34 @@ class StoreWriter:
         """(problem_id, sample_index) of every committed trace, for resuming without duplicates."""
         return set(self._done)
 
+    def problems_done(self) -> set[int]:
+        """Problems whose every sample was tried (stored or not), from /problems: resume skips them."""
+        return set(self._file[fmt.PROBLEMS][: int(self.committed["problems"])]["problem_id"].tolist())
+
     def label_counts(self) -> Counter:
         table = self.committed_table()
         return Counter(fmt.LABELS[code] for code in table["label"].tolist())
 
     # -- appending -------------------------------------------------------------------------
 
-    def append(self, records) -> None:
-        """Write a batch of traces and commit it: all of it becomes visible, or none."""
+    def append(self, records, problems_done=()) -> None:
+        """Write a batch of traces and commit it: all of it becomes visible, or none.
+
+        problems_done: (problem_id, samples) of problems finished with this batch, so a resumed
+        run skips them even when none of their traces was stored (a label's target was met).
+        """
         if self._file is None:
             raise StoreError(f"{self.path} is not open for writing; use StoreWriter as a context manager")
         if self._failed is not None:
             raise StoreError(f"{self.path}: an earlier write failed ({self._failed}); reopen the store to resume")
-        records = list(records)
-        if not records:
+        records, problems_done = list(records), list(problems_done)
+        if not records and not problems_done:
             return
         prepared = [self._prepare(r) for r in records]
         self._check_unique(records)
         self._ensure_space(prepared)
         try:
-            self._write_batch(records, prepared)
+            self._write_batch(records, prepared, problems_done)
         except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for a failed flush
             self._failed = str(exc)
             hint = "free disk space, then rerun to resume" if _is_disk_full(exc) else "rerun to resume"
@@ -277,17 +285,19 @@ class StoreWriter:
             dup = sorted(clash) or [k for k, n in Counter(keys).items() if n > 1]
             raise StoreError(f"(problem_id, sample_index) {dup[0]} is already in {self.path}; each pair is stored once")
 
-    def _write_batch(self, records, prepared) -> None:
+    def _write_batch(self, records, prepared, problems_done) -> None:
         f = self._file
         tok0, trace0, text0 = self.n_tokens, self.n_traces, int(self.committed["text_bytes"])
         n_tok = sum(r.n_tokens for r in records)
         tok1 = tok0 + n_tok
         for i, layer in enumerate(self.identity.layers):
-            self._write_layer(layer, [p["activations"][i] for p in prepared], tok0, tok1)
+            if prepared:
+                self._write_layer(layer, [p["activations"][i] for p in prepared], tok0, tok1)
         for name in fmt.TOKEN_ARRAYS:
             ds = f[f"{fmt.TOKENS}/{name}"]
             ds.resize(tok1, axis=0)
-            ds[tok0:tok1] = np.concatenate([p[name] for p in prepared])
+            if prepared:
+                ds[tok0:tok1] = np.concatenate([p[name] for p in prepared])
         text = b"".join(p["text"] for p in prepared)
         text_ds = f[fmt.TRACE_TEXT]
         text_ds.resize(text0 + len(text), axis=0)
@@ -316,12 +326,19 @@ class StoreWriter:
             tpos += len(p["text"])
         table = f[fmt.TRACE_TABLE]
         table.resize(trace0 + len(records), axis=0)
-        table[trace0:] = rows
+        if records:
+            table[trace0:] = rows
+        prob0 = int(self.committed["problems"])
+        if problems_done:
+            progress = f[fmt.PROBLEMS]
+            progress.resize(prob0 + len(problems_done), axis=0)
+            progress[prob0:] = np.array([tuple(x) for x in problems_done], fmt.PROBLEM_DTYPE)
         self._flush()
         new = {
             "traces": trace0 + len(records),
             "tokens": tok1,
             "text_bytes": text0 + len(text),
+            "problems": prob0 + len(problems_done),
             "commits": int(self.committed["commits"]) + 1,
         }
         f[fmt.COMMIT][:] = np.array([new[k] for k in fmt.COMMIT_FIELDS], np.int64)
@@ -457,10 +474,15 @@ class StoreWriter:
         )
         text = f.create_dataset(fmt.TRACE_TEXT, shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
         text.attrs["description"] = "UTF-8 bytes of the generated texts, concatenated"
+        progress = f.create_dataset(fmt.PROBLEMS, shape=(0,), maxshape=(None,), chunks=(4096,), dtype=fmt.PROBLEM_DTYPE)
+        progress.attrs["description"] = (
+            "problems whose every sample was tried (stored or not: a label whose target was met is not stored); "
+            "a resumed run skips them"
+        )
         commit = f.create_dataset(fmt.COMMIT, data=np.zeros(len(fmt.COMMIT_FIELDS), np.int64))
         commit.attrs["fields"] = list(fmt.COMMIT_FIELDS)
         commit.attrs["description"] = (
-            "committed counts: traces, tokens, text bytes, commits. Rows past these counts are uncommitted and "
+            "committed counts: traces, tokens, text bytes, problems, commits. Rows past these counts are uncommitted and "
             "are discarded on the next open for append"
         )
         for name, data in self._extra_datasets.items():
@@ -506,7 +528,8 @@ class StoreWriter:
         f.flush()
 
     def _committed_sizes(self) -> dict:
-        sizes = {fmt.TRACE_TABLE: self.n_traces, fmt.TRACE_TEXT: int(self.committed["text_bytes"])}
+        sizes = {fmt.TRACE_TABLE: self.n_traces, fmt.TRACE_TEXT: int(self.committed["text_bytes"]),
+                 fmt.PROBLEMS: int(self.committed["problems"])}
         for name in fmt.TOKEN_ARRAYS:
             sizes[f"{fmt.TOKENS}/{name}"] = self.n_tokens
         for layer in self.identity.layers:

@@ -1,0 +1,54 @@
+"""Decoder blocks and layer indices across model families, on tiny random models built from configs."""
+
+import pytest
+import transformers
+
+from tribunal.errors import TribunalError
+from tribunal.traces.models import decoder_blocks, default_layers, resolve_layers
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=3,
+             max_position_embeddings=64)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {"num_key_value_heads": 2}),
+    "mistral": (transformers.MistralConfig, {"num_key_value_heads": 2}),
+    "gemma": (transformers.GemmaConfig, {"head_dim": 16, "num_key_value_heads": 2}),
+    "phi3": (transformers.Phi3Config, {"pad_token_id": 0}),
+    "gpt2": (transformers.GPT2Config, {"n_embd": 32, "n_layer": 3, "n_head": 2, "n_positions": 64}),
+    "gpt_neox": (transformers.GPTNeoXConfig, {}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_blocks_of_each_family(family):
+    import torch
+
+    config_cls, extra = FAMILIES[family]
+    kwargs = {**SMALL, **extra}
+    if family == "gpt2":
+        kwargs = {"vocab_size": 64, **extra}
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs))
+    blocks = decoder_blocks(model)
+    assert len(blocks) == 3
+    # the hook output of block i is the residual stream that hidden_states[i + 1] reports (before any final norm)
+    seen = {}
+    handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+               for i in range(3)]
+    out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    for i in range(2):  # the last entry of hidden_states has the final norm applied in some families
+        torch.testing.assert_close(seen[i], out.hidden_states[i + 1])
+
+
+def test_layer_specs():
+    assert resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers("1,3", 4) == [1, 3]
+    assert resolve_layers("0-2", 4) == [0, 1, 2]
+    assert resolve_layers(None, 28) == [12, 16, 20] == default_layers(28)
+    assert resolve_layers(None, 8) == default_layers(8)
+    with pytest.raises(TribunalError, match=r"out of range: the model has 4 decoder layers \(0..3\)"):
+        resolve_layers("2,4", 4)
+    with pytest.raises(TribunalError, match="comma list"):
+        resolve_layers("a,b", 4)

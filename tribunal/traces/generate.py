@@ -1,0 +1,305 @@
+"""`tribunal generate`: sample and grade traces, stream activations of every target layer into a store.
+
+The loop: take the shard's problems, skip what the store already holds, sample
+batches of (problem, sample) pairs, grade them, and hand finished traces to a
+writer thread through a bounded queue, so the model never waits on the disk and
+memory stays bounded when the disk is slow. A stop signal (SIGUSR1, SIGTERM,
+SIGINT) drops the batch in flight, commits what is queued, closes the store and
+returns INTERRUPTED; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from ..errors import TribunalError
+from ..grading import extract_answer, grade
+from ..problems.loading import EMBEDDED_PROBLEMS, build_prompt, load_problems, shard_problems
+from ..store.writer import StoreWriter, TraceRecord
+
+log = logging.getLogger("tribunal.generate")
+
+# Exit codes of `tribunal generate` (bin/ scripts and slurm/ templates rely on them).
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, store closed cleanly, rerun to resume
+
+
+@dataclass
+class GenerateConfig:
+    out: str
+    model: str | None = None
+    revision: str | None = None
+    dataset: str | None = None
+    split: str = "test"
+    layers: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    samples_per_problem: int = 4
+    batch_size: int = 16
+    target_correct: int = 50
+    target_incorrect: int = 50
+    max_problems: int = 200
+    keep_all: bool = False
+    shard: str = "0/1"
+    seed: int = 0
+    dtype: str = "auto"
+    compute_dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    prompt_template: str | None = None
+    chat_template: bool | None = None
+    queue_batches: int = 2
+    durable: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def shard_pair(self) -> tuple[int, int]:
+        try:
+            i, n = (int(x) for x in str(self.shard).split("/"))
+        except ValueError:
+            raise TribunalError(f"--shard {self.shard!r}: use i/N, e.g. 0/4") from None
+        if n < 1 or not 0 <= i < n:
+            raise TribunalError(f"--shard {self.shard!r}: need 0 <= i < N")
+        return i, n
+
+    def validate(self) -> "GenerateConfig":
+        if not self.temperature > 0:
+            raise TribunalError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TribunalError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "samples_per_problem", "batch_size", "max_problems"):
+            if getattr(self, name) < 1:
+                raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise TribunalError(f"--dtype {self.dtype!r}: choose auto, float16, bfloat16 or float32")
+        self.shard_pair()
+        return self
+
+
+class GracefulStop:
+    """SIGUSR1/SIGTERM/SIGINT set a flag; the loop stops at a safe point. One small object, as in submitit."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+
+class WriterThread:
+    """Appends batches to the store beside generation; the queue bound keeps memory bounded."""
+
+    def __init__(self, writer: StoreWriter, max_batches: int):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tribunal-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            records, problems_done = item
+            if self.error is None:
+                try:
+                    self.writer.append(records, problems_done=problems_done)
+                except BaseException as exc:  # reported by the main thread
+                    self.error = exc
+
+    def put(self, records, problems_done):
+        self.check()
+        self.queue.put((records, problems_done))
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def finish(self):
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _store_dtype(requested: str, model) -> str:
+    """auto: bfloat16 words when the model computes in bf16 (lossless), float16 otherwise."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "bfloat16" if model.dtype == torch.bfloat16 else "float16"
+
+
+def run_generation(config: GenerateConfig) -> dict:
+    """Generate into config.out; returns a summary with 'status' = 'done' or 'interrupted'."""
+    import torch
+
+    from .models import decoder_blocks, load_model, model_revision, resolve_layers
+    from .sampling import BlockCapture, Interrupted, SamplingSettings, sample_batch, trace_seed
+
+    config.validate()
+    shard, num_shards = config.shard_pair()
+    problems = load_problems(config.dataset, config.split)
+    mine = shard_problems(problems, shard, num_shards, config.max_problems)
+    target = {"correct": math.ceil(config.target_correct / num_shards),
+              "incorrect": math.ceil(config.target_incorrect / num_shards)}
+    model, tokenizer = load_model(config.model, revision=config.revision, compute_dtype=config.compute_dtype,
+                                  device_map=config.device_map, trust_remote_code=config.trust_remote_code)
+    blocks = decoder_blocks(model)
+    layers = resolve_layers(config.layers, len(blocks))
+    store_dtype = _store_dtype(config.dtype, model)
+    d_model = int(model.config.hidden_size)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "extra", "queue_batches")}
+    settings.update(layers_resolved=layers, store_dtype=store_dtype, targets_per_shard=target,
+                    compute_dtype_resolved=str(model.dtype).replace("torch.", ""))
+    resume_identity = {k: settings[k] for k in ("dataset", "split", "temperature", "top_p", "max_new_tokens",
+                                                "samples_per_problem", "seed", "shard", "prompt_template",
+                                                "chat_template", "max_problems", "keep_all")}
+    resume_identity["dataset"] = str(config.dataset or EMBEDDED_PROBLEMS.name)
+    writer = StoreWriter(
+        config.out, model_id=str(config.model or "tribunal/embedded-default"),
+        model_revision=model_revision(model, config.model) if config.model else "embedded",
+        layers=layers, d_model=d_model, dtype=store_dtype, generation_settings=settings,
+        dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
+        seed=config.seed, resume_identity=resume_identity, durable=config.durable,
+        description="Per-token residual-stream activations of chain-of-thought traces sampled by tribunal generate.",
+    )
+    eos_ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    eos_ids.discard(None)
+    sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
+    capture = BlockCapture(blocks, layers)
+    status = "done"
+    started = time.time()
+    with writer, GracefulStop() as stop:
+        counts = writer.label_counts()
+        tried = writer.problems_done()
+        done_pairs = writer.done_keys()
+        todo = [p for p in mine if p.problem_id not in tried]
+        pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
+        last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
+        prompts = {}
+        bar = _progress(config, len(mine), len(tried), counts)
+        writes = WriterThread(writer, config.queue_batches)
+        batch_size, new_tokens = config.batch_size, 0
+        try:
+            i = 0
+            while i < len(pairs):
+                if _targets_met(counts, target) and not config.keep_all:
+                    break
+                if stop():
+                    status = "interrupted"
+                    break
+                chunk = pairs[i : i + batch_size]
+                for p, _ in chunk:
+                    if p.problem_id not in prompts:
+                        prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
+                                                             config.chat_template)
+                try:
+                    sampled = sample_batch(
+                        model, capture, [prompts[p.problem_id] for p, _ in chunk],
+                        [trace_seed(config.seed, p.problem_id, s) for p, s in chunk], sampling, eos_ids,
+                        tokenizer.pad_token_id, store_dtype, should_stop=stop)
+                except Interrupted:
+                    status = "interrupted"
+                    break
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise TribunalError("out of memory with --batch-size 1: use a smaller --max-new-tokens, "
+                                            "fewer --layers, or more GPUs (--device-map auto)") from None
+                    batch_size = max(1, batch_size // 2)
+                    log.warning("CUDA out of memory: halving the batch to %d and retrying", batch_size)
+                    capture.clear()
+                    torch.cuda.empty_cache()
+                    continue
+                records, finished_problems = [], []
+                for (p, s), t in zip(chunk, sampled):
+                    text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
+                    label = grade(text, p.gold, finished=t.finished)
+                    new_tokens += len(t.generated_ids)
+                    keep = config.keep_all or label not in target or counts[label] < target[label]
+                    if keep:
+                        counts[label] += 1
+                        records.append(TraceRecord(
+                            problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
+                            prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
+                            predicted=extract_answer(text, finished=t.finished), gold=p.gold,
+                            finish_reason="stop" if t.finished else "length", logprobs=t.logprobs,
+                            entropies=t.entropies, seed=trace_seed(config.seed, p.problem_id, s)))
+                    if (p.problem_id, s) == last_pair[p.problem_id]:
+                        finished_problems.append((p.problem_id, config.samples_per_problem))
+                writes.put(records, finished_problems)
+                i += len(chunk)
+                tried.update(pid for pid, _ in finished_problems)
+                bar.update(len(finished_problems))
+                bar.set_postfix_str(_postfix(counts, new_tokens, started, writer))
+        finally:
+            writes.finish()
+            bar.close()
+            capture.remove()
+        counts = writer.label_counts()
+        summary = {
+            "status": status, "signal": stop.received, "store": str(config.out), "problems_tried": len(writer.problems_done()),
+            "problems_in_shard": len(mine), "traces": writer.n_traces, "tokens": writer.n_tokens,
+            "labels": dict(counts), "layers": layers, "targets_met": _targets_met(counts, target),
+            "seconds": round(time.time() - started, 1), "new_tokens": new_tokens, "repairs": writer.repairs,
+        }
+    return summary
+
+
+def _targets_met(counts: Counter, target: dict) -> bool:
+    return all(counts[label] >= n for label, n in target.items())
+
+
+def _progress(config, total, initial, counts):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"generate {config.shard}", unit="problem",
+                disable=not config.progress, dynamic_ncols=True)
+
+
+def _postfix(counts, new_tokens, started, writer) -> str:
+    rate = new_tokens / max(time.time() - started, 1e-9)
+    try:
+        size = writer.path.stat().st_size / 1e6
+    except OSError:
+        size = float("nan")
+    return (f"correct {counts['correct']} incorrect {counts['incorrect']} unparsed {counts['unparsed']} "
+            f"| {rate:.0f} tok/s | {size:.1f} MB")
+
+
+def format_summary(summary: dict) -> str:
+    labels = summary["labels"]
+    return (f"{summary['status']}: {summary['store']}: {summary['traces']} traces "
+            f"(correct {labels.get('correct', 0)}, incorrect {labels.get('incorrect', 0)}, "
+            f"unparsed {labels.get('unparsed', 0)}), {summary['tokens']} tokens, "
+            f"{summary['problems_tried']}/{summary['problems_in_shard']} problems tried, "
+            f"{summary['new_tokens'] / max(summary['seconds'], 1e-9):.0f} new tok/s"
+            + (f"; stopped by {summary['signal']}, rerun the same command to resume" if summary["status"] == "interrupted" else ""))

@@ -1,0 +1,141 @@
+"""Load a causal LM and find its decoder blocks: the one place that knows each family's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import TribunalError
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "embedded" / "model"
+
+# Where each family keeps its decoder blocks (attribute path from the *ForCausalLM object).
+DECODER_BLOCKS = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "phi": "model.layers",
+    "phi3": "model.layers",
+    "olmo": "model.layers",
+    "granite": "model.layers",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "gpt_bigcode": "transformer.h",
+    "gpt_neo": "transformer.h",
+    "bloom": "transformer.h",
+    "falcon": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "mpt": "transformer.blocks",
+}
+_FALLBACK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks",
+                   "model.language_model.layers")
+
+# The study read layers at about these fractions of a 28-layer model's depth (12, 16, 20).
+SEED_LAYER_FRACTIONS = (12 / 28, 16 / 28, 20 / 28)
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def decoder_blocks(model):
+    """The ModuleList of decoder blocks; the residual stream leaving block i is layer i."""
+    model_type = getattr(model.config, "model_type", "")
+    paths = [DECODER_BLOCKS[model_type]] if model_type in DECODER_BLOCKS else []
+    for path in paths + [p for p in _FALLBACK_PATHS if p not in paths]:
+        try:
+            blocks = _get(model, path)
+        except AttributeError:
+            continue
+        if hasattr(blocks, "__len__") and len(blocks) > 0:
+            return blocks
+    raise TribunalError(
+        f"cannot find the decoder blocks of model type {model_type!r}; add its path to DECODER_BLOCKS in "
+        "tribunal/traces/models.py"
+    )
+
+
+def default_layers(depth: int) -> list[int]:
+    """The study's middle layers, scaled to this model's depth."""
+    return sorted({min(depth - 1, max(0, round(depth * f))) for f in SEED_LAYER_FRACTIONS})
+
+
+def resolve_layers(spec, depth: int) -> list[int]:
+    """'all', None (the default), '4,8,12-15' or a list -> sorted layer indices, checked against depth."""
+    if spec is None or spec == "" or spec == "default":
+        return default_layers(depth)
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return list(range(depth))
+        layers = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    lo, hi = part.split("-", 1)
+                    layers += range(int(lo), int(hi) + 1)
+                else:
+                    layers.append(int(part))
+            except ValueError:
+                raise TribunalError(f"--layers {spec!r}: use a comma list and ranges like 4,8,12-15, or 'all'") from None
+    else:
+        layers = [int(x) for x in spec]
+    bad = [x for x in layers if not 0 <= x < depth]
+    if bad:
+        raise TribunalError(f"layer(s) {bad} out of range: the model has {depth} decoder layers (0..{depth - 1})")
+    return sorted(set(layers))
+
+
+def load_model(model_id: str | None = None, *, revision: str | None = None, compute_dtype: str = "auto",
+               device_map: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) through AutoModelForCausalLM / AutoTokenizer, on CPU, one GPU or many (device_map)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    model_id = str(model_id or EMBEDDED_MODEL)
+    if device_map in (None, "", "none"):
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device_map.strip().startswith("{"):
+        device_map = json.loads(device_map)
+    elif Path(device_map).suffix == ".json" and Path(device_map).exists():
+        device_map = json.loads(Path(device_map).read_text())
+    on_gpu = (device_map != "cpu") and torch.cuda.is_available()
+    if compute_dtype == "auto":
+        dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else (torch.float16 if on_gpu else torch.float32)
+    else:
+        dtype = getattr(torch, compute_dtype)
+    local = Path(model_id).exists()
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if local:
+        kwargs.pop("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
+    except OSError as exc:
+        where = "local path" if local else "Hugging Face id (no network? set HF_HUB_OFFLINE=1 and use a local path)"
+        raise TribunalError(f"cannot load model {model_id!r} as a {where}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise TribunalError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def model_revision(model, model_id: str) -> str:
+    """The commit hash the hub resolved, or 'local' for a path."""
+    if Path(str(model_id)).exists():
+        return "local"
+    return str(getattr(model.config, "_commit_hash", None) or "unknown")

@@ -1,0 +1,179 @@
+"""Batched sampling with the KV cache, capturing the residual stream of target layers for every token.
+
+tribunal runs its own decode loop instead of `generate()` because it needs, per
+trace: its own random generator (seeded from run seed, problem and sample, so a
+resumed or sharded run samples the same traces), the log-prob and entropy of
+each sampled token, and the hidden state leaving each target block at every
+position, prompt included. Forward hooks on the decoder blocks collect those
+states on the device; they go to the host once per batch, asynchronously.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def trace_seed(run_seed: int, problem_id: int, sample_index: int) -> int:
+    """A 63-bit seed that depends only on (run seed, problem, sample)."""
+    digest = hashlib.blake2b(f"{run_seed}/{problem_id}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Interrupted(Exception):
+    """A stop was requested while a batch was in flight; the batch is dropped whole."""
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+
+
+@dataclass
+class SampledTrace:
+    prompt_ids: list
+    generated_ids: list
+    activations: np.ndarray  # (layers, tokens, d_model): storage words (float16/float32, or bf16 as uint16)
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    finished: bool  # stopped at EOS (else hit max_new_tokens)
+
+
+class BlockCapture:
+    """Forward hooks that keep each target block's output hidden states, call by call."""
+
+    def __init__(self, blocks, layers):
+        self.layers = list(layers)
+        self.steps = {layer: [] for layer in self.layers}
+        self.enabled = True
+        self._handles = [blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.layers]
+
+    def _hook(self, layer):
+        def hook(module, inputs, output):
+            if self.enabled:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                self.steps[layer].append(hidden.detach())
+
+        return hook
+
+    def clear(self):
+        self.steps = {layer: [] for layer in self.layers}
+
+    def take(self) -> list[torch.Tensor]:
+        """(batch, positions, d_model) per layer for everything captured since the last take."""
+        out = [torch.cat(self.steps[layer], dim=1) for layer in self.layers]
+        self.clear()
+        return out
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    sorted_probs = sorted_probs * keep
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x names the KV cache `cache`; 4.x `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    return out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values")
+
+
+def _to_storage(hidden: torch.Tensor, store_dtype: str) -> torch.Tensor:
+    if store_dtype == "bfloat16":
+        return hidden.to(torch.bfloat16).view(torch.int16)
+    return hidden.to(torch.float16 if store_dtype == "float16" else torch.float32)
+
+
+@torch.no_grad()
+def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], seeds: list[int],
+                 settings: SamplingSettings, eos_ids: set[int], pad_id: int, store_dtype: str = "float16",
+                 should_stop=lambda: False) -> list[SampledTrace]:
+    """Sample one continuation per prompt. capture=None samples without capturing (the benchmark's baseline)."""
+    device = model.get_input_embeddings().weight.device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    if capture is not None:
+        capture.clear()  # drop what an interrupted batch left
+    cache_arg = _cache_argument(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    past, logits = _cache_of(out), out.logits[:, -1]
+    tokens, logps, ents = [], [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), settings.max_new_tokens, dtype=torch.long, device=device)
+    for step in range(settings.max_new_tokens):
+        if should_stop():
+            raise Interrupted()
+        logp = torch.log_softmax(logits.float() / max(settings.temperature, 1e-6), dim=-1)
+        probs = logp.exp()
+        entropy = -(probs * logp).sum(-1)
+        probs = _top_p(probs, settings.top_p)
+        nxt = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(batch)])
+        tokens.append(nxt)
+        logps.append(logp.gather(1, nxt[:, None])[:, 0])
+        ents.append(entropy)
+        stopped = ~finished & torch.isin(nxt, eos)
+        lengths[stopped] = step + 1
+        finished |= stopped
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        last_step = bool(finished.all()) or step + 1 == settings.max_new_tokens
+        if last_step and capture is None:
+            break
+        # Feed the sampled token: its hidden states are captured here (the last one too, for capture).
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_arg: past})
+        past, logits = _cache_of(out), out.logits[:, -1]
+        if last_step:
+            break
+    gen = torch.stack(tokens, dim=1).cpu()
+    logps = torch.stack(logps, dim=1).cpu().numpy()
+    ents = torch.stack(ents, dim=1).cpu().numpy()
+    lengths = lengths.cpu().tolist()
+    finished = finished.cpu().tolist()
+    words = None
+    if capture is not None:
+        hidden = torch.stack([_to_storage(h, store_dtype) for h in capture.take()])  # (layers, batch, pos, d)
+        if hidden.is_cuda:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            host.copy_(hidden, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            hidden = host
+        words = hidden.numpy()
+        if store_dtype == "bfloat16":
+            words = words.view(np.uint16)
+    traces = []
+    for i, p in enumerate(prompts):
+        n = lengths[i]
+        start = width - len(p)
+        acts = words[:, i, start : width + n] if words is not None else np.zeros((0, len(p) + n, 0), np.float16)
+        traces.append(SampledTrace(
+            prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=np.ascontiguousarray(acts),
+            logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]),
+        ))
+    return traces
