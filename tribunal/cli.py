@@ -202,5 +202,83 @@ def generate(quiet, **options):
         sys.exit(EXIT_INTERRUPTED)
 
 
+# -- probes ------------------------------------------------------------------------------------
+
+
+def parse_memory(text: str) -> int:
+    """'512M', '2G', '1073741824' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = str(text).strip().upper().rstrip("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r} is not a size like 512M or 2G") from None
+
+
+@main.group()
+def probe():
+    """Fit and evaluate probes on stores (trajectory-level or per-token)."""
+
+
+@probe.command("trajectory")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output folder.")
+@click.option("--layers", default=None, help="Layers to probe (default: every stored layer).")
+@click.option("--aggregations", default=",".join(("mean", "last", "last_k", "max", "mean_all")), show_default=True)
+@click.option("-k", "--last-k", "k", default=10, show_default=True, help="k of the last_k aggregation.")
+@click.option("--folds", default=5, show_default=True)
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
+@click.option("--permutations", default=50, show_default=True, help="Grouped permutations per cell (0 = skip).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-C", "C", default=1.0, show_default=True, help="Inverse L2 strength of the logistic probe.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def probe_trajectory_cmd(stores, out_dir, layers, aggregations, k, folds, n_boot, permutations, seed, C, quiet):
+    """Trajectory probes for every stored layer x aggregation, with baselines, CIs and nested selection."""
+    from .probes.run import probe_trajectory
+
+    result = probe_trajectory(stores, out_dir, parse_int_list(layers) if layers else None,
+                              tuple(a.strip() for a in aggregations.split(",") if a.strip()), k, folds, n_boot,
+                              permutations, seed, C, progress=not quiet)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/implicit_value_directions.json, metrics.csv, probe_results.png")
+
+
+@probe.command("tokens")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output folder.")
+@click.option("--layer", type=int, default=None, help="Layer (default: the middle stored layer).")
+@click.option("--memory", default="1G", show_default=True, help="Peak memory budget, e.g. 512M; sets the block size.")
+@click.option("--test-fraction", default=0.25, show_default=True, help="Share of problems held out.")
+@click.option("--bootstrap", "n_boot", default=500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def probe_tokens_cmd(stores, out_dir, layer, memory, test_fraction, n_boot, seed):
+    """Per-token probe fit out of core (LDA and mass-mean), evaluated on held-out problems by position."""
+    from .probes.run import probe_tokens
+
+    result = probe_tokens(stores, out_dir, layer, parse_memory(memory), test_fraction, seed, n_boot)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/implicit_value_directions.json, token_probe.png")
+
+
+@main.command()
+@click.argument("directions")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_csv", required=True, help="CSV of per-token logits.")
+@click.option("--layer", type=int, default=None, help="Cell layer (default: the chosen cell).")
+@click.option("--aggregation", default=None, help="Cell aggregation (default: the chosen cell).")
+@user_errors
+def score(directions, stores, out_csv, layer, aggregation):
+    """Project stored traces onto saved DIRECTIONS (a .json or its folder): per-token probe logits to a CSV."""
+    from .probes import directions as dirs
+    from .store import open_store
+
+    doc = dirs.load(directions)
+    with open_store(stores) as store:
+        result = dirs.score_store(doc, store, out_csv, layer, aggregation)
+    click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
+
+
 if __name__ == "__main__":
     main()

@@ -7,9 +7,11 @@ checked against the truth:
   carries s * w, with s ~ N(+-delta/2, 1) by label. Nothing else varies along w,
   so the ideal linear probe on the mean over generated tokens is w and its
   AUROC is exactly Phi(delta / sqrt 2) = the requested --signal.
-* a position direction v (all layers): row t carries (t / 256) * v, as real
+* a position direction v (all layers): row t carries (t / 64) * v, as real
   residual streams encode position; with --length-confound the label is tied
-  to trace length, and a probe can read length off v.
+  to trace length, and a probe can read length off v. Only position varies along v.
+* a trace component (isotropic, orthogonal to w and v), as real residual streams vary
+  from trace to trace in every direction, not only along the value direction.
 * a problem component u_p shared by all samples of problem p (--problem-leak),
   with labels mostly decided per problem: an ungrouped split memorizes u_p.
 
@@ -30,6 +32,7 @@ from ..errors import TribunalError
 from ..store.writer import StoreWriter, TraceRecord
 
 SYNTH_MODEL_ID = "tribunal/synthetic"
+POSITION_SCALE = 64.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ class SynthSettings:
     problem_leak: float = 0.0
     prompt_tokens: int = 16
     problem_scale: float = 1.0
+    trace_scale: float = 1.0
     batch_tokens: int = 8192
     extra: dict = field(default_factory=dict)
 
@@ -118,8 +122,10 @@ class SynthWorld:
         prompt = s.prompt_tokens
         latent = (s.delta / 2.0) * (1 if y else -1) + rng.standard_normal()
         acts = rng.standard_normal((len(s.layers), n_tokens, s.d_model), dtype=np.float32)
-        acts -= (acts @ self.direction)[..., None] * self.direction
-        acts += (np.arange(n_tokens, dtype=np.float32) / 256.0)[None, :, None] * self.position_direction
+        acts += rng.standard_normal((len(s.layers), 1, s.d_model), dtype=np.float32) * s.trace_scale
+        for u in (self.direction, self.position_direction):
+            acts -= (acts @ u)[..., None] * u
+        acts += (np.arange(n_tokens, dtype=np.float32) / POSITION_SCALE)[None, :, None] * self.position_direction
         if s.problem_leak > 0:
             acts += self.problem_component[problem]
         for i, layer in enumerate(s.layers):
@@ -169,7 +175,7 @@ def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -
             "synth/direction": (world.direction, {"description": "planted unit value direction w (signal layers)",
                                                   "signal_layers": list(settings.signal_layers)}),
             "synth/position_direction": (world.position_direction,
-                                         {"description": "unit direction carrying token position / 256"}),
+                                         {"description": f"unit direction carrying token position / {POSITION_SCALE:g}"}),
         },
     )
     with writer:

@@ -1,0 +1,147 @@
+"""Probes on synthetic stores with a planted truth, through the library and the CLI."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tribunal.cli import main
+from tribunal.errors import TribunalError
+from tribunal.probes import directions as dirs
+from tribunal.probes.run import probe_tokens, probe_trajectory
+from tribunal.probes.trajectory import load_trajectory_data, make_probe, ungrouped_auroc
+from tribunal.store import open_store
+from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
+
+FAST = dict(n_boot=300, permutations=20, progress=False)
+
+
+def synth(path, **kw):
+    settings = dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120), signal=0.8)
+    settings.update(kw)
+    write_synthetic_store(path, SynthSettings(**settings), progress=False)
+    return path
+
+
+def planted(path):
+    with open_store(path) as store:
+        return store.shards[0].file["synth/direction"][:], json.loads(store.attrs["synth"]) if isinstance(
+            store.attrs["synth"], str) else store.attrs["synth"]
+
+
+def cell(result, layer, agg):
+    return next(c for c in result["result"]["cells"] if c["layer"] == layer and c["aggregation"] == agg)
+
+
+def test_planted_direction_is_recovered(tmp_path):
+    path = synth(tmp_path / "s.h5", traces=1200, problems=300)
+    out = probe_trajectory(path, tmp_path / "out", aggregations=("mean", "last"), **FAST)
+    w, truth = planted(path)
+    c = cell(out, 4, "mean")
+    assert abs(np.dot(c["direction"], w)) > 0.9
+    lo, hi = c["metrics"]["auroc"]["ci"]
+    assert lo <= truth["signal"] <= hi
+    assert c["beats"]["permutation"] and c["beats"]["length"] and c["beats"]["random_direction"]
+    doc = json.loads((tmp_path / "out" / "implicit_value_directions.json").read_text())
+    assert doc["provenance"]["stores"][0]["size_bytes"] > 0 and doc["trajectory"]["selection"]["method"].startswith("nested")
+    assert len(doc["trajectory"]["cells"][0]["direction"]) == 24
+    for name in ("metrics.csv", "probe_results.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_no_signal_is_not_significant(tmp_path):
+    path = synth(tmp_path / "s.h5", signal=0.5)
+    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    c = cell(out, 4, "mean")
+    lo, hi = c["metrics"]["auroc"]["ci"]
+    assert lo <= 0.5 <= hi
+    assert c["permutation_p"] > 0.05 and not c["beats"]["permutation"]
+    assert "not significant" in out["summary"]
+
+
+def test_problem_leak_grouped_stays_near_chance_ungrouped_does_not(tmp_path):
+    path = synth(tmp_path / "s.h5", traces=400, problems=40, signal=0.5, problem_leak=0.95, d_model=64)
+    with open_store(path) as store:
+        data = load_trajectory_data(store, [4], ("mean",))
+    leaky = ungrouped_auroc(data, (4, "mean"))
+    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    grouped = cell(out, 4, "mean")["metrics"]["auroc"]
+    assert leaky > 0.85, leaky
+    assert grouped["value"] < 0.65 and grouped["ci"][0] < 0.5 + 0.1
+
+
+def test_length_confound_is_reported(tmp_path):
+    path = synth(tmp_path / "s.h5", signal=0.5, length_confound=0.6)
+    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    c = cell(out, 4, "mean")
+    assert c["baselines"]["length"]["auroc"]["value"] > 0.75
+    assert abs(c["metrics"]["auroc"]["value"] - c["baselines"]["length"]["auroc"]["value"]) < 0.1
+    assert not c["beats"]["length"]
+    assert "does NOT beat the trace-length baseline" in out["summary"]
+
+
+def test_directions_round_trip_through_score(tmp_path):
+    path = synth(tmp_path / "s.h5", traces=120, problems=30)
+    probe_trajectory(path, tmp_path / "out", layers=[2], aggregations=("mean",), **FAST)
+    csv_path = tmp_path / "scores.csv"
+    result = CliRunner().invoke(main, ["score", str(tmp_path / "out"), str(path), "--out", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    doc = dirs.load(tmp_path / "out")
+    c = dirs.pick_cell(doc)
+    with open_store(path) as store:
+        data = load_trajectory_data(store, [2], ("mean",))
+        model = make_probe().fit(data.features[(2, "mean")], data.y)
+        expected = model.decision_function(data.features[(2, "mean")])
+        rows = list(csv.DictReader(open(csv_path)))
+        assert len(rows) == store.n_tokens
+    per_trace = {}
+    for r in rows:
+        if r["is_generated"] == "1":
+            per_trace.setdefault(int(r["trace"]), []).append(float(r["logit"]))
+    got = np.array([np.mean(per_trace[t]) for t in data.trace_index])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert c["layer"] == 2
+
+
+def test_token_probe_memory_bound_and_outputs(tmp_path):
+    path = synth(tmp_path / "s.h5", traces=200, problems=50, signal=0.85)
+    out = probe_tokens(path, tmp_path / "out", layer=4, memory_bytes=400 << 20, n_boot=100)
+    lda = out["token"]["directions"]["lda"]
+    assert lda["auroc"]["value"] > 0.7 and len(lda["auroc_by_position"]) == 10
+    w, _ = planted(path)
+    assert abs(np.dot(lda["direction"], w)) > 0.9
+    assert (tmp_path / "out" / "token_probe.png").stat().st_size > 0
+    with pytest.raises(TribunalError, match="too small"):
+        probe_tokens(path, tmp_path / "out2", layer=4, memory_bytes=64 << 20)
+
+
+def test_bad_input(tmp_path):
+    one = synth(tmp_path / "one.h5", traces=40, problems=10)
+    runner = CliRunner()
+    r = runner.invoke(main, ["probe", "trajectory", str(one), "--out", str(tmp_path / "o"), "--layers", "3", "--quiet"])
+    assert r.exit_code == 1 and "layer(s) [3] are not in the store" in r.output
+    few = synth(tmp_path / "few.h5", traces=12, problems=3)
+    r = runner.invoke(main, ["probe", "trajectory", str(few), "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 1 and "too few for 5-fold" in r.output
+    other = tmp_path / "wide.h5"
+    synth(other, traces=40, problems=10, d_model=32)
+    probe_trajectory(one, tmp_path / "o", layers=[2], aggregations=("mean",), **FAST)
+    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(other), "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and "d_model 24, the store 32" in r.output
+    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(one), "--layer", "4", "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and "no direction for layer 4" in r.output
+
+
+def test_one_class_only(tmp_path):
+    from tribunal.probes import evaluation as ev
+
+    with pytest.raises(TribunalError, match="only one class"):
+        ev.grouped_folds(np.ones(20, int), np.arange(20) // 2, 5)
+
+
+def test_shards_read_together(tmp_path):
+    synth(tmp_path / "a.h5", traces=200, problems=50, seed=1)
+    out = probe_trajectory(str(tmp_path / "a.h5"), tmp_path / "o", layers=[4], aggregations=("mean",), **FAST)
+    assert out["document"]["provenance"]["traces"] == 200

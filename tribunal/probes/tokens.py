@@ -1,0 +1,167 @@
+"""Per-token probes fit out of core: every generated token labelled with its trace's outcome.
+
+Two sequential passes over one layer, in blocks sized from a memory budget:
+  1. on the training problems, exact streaming class sums, counts and the pooled
+     scatter matrix -> the LDA direction (shrinkage-regularized) and the
+     mass-mean direction (difference of class means);
+  2. on the held-out problems, each token's projection; then ROC-AUC by
+     relative position in the trace (how early does the signal tell?) and mean
+     projection curves for correct and incorrect traces with 95% bands.
+Peak memory is the blocks plus d_model^2 floats, never the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TribunalError
+from ..store.reader import Store
+from . import evaluation as ev
+
+N_BINS = 10
+
+
+def block_bytes_for(memory_bytes: int, d_model: int, dtype_bytes: int) -> int:
+    """Stored bytes per block so that everything fits in memory_bytes.
+
+    Two stored blocks are in flight (reader thread), each decoded to float64 work arrays once (x8/itemsize),
+    beside d^2 float64 scatter and ~160 MB of interpreter, numpy, h5py and scikit-learn.
+    """
+    fixed = 160 << 20
+    fixed += 3 * d_model * d_model * 8
+    room = memory_bytes - fixed
+    per_stored_byte = 2 + 8 / dtype_bytes * 2
+    if room <= 0:
+        raise TribunalError(f"--memory {memory_bytes >> 20} MB is too small for d_model {d_model}: give at least "
+                            f"{(fixed >> 20) + 32} MB")
+    return max(1 << 20, int(room / per_stored_byte))
+
+
+def split_problems(groups, test_fraction: float, seed: int):
+    """Held-out problems (all their samples) for testing; the rest for fitting."""
+    uniq = np.unique(groups)
+    if len(uniq) < 4:
+        raise TribunalError(f"{len(uniq)} problems are too few for a problem-grouped held-out split (need 4+)")
+    rng = np.random.default_rng(seed)
+    test = rng.choice(uniq, max(1, int(round(len(uniq) * test_fraction))), replace=False)
+    return np.isin(groups, test)
+
+
+def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_fraction: float = 0.25,
+                    seed: int = 0, shrinkage: float = 1e-2, n_boot: int = 500) -> dict:
+    """Fit LDA and mass-mean directions on training problems' tokens; evaluate on held-out problems."""
+    layer = store.check_layers([layer])[0]
+    labels = store.labels
+    graded = np.isin(labels, ["correct", "incorrect"])
+    y_trace = (labels == "correct").astype(int)
+    groups = store.table["problem_id"].astype(np.int64)
+    if len(np.unique(y_trace[graded])) < 2:
+        raise TribunalError("a token probe needs both correct and incorrect traces")
+    is_test = split_problems(groups[graded], test_fraction, seed)
+    test_trace = np.zeros(store.n_traces, bool)
+    test_trace[np.flatnonzero(graded)[is_test]] = True
+    train_trace = graded & ~test_trace
+    if len(np.unique(y_trace[test_trace])) < 2 or len(np.unique(y_trace[train_trace])) < 2:
+        raise TribunalError("the held-out split has one class on a side; generate more problems")
+    d = store.d_model
+    block = block_bytes_for(memory_bytes, d, 2 if store.dtype != "float32" else 4)
+
+    sums = np.zeros((2, d))
+    counts = np.zeros(2)
+    scatter = np.zeros((d, d))
+    for rows, trace_of_row, rel in _generated_rows(store, layer, block, train_trace):
+        x = rows.astype(np.float64)
+        lab = y_trace[trace_of_row]
+        for c in (0, 1):
+            sel = lab == c
+            if sel.any():
+                sums[c] += x[sel].sum(0)
+                counts[c] += sel.sum()
+        scatter += x.T @ x
+    means = sums / counts[:, None]
+    total = counts.sum()
+    # pooled within-class covariance from the raw scatter
+    within = (scatter - sum(counts[c] * np.outer(means[c], means[c]) for c in (0, 1))) / (total - 2)
+    ridge = shrinkage * np.trace(within) / d
+    lda = np.linalg.solve(within + ridge * np.eye(d), means[1] - means[0])
+    mass_mean = means[1] - means[0]
+    directions = {"lda": lda / np.linalg.norm(lda), "mass_mean": mass_mean / np.linalg.norm(mass_mean)}
+    midpoint = (means[0] + means[1]) / 2
+
+    # pass 2: held-out projections, aggregated per (trace, position bin) on the fly
+    n_traces = store.n_traces
+    result = {}
+    proj_sums = {k: np.zeros((n_traces, N_BINS)) for k in directions}
+    proj_counts = np.zeros((n_traces, N_BINS))
+    token_scores = {k: [] for k in directions}
+    token_labels, token_bins, token_groups = [], [], []
+    for rows, trace_of_row, rel in _generated_rows(store, layer, block, test_trace):
+        centered = rows.astype(np.float64) - midpoint
+        bins = np.minimum((rel * N_BINS).astype(int), N_BINS - 1)
+        np.add.at(proj_counts, (trace_of_row, bins), 1)
+        for k, u in directions.items():
+            p = centered @ u
+            np.add.at(proj_sums[k], (trace_of_row, bins), p)
+            token_scores[k].append(p.astype(np.float32))
+        token_labels.append(y_trace[trace_of_row].astype(np.int8))
+        token_bins.append(bins.astype(np.int8))
+        token_groups.append(groups[trace_of_row])
+    y_tok = np.concatenate(token_labels)
+    bins_tok = np.concatenate(token_bins)
+    groups_tok = np.concatenate(token_groups)
+    test_idx = np.flatnonzero(test_trace)
+    for k, u in directions.items():
+        s = np.concatenate(token_scores[k])
+        overall = ev.bootstrap(y_tok, {"p": s}, groups_tok, n_boot, seed)["p"]["auroc"]
+        by_bin = []
+        for b in range(N_BINS):
+            sel = bins_tok == b
+            auc = ev.bootstrap(y_tok[sel], {"p": s[sel]}, groups_tok[sel], max(100, n_boot // 5), seed)["p"]["auroc"] \
+                if len(np.unique(y_tok[sel])) == 2 else {"value": float("nan"), "ci": [float("nan")] * 2}
+            by_bin.append(auc)
+        per_trace = proj_sums[k][test_idx] / np.maximum(proj_counts[test_idx], 1)
+        have = proj_counts[test_idx] > 0
+        curves = {}
+        for name, c in (("correct", 1), ("incorrect", 0)):
+            rows_c = y_trace[test_idx] == c
+            mean, lo, hi = [], [], []
+            for b in range(N_BINS):
+                vals = per_trace[rows_c & have[:, b], b]
+                m = float(vals.mean()) if len(vals) else float("nan")
+                half = float(1.96 * vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+                mean.append(m), lo.append(m - half), hi.append(m + half)
+            curves[name] = {"mean": mean, "lower": lo, "upper": hi}
+        result[k] = {"direction": u.tolist(), "auroc": overall, "auroc_by_position": by_bin, "projection_curves": curves}
+    return {
+        "layer": layer, "method": "streaming class means and pooled covariance (LDA with shrinkage) and mass-mean",
+        "midpoint": midpoint.tolist(), "shrinkage": shrinkage, "position_bins": N_BINS,
+        "relative_position": "token's index among the trace's generated tokens / their count",
+        "train_problems": int(len(np.unique(groups[train_trace]))), "test_problems": int(len(np.unique(groups[test_trace]))),
+        "train_tokens": int(total), "test_tokens": int(len(y_tok)), "memory_bytes": int(memory_bytes),
+        "block_bytes": int(block), "directions": result,
+    }
+
+
+def _generated_rows(store: Store, layer: int, block_bytes: int, use_trace):
+    """(rows, trace index per row, relative position per row) for generated tokens of the chosen traces."""
+    table = store.table
+    starts = table["token_start"].astype(np.int64)
+    ends = table["token_end"].astype(np.int64)
+    gen_start = starts + table["prompt_length"].astype(np.int64)
+    for s, first, block in store.iter_blocks(layer, block_bytes):
+        lo, hi = store.trace_offsets[s], store.trace_offsets[s + 1]
+        last = first + len(block)
+        local = np.arange(lo, hi)[(starts[lo:hi] < last) & (ends[lo:hi] > first) & use_trace[lo:hi]]
+        if not len(local):
+            continue
+        pieces, owners, rels = [], [], []
+        for t in local.tolist():
+            a, b = max(gen_start[t], first), min(ends[t], last)
+            if a >= b:
+                continue
+            pieces.append(np.arange(a, b) - first)
+            owners.append(np.full(b - a, t))
+            rels.append((np.arange(a, b) - gen_start[t]) / max(ends[t] - gen_start[t], 1))
+        if pieces:
+            idx = np.concatenate(pieces)
+            yield block[idx], np.concatenate(owners), np.concatenate(rels)

@@ -1,0 +1,188 @@
+"""Trajectory-level probes: one standardized logistic regression per (layer, aggregation), honestly evaluated.
+
+For every cell the probe and its baselines are scored on the same problem-grouped
+folds: majority class, trace length alone, output confidence (mean log-prob and
+entropy of the generated tokens), a random direction, and a grouped permutation
+test. The best cell is chosen by nested cross-validation, so the headline number
+never saw its own test fold. Reads each layer dataset once, sequentially.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+from ..errors import TribunalError
+from ..store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES, Store
+from . import evaluation as ev
+
+LABEL_POSITIVE = "correct"
+BASELINES = ("majority", "length", "confidence", "random_direction")
+
+
+def make_probe(C: float = 1.0):
+    """The probe: standardize, then L2 logistic regression (scikit-learn, no hidden state)."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+
+@dataclass
+class TrajectoryData:
+    """Per-trace features and labels of the graded traces (unparsed ones are left out)."""
+
+    y: np.ndarray
+    groups: np.ndarray
+    trace_index: np.ndarray
+    lengths: np.ndarray
+    confidence: np.ndarray | None
+    features: dict = field(default_factory=dict)  # (layer, aggregation) -> (n, d_model) float32
+    k: int = 10
+
+
+def load_trajectory_data(store: Store, layers=None, aggregations=AGGREGATIONS, k: int = 10,
+                         block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> TrajectoryData:
+    layers = store.check_layers(layers)
+    labels = store.labels
+    keep = np.flatnonzero(np.isin(labels, ["correct", "incorrect"]))
+    if len(keep) == 0:
+        raise TribunalError("the store has no graded (correct/incorrect) traces to probe")
+    y = (labels[keep] == LABEL_POSITIVE).astype(int)
+    data = TrajectoryData(y=y, groups=store.table["problem_id"][keep].astype(np.int64), trace_index=keep,
+                          lengths=store.generated_lengths[keep].astype(float), confidence=_confidence(store, keep), k=k)
+    for layer in tqdm(layers, desc="aggregating layers", disable=not progress):
+        aggs = store.aggregate(layer, aggregations, k, block_bytes)
+        for name, values in aggs.items():
+            data.features[(layer, name)] = values[keep]
+    return data
+
+
+def _confidence(store: Store, keep) -> np.ndarray | None:
+    """(mean log-prob, mean entropy) of each trace's generated tokens, or None when the store lacks them."""
+    out = np.full((store.n_traces, 2), np.nan)
+    for s, shard in enumerate(store.shards):
+        if shard.n_tokens == 0:
+            continue
+        logprob, entropy = shard.token_array("logprob"), shard.token_array("entropy")
+        gen = shard.token_array("is_generated")
+        lo = store.trace_offsets[s]
+        for j, row in enumerate(shard.table):
+            a, b = int(row["token_start"]), int(row["token_end"])
+            g = gen[a:b]
+            if g.any():
+                out[lo + j] = [np.nanmean(logprob[a:b][g]), np.nanmean(entropy[a:b][g])]
+    out = out[keep]
+    return None if np.isnan(out).all() else np.nan_to_num(out, nan=np.nanmean(out, axis=0))
+
+
+def cv_predict(make_model, X, y, folds) -> np.ndarray:
+    """Out-of-fold probabilities of the positive class."""
+    prob = np.zeros(len(y))
+    for train, test in folds:
+        model = make_model().fit(X[train], y[train])
+        prob[test] = model.predict_proba(X[test])[:, 1]
+    return prob
+
+
+def baseline_scores(data: TrajectoryData, folds, seed: int) -> dict:
+    """Out-of-fold probabilities of each baseline on the given folds."""
+    y = data.y
+    # one constant score: AUROC 0.5 by definition, accuracy = the majority class's share
+    out = {"majority": np.full(len(y), 0.5 + (1e-9 if y.mean() >= 0.5 else -1e-9))}
+    out["length"] = cv_predict(lambda: make_probe(), np.log1p(data.lengths)[:, None], y, folds)
+    if data.confidence is not None:
+        out["confidence"] = cv_predict(lambda: make_probe(), data.confidence, y, folds)
+    return out
+
+
+def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(X.shape[1])
+    return cv_predict(lambda: make_probe(), (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
+
+
+def direction_of(model, X_mean=None) -> dict:
+    """The fitted probe as a direction in the original activation space: logit = norm * (u . x) + bias."""
+    scaler, logistic = model[0], model[-1]
+    coef = logistic.coef_[0] / scaler.scale_
+    bias = float(logistic.intercept_[0] - np.sum(logistic.coef_[0] * scaler.mean_ / scaler.scale_))
+    norm = float(np.linalg.norm(coef))
+    return {"direction": (coef / norm).tolist(), "weight_norm": norm, "bias": bias,
+            "scaler_mean": scaler.mean_.tolist(), "scaler_scale": scaler.scale_.tolist(),
+            "coef_standardized": logistic.coef_[0].tolist(), "intercept_standardized": float(logistic.intercept_[0])}
+
+
+def evaluate_cells(data: TrajectoryData, folds: int = 5, seed: int = 0, n_boot: int = 1000, permutations: int = 50,
+                   C: float = 1.0, progress: bool = False) -> dict:
+    """Every cell scored beside every baseline on the same folds; nested selection of the best cell."""
+    y, groups = data.y, data.groups
+    outer = ev.grouped_folds(y, groups, folds, seed)
+    base = baseline_scores(data, outer, seed)
+    rng = np.random.default_rng(seed)
+    cells = []
+    for (layer, agg), X in tqdm(sorted(data.features.items()), desc="probing cells", disable=not progress):
+        prob = cv_predict(lambda: make_probe(C), X, y, outer)
+        scores = {"probe": prob, **base, "random_direction": random_direction_scores(X, y, outer, seed)}
+        boot = ev.bootstrap(y, scores, groups, n_boot, seed, paired_with="probe")
+        paired = boot.pop("paired_auroc_difference")
+        observed = boot["probe"]["auroc"]["value"]
+        null = [ev.metrics(perm, cv_predict(lambda: make_probe(C), X, perm, outer))["auroc"]
+                for perm in (ev.permute_problems(y, groups, rng) for _ in range(permutations))]
+        p_value = ev.permutation_pvalue(observed, null) if permutations else float("nan")
+        beats = {name: bool(d["ci"][0] > 0) for name, d in paired.items()}
+        beats["permutation"] = bool(p_value < 0.05)
+        model = make_probe(C).fit(X, y)
+        cells.append({
+            "layer": int(layer), "aggregation": agg, "k": data.k if agg == "last_k" else None,
+            "metrics": boot["probe"], "baselines": {n: boot[n] for n in scores if n != "probe"},
+            "auroc_minus_baseline": paired, "beats": beats, "permutation_p": p_value, "permutations": permutations,
+            "oof_probability": prob.tolist(), **direction_of(model),
+        })
+    selection = nested_selection(data, outer, C, seed, n_boot)
+    return {"cells": cells, "selection": selection, "folds": folds, "n_boot": n_boot,
+            "baselines_available": sorted(base) + ["random_direction", "permutation"],
+            "notes": [] if data.confidence is not None else
+            ["the store has no log-probs/entropies: the output-confidence baseline is skipped"]}
+
+
+def nested_selection(data: TrajectoryData, outer, C: float, seed: int, n_boot: int) -> dict:
+    """Choose the cell on each outer training part by inner grouped CV; score it on the untouched outer fold."""
+    y, groups = data.y, data.groups
+    prob = np.zeros(len(y))
+    chosen = []
+    for train, test in outer:
+        inner_k = min(len(outer) - 1, len(np.unique(groups[train])))
+        inner = ev.grouped_folds(y[train], groups[train], max(2, inner_k), seed + 1)
+        best, best_auc = None, -1.0
+        for key, X in sorted(data.features.items()):
+            auc = ev.metrics(y[train], cv_predict(lambda: make_probe(C), X[train], y[train], inner))["auroc"]
+            if auc > best_auc:
+                best, best_auc = key, auc
+        chosen.append(best)
+        model = make_probe(C).fit(data.features[best][train], y[train])
+        prob[test] = model.predict_proba(data.features[best][test])[:, 1]
+    counts = {}
+    for layer, agg in chosen:
+        counts[f"{layer}/{agg}"] = counts.get(f"{layer}/{agg}", 0) + 1
+    top = max(counts, key=counts.get)
+    layer, agg = top.split("/")
+    return {
+        "method": f"nested problem-grouped CV: {len(outer)} outer folds, each choosing the cell by inner grouped CV "
+                  "on its training problems only",
+        "chosen": {"layer": int(layer), "aggregation": agg},
+        "chosen_per_fold": counts,
+        "nested_metrics": ev.bootstrap(y, {"probe": prob}, groups, n_boot, seed)["probe"],
+        "calibration": ev.calibration(y, prob),
+        "oof_probability": prob.tolist(),
+    }
+
+
+def ungrouped_auroc(data: TrajectoryData, key, folds: int = 5, seed: int = 0, C: float = 1.0) -> float:
+    """The leaky estimate (samples of a problem on both sides): for showing what grouping prevents."""
+    from sklearn.model_selection import StratifiedKFold
+
+    split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.y, data.y))
+    return ev.metrics(data.y, cv_predict(lambda: make_probe(C), data.features[key], data.y, split))["auroc"]
