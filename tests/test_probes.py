@@ -145,3 +145,19 @@ def test_shards_read_together(tmp_path):
     synth(tmp_path / "a.h5", traces=200, problems=50, seed=1)
     out = probe_trajectory(str(tmp_path / "a.h5"), tmp_path / "o", layers=[4], aggregations=("mean",), **FAST)
     assert out["document"]["provenance"]["traces"] == 200
+
+
+def test_run_end_to_end_on_the_embedded_default(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
+    assert result.exit_code == 0, result.output
+    for name in ("store.h5", "implicit_value_directions.json", "metrics.csv", "probe_results.png", "token_probe.png",
+                 "report.md"):
+        assert (run / name).stat().st_size > 0, name
+    report = (run / "report.md").read_text()
+    assert "![probe results](probe_results.png)" in report and "![token probe](token_probe.png)" in report
+    assert "nested, problem-grouped CV" in report
+    doc = dirs.load(run)
+    assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
+    again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
+    assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice

@@ -160,34 +160,44 @@ def load_config_file(ctx, param, value):
     return value
 
 
+def generator_options(func):
+    """The generator's options, shared by `generate` and `run`."""
+    options = [
+        click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file, is_eager=True,
+                     expose_value=False, help="YAML or TOML file with these options' keys; the command line wins."),
+        click.option("--model", default=None, help="Hugging Face id or local path (default: the embedded model)."),
+        click.option("--revision", default=None, help="Model revision on the hub (commit, tag, branch)."),
+        click.option("--dataset", default=None, help="Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems)."),
+        click.option("--split", default="test", show_default=True),
+        click.option("--layers", default=None, help="e.g. 12,16,20 or 10-20 or all (default: the study's middle layers, scaled)."),
+        click.option("--temperature", default=1.0, show_default=True),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--max-new-tokens", default=512, show_default=True),
+        click.option("--samples-per-problem", default=4, show_default=True),
+        click.option("--batch-size", default=16, show_default=True),
+        click.option("--target-correct", default=50, show_default=True, help="Stop storing correct traces after this many."),
+        click.option("--target-incorrect", default=50, show_default=True, help="Stop storing incorrect traces after this many."),
+        click.option("--max-problems", default=200, show_default=True, help="Try at most this many problems (all shards together)."),
+        click.option("--keep-all", is_flag=True, help="Store every trace, even past the targets."),
+        click.option("--shard", default="0/1", show_default=True, help="i/N: take problems whose index = i (mod N)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
+                     help="Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16."),
+        click.option("--compute-dtype", default="auto", show_default=True, help="Model dtype: auto, float32, bfloat16, float16."),
+        click.option("--device-map", default=None, help="auto, cpu, cuda, or a JSON map / .json file (accelerate)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own code (off by default)."),
+        click.option("--prompt-template", default=None, help="Prompt with {question}; default R1-style for chat models."),
+        click.option("--chat-template/--no-chat-template", default=None, help="Use the tokenizer's chat template (default: if it has one)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command()
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file, is_eager=True,
-              expose_value=False, help="YAML or TOML file with these options' keys; the command line wins.")
 @click.option("--out", required=True, help="Store file to write (resumed if it exists).")
-@click.option("--model", default=None, help="Hugging Face id or local path (default: the embedded model).")
-@click.option("--revision", default=None, help="Model revision on the hub (commit, tag, branch).")
-@click.option("--dataset", default=None, help="Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--layers", default=None, help="e.g. 12,16,20 or 10-20 or all (default: the study's middle layers, scaled).")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--max-new-tokens", default=512, show_default=True)
-@click.option("--samples-per-problem", default=4, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--target-correct", default=50, show_default=True, help="Stop storing correct traces after this many.")
-@click.option("--target-incorrect", default=50, show_default=True, help="Stop storing incorrect traces after this many.")
-@click.option("--max-problems", default=200, show_default=True, help="Try at most this many problems (all shards together).")
-@click.option("--keep-all", is_flag=True, help="Store every trace, even past the targets.")
-@click.option("--shard", default="0/1", show_default=True, help="i/N: take problems whose index = i (mod N).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
-              help="Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16.")
-@click.option("--compute-dtype", default="auto", show_default=True, help="Model dtype: auto, float32, bfloat16, float16.")
-@click.option("--device-map", default=None, help="auto, cpu, cuda, or a JSON map / .json file (accelerate).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own code (off by default).")
-@click.option("--prompt-template", default=None, help="Prompt with {question}; default R1-style for chat models.")
-@click.option("--chat-template/--no-chat-template", default=None, help="Use the tokenizer's chat template (default: if it has one).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@generator_options
 @user_errors
 def generate(quiet, **options):
     """Sample and grade traces; stream per-token activations of the target layers into --out.
@@ -200,6 +210,32 @@ def generate(quiet, **options):
     click.echo(format_summary(summary))
     if summary["status"] == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+
+
+@main.command()
+@click.option("--out", required=True, help="Run folder: store.h5, directions, plots, report.md.")
+@generator_options
+@click.option("--folds", default=5, show_default=True, help="Probe CV folds.")
+@click.option("--permutations", default=50, show_default=True, help="Grouped permutations per cell.")
+@click.option("--memory", default="1G", show_default=True, help="Memory budget of the token probe.")
+@user_errors
+def run(out, quiet, folds, permutations, memory, **options):
+    """The main job: generate (the embedded default when no model is given), both probes, report.md, in OUT.
+
+    Rerunning resumes the generation. Exit 75 when interrupted (rerun to resume).
+    """
+    from .report.run import run_pipeline
+
+    result = run_pipeline(out, options, {"folds": folds, "permutations": permutations,
+                                         "memory_bytes": parse_memory(memory)}, progress=not quiet)
+    from .traces.generate import EXIT_INTERRUPTED, format_summary
+
+    click.echo(format_summary(result["generate"]))
+    if result["generate"]["status"] != "done":
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(result["trajectory"])
+    click.echo(result["tokens"])
+    click.echo(f"report: {out}/report.md")
 
 
 # -- probes ------------------------------------------------------------------------------------
