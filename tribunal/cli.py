@@ -17,6 +17,13 @@ from . import __version__
 from .errors import TribunalError
 
 
+def show_progress_log():
+    """The library logs resumes, repairs and OOM retries; show them on stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[tribunal %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
 def user_errors(func):
     """Turn TribunalError (and HDF5/OS errors on user paths) into one-line click errors."""
 
@@ -206,6 +213,7 @@ def generate(quiet, **options):
     """
     from .traces.generate import EXIT_INTERRUPTED, GenerateConfig, format_summary, run_generation
 
+    show_progress_log()
     summary = run_generation(GenerateConfig(progress=not quiet, **options))
     click.echo(format_summary(summary))
     if summary["status"] == "interrupted":
@@ -236,6 +244,76 @@ def run(out, quiet, folds, permutations, memory, **options):
     click.echo(result["trajectory"])
     click.echo(result["tokens"])
     click.echo(f"report: {out}/report.md")
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Merged store file to write (an interrupted merge resumes).")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def merge(shards, out, quiet):
+    """Copy the committed traces of SHARDS (files or globs) into one self-contained store."""
+    from .store.merge import merge_stores
+
+    result = merge_stores(shards, out, progress=not quiet)
+    click.echo(f"merged {result['shards']} shards into {out}: {result['traces']} traces, {result['tokens']} tokens")
+
+
+# -- cluster -----------------------------------------------------------------------------------
+
+
+@main.group()
+def slurm():
+    """Run the generator as an sbatch array (one shard per task) and the probes after it."""
+
+
+@slurm.command("submit")
+@click.option("--run-dir", required=True, help="Run folder: shards, logs, filled sbatch scripts, probes.")
+@click.option("--shards", default=4, show_default=True, help="Array tasks (one store shard each).")
+@click.option("--model", default=None)
+@click.option("--dataset", default=None)
+@click.option("--split", default="test", show_default=True)
+@click.option("--layers", default=None)
+@click.option("--target-correct", default=50, show_default=True)
+@click.option("--target-incorrect", default=50, show_default=True)
+@click.option("--max-problems", default=200, show_default=True)
+@click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Per-task time limit.")
+@click.option("--partition", default=None)
+@click.option("--gpus", default=1, show_default=True, help="GPUs per task (0 for CPU).")
+@click.option("--cpus", default=4, show_default=True)
+@click.option("--mem", default=None, help="Memory per task, e.g. 64G.")
+@click.option("--setup", multiple=True, help="A shell line to run first (module load ..., source venv/bin/activate).")
+@click.option("--max-requeues", default=5, show_default=True)
+@click.option("--probe-time", default="02:00:00", show_default=True)
+@click.option("--probe-memory", default="8G", show_default=True)
+@click.option("--generate-arg", "generate_args", multiple=True, help="Extra `tribunal generate` argument (repeat).")
+@click.option("--probe-arg", "probe_args", multiple=True, help="Extra `tribunal probe trajectory` argument (repeat).")
+@click.option("--submit", "do_submit", is_flag=True, help="Submit both jobs (else only print the commands).")
+@user_errors
+def slurm_submit(run_dir, time_limit, setup, generate_args, probe_args, do_submit, **options):
+    """Fill slurm/generate.sbatch and slurm/probe.sbatch into RUN/slurm/, print the sbatch commands, optionally submit."""
+    from .cluster.slurm import SubmitConfig, commands, submit, write_scripts
+
+    cfg = SubmitConfig(run_dir=run_dir, time=time_limit, setup=list(setup), generate_args=list(generate_args),
+                       probe_args=list(probe_args), **options)
+    gen, probe_script = write_scripts(cfg)
+    for line in commands(gen, probe_script):
+        click.echo(line)
+    if do_submit:
+        jobs = submit(gen, probe_script)
+        click.echo(f"submitted: generate array {jobs['generate']}, probe {jobs['probe']} (after the array succeeds)")
+
+
+@slurm.command("status")
+@click.argument("run_dir")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def slurm_status(run_dir, as_json):
+    """A table of RUN_DIR's shards: traces by label, tokens, size, live writer, requeues, queue state."""
+    from .cluster.slurm import format_status, shard_status
+
+    rows = shard_status(run_dir)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_status(rows))
 
 
 # -- probes ------------------------------------------------------------------------------------

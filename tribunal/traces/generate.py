@@ -202,6 +202,10 @@ def run_generation(config: GenerateConfig) -> dict:
         counts = writer.label_counts()
         tried = writer.problems_done()
         done_pairs = writer.done_keys()
+        if writer.n_traces or tried:
+            log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, writer.n_traces,
+                     ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
+                     f"; repaired: {'; '.join(writer.repairs)}" if writer.repairs else "")
         todo = [p for p in mine if p.problem_id not in tried]
         pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
         last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}

@@ -1,0 +1,87 @@
+"""`tribunal merge`: many shards of one run -> one store file, by copy through the store writer.
+
+A copy, not HDF5 virtual datasets: the merged file is self-contained (it survives the shards being
+moved, archived or deleted, where a virtual dataset silently reads fill values once its sources
+move), it is written with the same commit protocol (an interrupted merge resumes), and it passes
+the same `verify`. Reading shards together needs no merge at all: every reader takes globs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import StoreError
+from . import format as fmt
+from .reader import open_store
+from .writer import StoreWriter, TraceRecord
+
+BATCH_TOKENS = 1 << 16
+
+
+def merge_stores(shards, out, progress: bool = True) -> dict:
+    """Copy every committed trace of `shards` (files or globs) into `out`; refuses incompatible shards."""
+    out = Path(out)
+    with open_store(shards) as store:
+        if any(Path(s.path).resolve() == out.resolve() for s in store.shards):
+            raise StoreError(f"{out} is one of the shards; merge into a new file")
+        ids, counts = np.unique(store.table["trace_id"], return_counts=True)
+        if np.any(counts > 1):
+            dup = int(ids[counts > 1][0])
+            raise StoreError(f"(problem {dup >> 20}, sample {dup & 0xFFFFF}) is in more than one shard: "
+                             "these are not the shards of one run")
+        attrs = store.attrs
+        settings = attrs.get("generation_settings") or {}
+        if isinstance(settings, dict):
+            settings = {**settings, "shard": "merged"}
+        identity = fmt.StoreIdentity.from_attrs(store.shards[0].file.attrs)
+        sources = [{"path": str(s.path), "size_bytes": s.size_bytes(), "traces": s.n_traces} for s in store.shards]
+        writer = StoreWriter(
+            out, model_id=store.model_id, model_revision=attrs.get("model_revision", "unknown"), layers=store.layers,
+            d_model=store.d_model, dtype=store.dtype, generation_settings=settings,
+            dataset_id=attrs.get("dataset_id", ""), dataset_split=attrs.get("dataset_split", ""),
+            seed=int(attrs.get("seed", 0)), chunk_tokens=int(attrs["chunk_tokens"]),
+            resume_identity={k: v for k, v in identity.extra.items() if k != "shard"} | {"merged_from": len(sources)},
+            description=f"Merge of {len(sources)} shards of one tribunal run (tribunal merge); sources in attr merged_from.",
+            extra_attrs={"merged_from": json.dumps(sources)},
+        )
+        with writer:
+            done = writer.done_keys()
+            batch, batch_tokens = [], 0
+            for i in tqdm(range(store.n_traces), desc="merge", unit="trace", disable=not progress):
+                row = store.table[i]
+                if (int(row["problem_id"]), int(row["sample_index"])) in done:
+                    continue
+                batch.append(_record(store, i))
+                batch_tokens += batch[-1].n_tokens
+                if batch_tokens >= BATCH_TOKENS:
+                    writer.append(batch)
+                    batch, batch_tokens = [], 0
+            writer.append(batch)
+            have = writer.problems_done()
+            problems = sorted(p for p in set().union(*(_problems_done(s) for s in store.shards)) if p[0] not in have)
+            if problems:
+                writer.append([], problems_done=problems)
+            return {"out": str(out), "traces": writer.n_traces, "tokens": writer.n_tokens, "shards": len(sources)}
+
+
+def _record(store, i: int) -> TraceRecord:
+    shard = store.shards[int(store.shard_of_trace[i])]
+    t = store.trace(i)
+    row = store.table[i]
+    start, end = int(row["token_start"]), int(row["token_end"])
+    words = np.stack([shard.read_rows(layer, start, end) for layer in store.layers])
+    gen = t.is_generated
+    return TraceRecord(
+        problem_id=t.problem_id, sample_index=t.sample_index, token_ids=t.token_ids, prompt_length=t.prompt_length,
+        activations=words, label=t.label, text=t.text, predicted=t.predicted, gold=t.gold,
+        finish_reason=t.finish_reason, logprobs=t.logprobs[gen], entropies=t.entropies[gen], seed=int(row["seed"]),
+    )
+
+
+def _problems_done(shard) -> set:
+    rows = shard.file[fmt.PROBLEMS][: shard.committed["problems"]]
+    return {(int(p), int(s)) for p, s in zip(rows["problem_id"], rows["samples"])}
