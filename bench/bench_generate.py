@@ -4,8 +4,8 @@
 
 1. Generated tokens per second with capture and store (the real `run_generation`
    path: hooks, host copies, writer thread, HDF5) against the same generation
-   without capture (same model, prompts, seeds, batch size), interleaved rounds,
-   medians. On CPU with the embedded model; pass --model/--device-map on a GPU.
+   without capture and store (same model, prompts, seeds, batch size; prompt
+   building, decoding and grading in both), interleaved rounds, medians. On CPU with the embedded model; pass --model/--device-map on a GPU.
 2. Peak RSS of `tribunal generate --keep-all` in a subprocess for N and 10N traces.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tribunal.grading import grade  # noqa: E402
 from tribunal.problems.loading import build_prompt, load_problems  # noqa: E402
 from tribunal.traces.generate import GenerateConfig, run_generation  # noqa: E402
 from tribunal.traces.models import load_model  # noqa: E402
@@ -28,17 +29,19 @@ from tribunal.traces.sampling import SamplingSettings, sample_batch, trace_seed 
 
 
 def baseline_rate(model_id, device_map, problems, samples, batch_size, max_new):
-    """The same sampling loop with no hooks and no store."""
+    """The same generation (prompts, sampling loop, decoding, grading) with no hooks and no store."""
     model, tok = load_model(model_id, device_map=device_map)
     pairs = [(p, s) for p in problems for s in range(samples)]
-    prompts = {p.problem_id: build_prompt(tok, p.question) for p in problems}
     eos = {tok.eos_token_id}
     settings = SamplingSettings(1.0, 1.0, max_new)
     t0, n = time.perf_counter(), 0
+    prompts = {p.problem_id: build_prompt(tok, p.question) for p in problems}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         out = sample_batch(model, None, [prompts[p.problem_id] for p, _ in chunk],
                            [trace_seed(0, p.problem_id, s) for p, s in chunk], settings, eos, tok.pad_token_id)
+        for (p, _), t in zip(chunk, out):
+            grade(tok.decode([x for x in t.generated_ids if x not in eos]), p.gold, finished=t.finished)
         n += sum(len(t.generated_ids) for t in out)
     return n / (time.perf_counter() - t0)
 
