@@ -55,8 +55,11 @@ def captured_rate(model_id, device_map, problems, samples, batch_size, max_new, 
 
 def peak_rss_mb(problems, samples, out):
     """Run the command in a fresh interpreter that reports its own peak RSS."""
-    code = ("import resource, sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
-            "except SystemExit:\n    pass\nprint('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            # VmHWM: this process's own peak. ru_maxrss would include the parent's peak (Linux keeps
+            # the high-water mark across fork + exec), i.e. the benchmark's own memory.
+            "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     args = ["generate", "--out", str(out), "--keep-all", "--quiet", "--max-problems", str(problems),
             "--samples-per-problem", str(samples)]
     done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
@@ -67,7 +70,7 @@ def peak_rss_mb(problems, samples, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--problems", type=int, default=48)
+    ap.add_argument("--problems", type=int, default=120)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)

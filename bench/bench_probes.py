@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import subprocess
@@ -51,8 +50,11 @@ def tribunal_features(path):
 
 
 def token_probe_peak_rss(path, out, memory):
-    code = ("import resource, sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
-            "except SystemExit:\n    pass\nprint('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            # VmHWM: this process's own peak. ru_maxrss would include the parent's peak (Linux keeps
+            # the high-water mark across fork + exec), i.e. the benchmark's own memory.
+            "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     args = ["probe", "tokens", str(path), "--out", str(out), "--memory", memory, "--bootstrap", "100"]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return int([x for x in done.stdout.splitlines() if x.startswith("MAXRSS")][-1].split()[1]) * 1024

@@ -43,6 +43,7 @@ class SampledTrace:
     logprobs: np.ndarray
     entropies: np.ndarray
     finished: bool  # stopped at EOS (else hit max_new_tokens)
+    ready: object = None  # call before reading `activations`: waits for the batch's device-to-host copy
 
 
 class BlockCapture:
@@ -83,6 +84,10 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
     sorted_probs = sorted_probs * keep
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def _no_wait():
+    return None
 
 
 def _cache_argument(model) -> str:
@@ -156,14 +161,17 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     ents = torch.stack(ents, dim=1).cpu().numpy()
     lengths = lengths.cpu().tolist()
     finished = finished.cpu().tolist()
-    words = None
+    words, ready = None, _no_wait
     if capture is not None:
         hidden = torch.stack([_to_storage(h, store_dtype) for h in capture.take()])  # (layers, batch, pos, d)
         if hidden.is_cuda:
+            # Asynchronous copy into pinned memory: the next batch starts on the GPU while this one
+            # travels; the writer thread waits on the event before it reads the activations.
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             host.copy_(hidden, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
-            hidden = host
+            event = torch.cuda.Event()
+            event.record()
+            hidden, ready = host, event.synchronize
         words = hidden.numpy()
         if store_dtype == "bfloat16":
             words = words.view(np.uint16)
@@ -171,9 +179,10 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     for i, p in enumerate(prompts):
         n = lengths[i]
         start = width - len(p)
+        # a view into the batch's host buffer (which it keeps alive): no copy until the store writes it
         acts = words[:, i, start : width + n] if words is not None else np.zeros((0, len(p) + n, 0), np.float16)
         traces.append(SampledTrace(
-            prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=np.ascontiguousarray(acts),
-            logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]),
+            prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=acts,
+            logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]), ready=ready,
         ))
     return traces
