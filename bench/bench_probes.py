@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import export_layers_to_npy  # noqa: E402
 
 from tribunal.probes.trajectory import load_trajectory_data  # noqa: E402
 from tribunal.store import open_store  # noqa: E402
@@ -77,15 +80,7 @@ def main():
                               progress=False)
         with open_store(path) as store:
             nbytes = store.n_tokens * per_token
-            npys = []
-            for layer in LAYERS:
-                p = work / f"layer_{layer}.npy"
-                mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(store.n_tokens, D_MODEL))
-                for _, first, block in store.iter_blocks(layer):
-                    mm[first : first + len(block)] = block
-                mm.flush()
-                del mm
-                npys.append(p)
+            npys = export_layers_to_npy(store, LAYERS, work)
             table, offsets, rows = store.table, store.trace_offsets, store.block_rows()
         print(f"# probe benchmark: store of {nbytes / 1e9:.2f} GB ({len(LAYERS)} layers x {D_MODEL} fp16, "
               f"{traces} traces), {args.rounds} rounds, warm page cache")

@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import export_layers_to_npy  # noqa: E402
 
 from tribunal.store import StoreWriter, TraceRecord, open_store  # noqa: E402
 from tribunal.store.reader import reduce_blocks  # noqa: E402
@@ -176,15 +179,7 @@ def main():
         # -- aggregate read vs memmap -------------------------------------------------------------
         with open_store(store_path) as store:
             table, offsets = store.table, store.trace_offsets
-            npys = []
-            for layer in LAYERS:
-                p = work / f"layer_{layer}.npy"
-                mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(store.n_tokens, D_MODEL))
-                for _, first, block in store.iter_blocks(layer):
-                    mm[first : first + len(block)] = block
-                mm.flush()
-                del mm
-                npys.append(p)
+            npys = export_layers_to_npy(store, LAYERS, work)
             block_rows = store.block_rows()
         block_bytes = 64 << 20
         res = {("cold", "memmap"): [], ("cold", "tribunal"): [], ("warm", "memmap"): [], ("warm", "tribunal"): []}

@@ -38,21 +38,13 @@ def user_errors(func):
 
 
 def parse_int_list(text: str) -> list[int]:
-    """'4,8,12-15' -> [4, 8, 12, 13, 14, 15]."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                out += list(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise click.BadParameter(f"{text!r} is not a list of integers like 4,8,12-15") from None
-    return out
+    """'4,8,12-15' -> [4, 8, 12, 13, 14, 15], as a click parameter error when malformed."""
+    from .config import parse_index_list
+
+    try:
+        return parse_index_list(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def parse_range(text: str) -> tuple[int, int]:

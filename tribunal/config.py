@@ -1,4 +1,4 @@
-"""Read a YAML or TOML options file into a dict of option names (dashes become underscores)."""
+"""Option values from files and strings: YAML/TOML option files, index lists like '4,8,12-15'."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def read_config(path) -> dict:
+    """Option names (dashes become underscores) -> values, from a .toml file or YAML."""
     path = Path(path)
     text = path.read_text()
     if path.suffix in (".toml", ".tml"):
@@ -19,3 +20,21 @@ def read_config(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_index_list(text: str) -> list[int]:
+    """'4,8,12-15' -> [4, 8, 12, 13, 14, 15]; ValueError names the text when it is not such a list."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out += range(int(lo), int(hi) + 1)
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of integers and ranges like 4,8,12-15") from None
+    return out

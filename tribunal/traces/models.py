@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import parse_index_list
 from ..errors import TribunalError
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "embedded" / "model"
@@ -74,19 +75,10 @@ def resolve_layers(spec, depth: int) -> list[int]:
     if isinstance(spec, str):
         if spec.strip() == "all":
             return list(range(depth))
-        layers = []
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part:
-                    lo, hi = part.split("-", 1)
-                    layers += range(int(lo), int(hi) + 1)
-                else:
-                    layers.append(int(part))
-            except ValueError:
-                raise TribunalError(f"--layers {spec!r}: use a comma list and ranges like 4,8,12-15, or 'all'") from None
+        try:
+            layers = parse_index_list(spec)
+        except ValueError:
+            raise TribunalError(f"--layers {spec!r}: use a comma list and ranges like 4,8,12-15, or 'all'") from None
     else:
         layers = [int(x) for x in spec]
     bad = [x for x in layers if not 0 <= x < depth]
