@@ -1,7 +1,6 @@
 """The generator with real (tiny) models, real tokenizers, real stores and real subprocesses."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -64,7 +63,7 @@ def test_stored_activations_equal_a_teacher_forced_pass(tmp_path, tiny_model, sm
 
 
 def test_resume_skips_done_pairs_and_matches_an_uninterrupted_run(tmp_path, tiny_model, small_problems):
-    whole = run_generation(cfg(tmp_path, tiny_model, small_problems, name="whole.h5"))
+    run_generation(cfg(tmp_path, tiny_model, small_problems, name="whole.h5"))
     part = run_generation(cfg(tmp_path, tiny_model, small_problems, name="part.h5", max_problems=3))
     assert part["problems_tried"] == 3
     # same store, more problems: the resume identity includes max_problems, so it is refused ...
@@ -106,7 +105,7 @@ def test_real_gsm8k_test_file(tmp_path, tiny_model):
     problems = load_problems(str(GSM8K / "test.jsonl"))
     assert len(problems) == 1319 and problems[0].gold == "18"
     assert load_problems(str(GSM8K), split="train")[0].question.startswith("Natalia")
-    s = run_generation(cfg(tmp_path, tiny_model, GSM8K / "test.jsonl", max_problems=2, samples_per_problem=1,
+    run_generation(cfg(tmp_path, tiny_model, GSM8K / "test.jsonl", max_problems=2, samples_per_problem=1,
                            max_new_tokens=8))
     with open_store(tmp_path / "g.h5") as store:
         assert store.n_traces == 2 and store.trace(0).gold == "18"

@@ -1,9 +1,6 @@
 """Bad input gets a one-line error through the CLI, and nothing already stored is lost."""
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py

@@ -89,7 +89,7 @@ def write_report(path, gen: dict, traj: dict, tok: dict, seconds: float) -> None
         "",
         "## Files",
         "",
-        f"- `store.h5`: the activation store (`tribunal inspect store.h5`)",
+        "- `store.h5`: the activation store (`tribunal inspect store.h5`)",
         f"- `{DIRECTIONS_FILE}`: directions, metrics with CIs, baselines and provenance (`tribunal score`)",
         "- `metrics.csv`: every cell and baseline, one metric per row",
         "",
