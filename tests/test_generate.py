@@ -1,6 +1,7 @@
 """The generator with real (tiny) models, real tokenizers, real stores and real subprocesses."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -245,3 +246,46 @@ def test_embedded_default_end_to_end(tmp_path):
     mix = run_generation(GenerateConfig(out=str(tmp_path / "mix.h5"), keep_all=True, max_problems=40, progress=False))
     share = mix["labels"].get("correct", 0) / mix["traces"]
     assert 0.3 <= share <= 0.7, mix["labels"]
+
+
+def test_local_json_and_parquet_datasets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:5]]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.json", "d.parquet"):
+        problems = load_problems(str(tmp_path / name))
+        assert [p.gold for p in problems] == [load_problems(str(GSM8K / "test.jsonl"))[i].gold for i in range(5)]
+
+
+def test_hub_ids_offline_give_clear_errors(tmp_path, small_problems, python_env):
+    """In a fresh process: the hub libraries read HF_HUB_OFFLINE when they are imported."""
+    env = {**python_env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "tribunal.cli", "generate", "--out", str(tmp_path / "h.h5"), "--quiet"]
+    r = subprocess.run(cli + ["--dataset", "openai/gsm8k"], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot load dataset 'openai/gsm8k' split 'test' from the hub" in r.stderr
+    r = subprocess.run(cli + ["--model", "org/not-here", "--dataset", str(small_problems)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot load model 'org/not-here' as a Hugging Face id" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stop_signal_while_the_model_loads_is_resumable(tmp_path, tiny_model, small_problems):
+    """A preemption during loading: handlers are in place from the start, the store is not touched."""
+    from tribunal.traces import models
+
+    real_load = models.load_model
+
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while "loading"
+        return real_load(*args, **kwargs)
+
+    models.load_model = slow_load
+    try:
+        s = run_generation(cfg(tmp_path, tiny_model, small_problems))
+    finally:
+        models.load_model = real_load
+    assert s["status"] == "interrupted" and s["signal"] == "SIGUSR1"
+    assert not (tmp_path / "g.h5").exists()

@@ -170,7 +170,16 @@ def _store_dtype(requested: str, model) -> str:
 
 
 def run_generation(config: GenerateConfig) -> dict:
-    """Generate into config.out; returns a summary with 'status' = 'done' or 'interrupted'."""
+    """Generate into config.out; returns a summary with 'status' = 'done' or 'interrupted'.
+
+    Stop signals are caught from the first line: a preemption while a large model is still loading
+    ends the run as 'interrupted' (resumable) too, before the store is touched.
+    """
+    with GracefulStop() as stop:
+        return _run_generation(config, stop)
+
+
+def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     import torch
 
     from .models import decoder_blocks, load_model, model_revision, resolve_layers
@@ -184,6 +193,10 @@ def run_generation(config: GenerateConfig) -> dict:
               "incorrect": math.ceil(config.target_incorrect / num_shards)}
     model, tokenizer = load_model(config.model, revision=config.revision, compute_dtype=config.compute_dtype,
                                   device_map=config.device_map, trust_remote_code=config.trust_remote_code)
+    if stop():
+        return {"status": "interrupted", "signal": stop.received, "store": str(config.out), "problems_tried": 0,
+                "problems_in_shard": len(mine), "traces": 0, "tokens": 0, "labels": {}, "layers": [],
+                "targets_met": False, "seconds": 0.0, "new_tokens": 0, "repairs": []}
     blocks = decoder_blocks(model)
     layers = resolve_layers(config.layers, len(blocks))
     store_dtype = _store_dtype(config.dtype, model)
@@ -211,7 +224,7 @@ def run_generation(config: GenerateConfig) -> dict:
     capture = BlockCapture(blocks, layers)
     status = "done"
     started = time.time()
-    with writer, GracefulStop() as stop:
+    with writer:
         counts = writer.label_counts()
         tried = writer.problems_done()
         done_pairs = writer.done_keys()
