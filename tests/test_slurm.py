@@ -182,3 +182,22 @@ def test_array_preempt_requeue_resume_merge_probe(slurm, tmp_path, monkeypatch):
     assert "OK:" in probe_log, probe_log
     assert (run / "probes" / "implicit_value_directions.json").exists(), probe_log
     assert (run / "probes" / "token_probe.png").exists()
+
+
+def test_status_table_without_a_queue(tmp_path):
+    """Read from the stores alone (no squeue here): traces by label, tokens, size, writer, requeues."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.store import StoreWriter
+
+    run = tmp_path / "run"
+    write_scripts(SubmitConfig(run_dir=str(run), shards=3, gpus=0))
+    with StoreWriter(run / "shard_000.h5", **writer_kwargs()) as w:
+        w.append([make_record(i) for i in range(0, 9, 3)])  # three 'correct' traces
+    (run / "requeues").mkdir()
+    (run / "requeues" / "task_0").write_text("2026-11-25T10:00:00 job 7 restart 0\n")
+    result = CliRunner().invoke(main, ["slurm", "status", str(run)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split()[:5] == ["shard", "traces", "correct", "incorrect", "unparsed"]
+    assert lines[1].split()[:5] == ["0", "3", "3", "0", "0"] and lines[1].split()[8] == "1"
+    assert lines[2].split()[:2] == ["1", "0"] and len(lines) == 4
