@@ -144,9 +144,14 @@ def answers_match(predicted: str | None, gold: str) -> bool:
     return predicted.strip().lower() == str(gold).strip().lower()
 
 
-def grade(text: str, gold: str, finished: bool = True) -> str:
-    """'correct', 'incorrect' or 'unparsed' (no final answer found)."""
+def grade_with_answer(text: str, gold: str, finished: bool = True) -> tuple[str, str | None]:
+    """(label, extracted answer), parsing the text once."""
     predicted = extract_answer(text, finished=finished)
     if predicted is None:
-        return "unparsed"
-    return "correct" if answers_match(predicted, gold) else "incorrect"
+        return "unparsed", None
+    return ("correct" if answers_match(predicted, gold) else "incorrect"), predicted
+
+
+def grade(text: str, gold: str, finished: bool = True) -> str:
+    """'correct', 'incorrect' or 'unparsed' (no final answer found)."""
+    return grade_with_answer(text, gold, finished)[0]

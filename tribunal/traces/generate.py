@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..errors import TribunalError
-from ..grading import extract_answer, grade
+from ..grading import grade_with_answer
 from ..problems.loading import EMBEDDED_PROBLEMS, build_prompt, load_problems, shard_problems
 from ..store.writer import StoreWriter, TraceRecord
 
@@ -252,10 +252,10 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                     if p.problem_id not in prompts:
                         prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
                                                              config.chat_template)
+                seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
                 try:
                     sampled = sample_batch(
-                        model, capture, [prompts[p.problem_id] for p, _ in chunk],
-                        [trace_seed(config.seed, p.problem_id, s) for p, s in chunk], sampling, eos_ids,
+                        model, capture, [prompts[p.problem_id] for p, _ in chunk], seeds, sampling, eos_ids,
                         tokenizer.pad_token_id, store_dtype, should_stop=stop)
                 except Interrupted:
                     status = "interrupted"
@@ -270,9 +270,9 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                     torch.cuda.empty_cache()
                     continue
                 records, finished_problems = [], []
-                for (p, s), t in zip(chunk, sampled):
+                for (p, s), t, seed in zip(chunk, sampled, seeds):
                     text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
-                    label = grade(text, p.gold, finished=t.finished)
+                    label, predicted = grade_with_answer(text, p.gold, finished=t.finished)
                     new_tokens += len(t.generated_ids)
                     keep = config.keep_all or label not in target or counts[label] < target[label]
                     if keep:
@@ -280,9 +280,9 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                         records.append(TraceRecord(
                             problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
                             prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
-                            predicted=extract_answer(text, finished=t.finished), gold=p.gold,
+                            predicted=predicted, gold=p.gold,
                             finish_reason="stop" if t.finished else "length", logprobs=t.logprobs,
-                            entropies=t.entropies, seed=trace_seed(config.seed, p.problem_id, s)))
+                            entropies=t.entropies, seed=seed))
                     if (p.problem_id, s) == last_pair[p.problem_id]:
                         finished_problems.append((p.problem_id, config.samples_per_problem))
                 writes.put(records, finished_problems, sampled[0].ready)
