@@ -67,8 +67,10 @@ class TraceRecord:
 class StoreWriter:
     """Writer of one store shard. Refuses a store of another model, layer set, d_model, dtype or schema.
 
-    durable=True (default) fsyncs each commit, so a commit survives the loss of the node, not only
-    of the process; durable=False leaves it to the OS (kill -9 safe, faster on slow file systems).
+    durable=True (default) fsyncs the data before writing the commit record and the record after,
+    so a commit record on disk never counts bytes that are not; durable=False leaves write-back to
+    the OS, which is enough for process death (kill -9) and about twice as fast at small batches.
+    See docs/store-format.md, "Durability", for what neither protects against.
     """
 
     def __init__(
@@ -387,7 +389,7 @@ class StoreWriter:
         }
 
     def _flush(self) -> None:
-        """Hand everything to the OS (enough for kill -9); with durable=True also to the disk (node loss)."""
+        """Hand everything to the OS (enough for kill -9); with durable=True also wait for the disk."""
         self._file.flush()
         if self.durable:
             os.fsync(self._file.id.get_vfd_handle())
