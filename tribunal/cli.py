@@ -74,18 +74,38 @@ def main():
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--trace", "trace_index", type=int, default=None, help="Show one trace (global index): text, label, log-probs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (path or hub id) to show --trace tokens as text; default: the store's model when local.")
 @user_errors
-def inspect(stores, trace_index, as_json):
+def inspect(stores, trace_index, as_json, tokenizer):
     """Summarize STORES (files, globs or a run folder), also while a writer is running."""
     from .store import open_store
     from .store.summary import format_summary, format_trace, summarize
 
     with open_store(stores) as store:
         if trace_index is not None:
-            click.echo(format_trace(store, trace_index))
+            click.echo(format_trace(store, trace_index, decode=token_decoder(tokenizer, store.model_id)))
             return
         info = summarize(store)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else format_summary(info))
+
+
+def token_decoder(tokenizer: str | None, model_id: str):
+    """token id -> text with the given tokenizer, or the store model's when it is on this machine; else None."""
+    from pathlib import Path
+
+    from .traces.models import EMBEDDED_MODEL, EMBEDDED_MODEL_ID
+
+    source = tokenizer or (str(EMBEDDED_MODEL) if model_id == EMBEDDED_MODEL_ID else model_id)
+    if tokenizer is None and not Path(source).exists():
+        return None  # a hub id: no network lookups unless asked with --tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from None
+    return lambda token_id: tok.decode([token_id])
 
 
 @main.command()

@@ -82,8 +82,11 @@ def format_summary(info: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def format_trace(store: Store, index: int, max_tokens: int = 400) -> str:
-    """One trace's text, label and its generated tokens with their log-probs."""
+def format_trace(store: Store, index: int, max_tokens: int = 400, decode=None) -> str:
+    """One trace's text, label and its generated tokens with their log-probs.
+
+    decode: optional callable token_id -> text (the CLI passes a tokenizer's; the store loads none).
+    """
     t = store.trace(index)
     lines = [
         f"trace {t.index} (id {t.trace_id}) of {t.shard}",
@@ -93,11 +96,12 @@ def format_trace(store: Store, index: int, max_tokens: int = 400) -> str:
         "",
         t.text,
         "",
-        "generated tokens (id, log-prob, entropy):",
+        "generated tokens (position, id, log-prob, entropy" + (", token)" if decode else "):"),
     ]
     gen = np.flatnonzero(t.is_generated)
     for pos in gen[:max_tokens]:
-        lines.append(f"  {pos:6d}  {t.token_ids[pos]:7d}  {t.logprobs[pos]:8.3f}  {t.entropies[pos]:7.3f}")
+        token = f"  {decode(int(t.token_ids[pos]))!r}" if decode else ""
+        lines.append(f"  {pos:6d}  {t.token_ids[pos]:7d}  {t.logprobs[pos]:8.3f}  {t.entropies[pos]:7.3f}{token}")
     if len(gen) > max_tokens:
         lines.append(f"  ... {len(gen) - max_tokens} more")
     return "\n".join(lines)

@@ -182,7 +182,7 @@ def run_generation(config: GenerateConfig) -> dict:
 def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     import torch
 
-    from .models import decoder_blocks, load_model, model_revision, resolve_layers
+    from .models import EMBEDDED_MODEL_ID, decoder_blocks, load_model, model_revision, resolve_layers
     from .sampling import BlockCapture, Interrupted, SamplingSettings, sample_batch, trace_seed
 
     config.validate()
@@ -209,7 +209,7 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                                                 "chat_template", "max_problems", "keep_all")}
     resume_identity["dataset"] = str(config.dataset or EMBEDDED_PROBLEMS.name)
     writer = StoreWriter(
-        config.out, model_id=str(config.model or "tribunal/embedded-default"),
+        config.out, model_id=str(config.model or EMBEDDED_MODEL_ID),
         model_revision=model_revision(model, config.model) if config.model else "embedded",
         layers=layers, d_model=d_model, dtype=store_dtype, generation_settings=settings,
         dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,

@@ -9,6 +9,7 @@ from ..config import parse_index_list
 from ..errors import TribunalError
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "embedded" / "model"
+EMBEDDED_MODEL_ID = "tribunal/embedded-default"  # the model_id stores record for it
 
 # Where each family keeps its decoder blocks (attribute path from the *ForCausalLM object).
 DECODER_BLOCKS = {
