@@ -291,3 +291,37 @@ def test_stop_signal_while_the_model_loads_is_resumable(tmp_path, tiny_model, sm
         models.load_model = real_load
     assert s["status"] == "interrupted" and s["signal"] == "SIGUSR1"
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_writer_thread_combines_queued_batches_after_their_copies_land(tmp_path):
+    """While one commit is slow, queued batches wait and then go to the store as one commit, each copy awaited."""
+    import threading
+
+    from conftest import make_record, writer_kwargs
+    from tribunal.store import StoreWriter
+    from tribunal.traces.generate import WriterThread
+
+    events, release = [], threading.Event()
+    with StoreWriter(tmp_path / "w.h5", **writer_kwargs()) as writer:
+        real_append = writer.append
+
+        def slow_first_append(records, problems_done=()):
+            events.append(("append", len(records)))
+            if len(events) == 1:
+                release.wait(10)
+            real_append(records, problems_done=problems_done)
+
+        writer.append = slow_first_append
+        writes = WriterThread(writer, max_batches=4)
+        for batch in range(4):
+            writes.put([make_record(batch * 2), make_record(batch * 2 + 1)], [(batch, 2)],
+                       lambda batch=batch: events.append(("ready", batch)))
+        time.sleep(0.3)
+        release.set()
+        writes.finish()
+        commits = writer.committed["commits"]
+    assert events[:2] == [("ready", 0), ("append", 2)]
+    assert events[2:] == [("ready", 1), ("ready", 2), ("ready", 3), ("append", 6)]
+    assert commits == 2
+    with open_store(tmp_path / "w.h5") as store:
+        assert store.n_traces == 8 and verify_store(store) == []

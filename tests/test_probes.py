@@ -161,3 +161,9 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
     assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
     again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
     assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice
+
+
+def test_memory_setting_must_be_a_size(tmp_path):
+    path = synth(tmp_path / "s.h5", traces=40, problems=10)
+    r = CliRunner().invoke(main, ["probe", "tokens", str(path), "--out", str(tmp_path / "o"), "--memory", "lots"])
+    assert r.exit_code == 2 and "is not a size like 512M or 2G" in r.output

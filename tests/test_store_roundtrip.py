@@ -174,3 +174,18 @@ def test_file_explains_itself(tmp_path):
     dump = subprocess.run(["h5dump", "-H", str(path)], capture_output=True, text=True)
     if dump.returncode == 0:  # hdf5-tools installed (CI installs it)
         assert '"correct"' in dump.stdout and "activations" in dump.stdout
+
+
+def test_store_repacked_to_the_oldest_format_still_reads(tmp_path):
+    import shutil
+
+    if shutil.which("h5repack") is None:
+        pytest.skip("h5repack not installed (apt-get install hdf5-tools; .ci/run does)")
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **writer_kwargs()) as w:
+        w.append([make_record(i) for i in range(4)])
+    subprocess.run(["h5repack", str(path), str(tmp_path / "old.h5")], check=True)
+    assert (tmp_path / "old.h5").read_bytes()[8] == 0  # superblock version 0
+    with open_store(tmp_path / "old.h5") as store:
+        assert store.n_traces == 4 and verify_store(store) == []
+        np.testing.assert_allclose(store.activations(5, 3), make_record(3).activations[1], atol=1e-2)

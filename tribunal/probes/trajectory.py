@@ -87,7 +87,7 @@ def cv_predict(make_model, X, y, folds) -> np.ndarray:
     return prob
 
 
-def baseline_scores(data: TrajectoryData, folds, seed: int) -> dict:
+def baseline_scores(data: TrajectoryData, folds) -> dict:
     """Out-of-fold probabilities of each baseline on the given folds."""
     y = data.y
     # one constant score: AUROC 0.5 by definition, accuracy = the majority class's share
@@ -104,7 +104,7 @@ def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
     return cv_predict(lambda: make_probe(), (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
 
 
-def direction_of(model, X_mean=None) -> dict:
+def direction_of(model) -> dict:
     """The fitted probe as a direction in the original activation space: logit = norm * (u . x) + bias."""
     scaler, logistic = model[0], model[-1]
     coef = logistic.coef_[0] / scaler.scale_
@@ -120,7 +120,7 @@ def evaluate_cells(data: TrajectoryData, folds: int = 5, seed: int = 0, n_boot: 
     """Every cell scored beside every baseline on the same folds; nested selection of the best cell."""
     y, groups = data.y, data.groups
     outer = ev.grouped_folds(y, groups, folds, seed)
-    base = baseline_scores(data, outer, seed)
+    base = baseline_scores(data, outer)
     rng = np.random.default_rng(seed)
     cells = []
     for (layer, agg), X in tqdm(sorted(data.features.items()), desc="probing cells", disable=not progress):

@@ -59,13 +59,10 @@ class Shard:
     def __init__(self, path):
         self.path = Path(path)
         _check_readable(self.path)
-        try:
+        try:  # SWMR read also opens files in the oldest format (e.g. after h5repack)
             self.file = h5py.File(self.path, "r", swmr=True, locking=False)
-        except OSError:
-            try:  # files not written in the SWMR-capable format (e.g. by other tools) open plainly
-                self.file = h5py.File(self.path, "r", locking=False)
-            except OSError as exc:
-                raise StoreError(f"cannot read {self.path}: {str(exc).splitlines()[0]}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {str(exc).splitlines()[0]}") from None
         attrs = self.file.attrs
         if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
             self.close()

@@ -72,7 +72,7 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
         _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
         for i in first[counts > 1][:5]:
             problems.append(f"{where}: (problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
-        problems += _check_token_arrays(shard, starts, plen, lengths)
+        problems += _check_token_arrays(shard, starts, plen)
     done = f[fmt.PROBLEMS][: shard.committed["problems"]]["problem_id"]
     if len(np.unique(done)) != len(done):
         problems.append(f"{where}: /problems lists a problem more than once")
@@ -81,7 +81,7 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
     return problems
 
 
-def _check_token_arrays(shard: Shard, starts, plen, lengths) -> list[str]:
+def _check_token_arrays(shard: Shard, starts, plen) -> list[str]:
     where, problems = str(shard.path), []
     is_gen = shard.token_array("is_generated")
     expected = np.ones(shard.n_tokens, bool)

@@ -1,10 +1,11 @@
 """Append traces to a store shard with a commit protocol that survives kill -9.
 
 Lifecycle (one small object, as a context manager): open -> append batches ->
-close. `open` takes the writer lock, creates the file or repairs and validates
-an existing one, truncates every dataset back to the committed offsets, then
-starts HDF5 single-writer/multiple-reader (SWMR) mode so readers in other
-processes can follow. Each `append` writes a whole batch and commits it:
+close. `open` takes the writer lock, creates the file (as STORE.creating,
+renamed into place) or repairs and validates an existing one, starts HDF5
+single-writer/multiple-reader (SWMR) mode, and only then truncates every
+dataset back to the committed offsets: every write to an existing store
+happens in SWMR mode, whose ordered writes survive kill -9. Each `append` writes a whole batch and commits it:
 
     1. grow the token-axis datasets and write activations, token arrays, text
     2. grow the trace table and write its rows
@@ -144,12 +145,21 @@ class StoreWriter:
         """Take the lock, create or repair the file, truncate to the last commit, start SWMR."""
         self._lock.acquire()
         try:
-            if self.path.exists() and self.path.stat().st_size > 0:
-                self._open_existing()
+            existing = self.path.exists() and self.path.stat().st_size > 0
+            if existing:
+                self._open_existing()  # reads and checks only
             else:
                 self._create()
-            self._load_tails()
+            # From here on the file changes only in SWMR mode, whose ordered writes survive kill -9:
+            # a crashed writer's uncommitted rows are cut off after the switch, never before it.
             self._file.swmr_mode = True
+            if existing:
+                self.repairs += self._truncate_to_commit()
+                self._flush()
+            else:
+                self._flush()
+                os.replace(self._creating_path(), self.path)  # a new store appears whole, or not at all
+            self._load_tails()
         except BaseException:
             if self._file is not None:
                 self._file.close()
@@ -396,10 +406,10 @@ class StoreWriter:
 
     # -- creating and reopening ------------------------------------------------------------
 
-    def _h5_open(self, mode):
+    def _h5_open(self, mode, path=None):
         chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
         return h5py.File(
-            self.path,
+            path or self.path,
             mode,
             libver=LIBVER,
             locking=False,  # exclusion is the sidecar flock's job (lock.py); HDF5's lock breaks on some cluster FS
@@ -408,9 +418,13 @@ class StoreWriter:
             rdcc_nslots=1021,
         )
 
+    def _creating_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".creating")
+
     def _create(self) -> None:
+        """Build the whole structure in STORE.creating (renamed into place once in SWMR mode)."""
         try:
-            self._file = self._h5_open("w")
+            self._file = self._h5_open("w", self._creating_path())
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {_short(exc)}") from None
         f = self._file
@@ -435,7 +449,6 @@ class StoreWriter:
         }
         for key, value in attrs.items():
             f.attrs[key] = value
-        self._record_open(["created"])
 
         disk_dtype, encoding, _ = fmt.DTYPES[ident.dtype]
         acts = f.create_group(fmt.ACTIVATIONS)
@@ -523,11 +536,8 @@ class StoreWriter:
         self.chunk_tokens = int(attrs["chunk_tokens"])
         values = f[fmt.COMMIT][:]
         self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, values)}
-        self.repairs += self._truncate_to_commit()
         table = self.committed_table()
         self._done = set(zip(table["problem_id"].tolist(), table["sample_index"].tolist()))
-        self._record_open(self.repairs)
-        f.flush()
 
     def _committed_sizes(self) -> dict:
         sizes = {fmt.TRACE_TABLE: self.n_traces, fmt.TRACE_TEXT: int(self.committed["text_bytes"]),
@@ -546,14 +556,6 @@ class StoreWriter:
                 done.append(f"{name}: discarded {ds.shape[0] - size} uncommitted rows")
                 ds.resize(size, axis=0)
         return done
-
-    def _record_open(self, events) -> None:
-        history = json.loads(fmt.as_text(self._file.attrs.get("open_history", "[]")))
-        history.append(
-            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
-             "committed_traces": self.n_traces, "events": list(events)}
-        )
-        self._file.attrs["open_history"] = json.dumps(history[-100:])
 
 
 def _answer_bytes(value) -> bytes:

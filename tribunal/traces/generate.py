@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import TribunalError
 from ..grading import grade_with_answer
@@ -60,7 +60,6 @@ class GenerateConfig:
     queue_batches: int = 2
     durable: bool = True
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def shard_pair(self) -> tuple[int, int]:
         try:
@@ -193,15 +192,13 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
               "incorrect": math.ceil(config.target_incorrect / num_shards)}
     model, tokenizer = load_model(config.model, revision=config.revision, compute_dtype=config.compute_dtype,
                                   device_map=config.device_map, trust_remote_code=config.trust_remote_code)
-    if stop():
-        return {"status": "interrupted", "signal": stop.received, "store": str(config.out), "problems_tried": 0,
-                "problems_in_shard": len(mine), "traces": 0, "tokens": 0, "labels": {}, "layers": [],
-                "targets_met": False, "seconds": 0.0, "new_tokens": 0, "repairs": []}
+    if stop():  # stopped while the model loaded: nothing was touched
+        return _summary("interrupted", stop, config, len(mine), layers=[], targets_met=False)
     blocks = decoder_blocks(model)
     layers = resolve_layers(config.layers, len(blocks))
     store_dtype = _store_dtype(config.dtype, model)
     d_model = int(model.config.hidden_size)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "extra", "queue_batches")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
     settings.update(layers_resolved=layers, store_dtype=store_dtype, targets_per_shard=target,
                     compute_dtype_resolved=str(model.dtype).replace("torch.", ""))
     resume_identity = {k: settings[k] for k in ("dataset", "split", "temperature", "top_p", "max_new_tokens",
@@ -236,7 +233,7 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
         pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
         last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
         prompts = {}
-        bar = _progress(config, len(mine), len(tried), counts)
+        bar = _progress(config, len(mine), len(tried))
         writes = WriterThread(writer, config.queue_batches)
         batch_size, new_tokens = config.batch_size, 0
         try:
@@ -295,20 +292,26 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
             bar.close()
             capture.remove()
         counts = writer.label_counts()
-        summary = {
-            "status": status, "signal": stop.received, "store": str(config.out), "problems_tried": len(writer.problems_done()),
-            "problems_in_shard": len(mine), "traces": writer.n_traces, "tokens": writer.n_tokens,
-            "labels": dict(counts), "layers": layers, "targets_met": _targets_met(counts, target),
-            "seconds": round(time.time() - started, 1), "new_tokens": new_tokens, "repairs": writer.repairs,
-        }
-    return summary
+        return _summary(status, stop, config, len(mine), layers=layers, targets_met=_targets_met(counts, target),
+                        writer=writer, seconds=time.time() - started, new_tokens=new_tokens)
+
+
+def _summary(status, stop, config, problems_in_shard, layers, targets_met, writer=None, seconds=0.0, new_tokens=0):
+    """What run_generation returns (and `format_summary` prints)."""
+    return {
+        "status": status, "signal": stop.received, "store": str(config.out),
+        "problems_tried": len(writer.problems_done()) if writer else 0, "problems_in_shard": problems_in_shard,
+        "traces": writer.n_traces if writer else 0, "tokens": writer.n_tokens if writer else 0,
+        "labels": dict(writer.label_counts()) if writer else {}, "layers": layers, "targets_met": targets_met,
+        "seconds": round(seconds, 1), "new_tokens": new_tokens, "repairs": writer.repairs if writer else [],
+    }
 
 
 def _targets_met(counts: Counter, target: dict) -> bool:
     return all(counts[label] >= n for label, n in target.items())
 
 
-def _progress(config, total, initial, counts):
+def _progress(config, total, initial):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"generate {config.shard}", unit="problem",

@@ -22,7 +22,7 @@ interrupted run resumes to the same store.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -52,7 +52,6 @@ class SynthSettings:
     problem_scale: float = 1.0
     trace_scale: float = 1.0
     batch_tokens: int = 8192
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "SynthSettings":
         if self.traces < 1 or self.problems < 1 or self.traces % self.problems:
@@ -155,7 +154,7 @@ def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -
     """Write (or resume) a synthetic store; returns counts of what is in it now."""
     settings.validate()
     world = SynthWorld(settings)
-    truth = {k: v for k, v in asdict(settings).items() if k not in ("extra", "batch_tokens")}
+    truth = {k: v for k, v in asdict(settings).items() if k != "batch_tokens"}
     truth.update(delta=settings.delta, direction_dataset="synth/direction")
     writer = StoreWriter(
         out,
