@@ -124,3 +124,29 @@ def test_dead_writer_is_taken_over(tmp_path, python_env):
     with StoreWriter(path, **writer_kwargs(layers=(2, 5, 9), d_model=64)) as w:
         assert w._lock.took_over["pid"] == proc.pid
     assert not lock_path(path).exists()
+
+
+def test_kill_while_reopening_leaves_a_readable_store(tmp_path, python_env):
+    """The reopen window: a writer killed after opening an existing store, while it checks the identity.
+
+    Opened plainly for write, the superblock would say "open for write, not SWMR", which SWMR readers
+    refuse; the writer opens straight into SWMR-write mode, so readers still open the store.
+    """
+    from conftest import writer_kwargs
+    from tribunal.store import StoreWriter
+
+    path = tmp_path / "reopen.h5"
+    with StoreWriter(path, **writer_kwargs(layers=(2, 5, 9), d_model=64)) as w:
+        w.append([make_record(i, layers=(2, 5, 9), d_model=64) for i in range(3)])
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[2])\n"
+        "from conftest import writer_kwargs\n"
+        "from tribunal.store import StoreWriter\n"
+        "from tribunal.store import format as fmt\n"
+        "fmt.StoreIdentity.differences = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # while checking\n"
+        "StoreWriter(sys.argv[1], **writer_kwargs(layers=(2, 5, 9), d_model=64)).open()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(HERE)], env=python_env, capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert read_status(path)["flags"] != 0  # it really died holding the file
+    assert check_store(path, 3) == 3  # read-only, no repair

@@ -2,10 +2,10 @@
 
 Lifecycle (one small object, as a context manager): open -> append batches ->
 close. `open` takes the writer lock, creates the file (as STORE.creating,
-renamed into place) or repairs and validates an existing one, starts HDF5
-single-writer/multiple-reader (SWMR) mode, and only then truncates every
-dataset back to the committed offsets: every write to an existing store
-happens in SWMR mode, whose ordered writes survive kill -9. Each `append` writes a whole batch and commits it:
+switched to HDF5 single-writer/multiple-reader (SWMR) mode, then renamed into
+place) or opens an existing one directly in SWMR-write mode, checks it, and
+truncates every dataset back to the committed offsets: every write to a store
+at its final path happens in SWMR mode, whose ordered writes survive kill -9. Each `append` writes a whole batch and commits it:
 
     1. grow the token-axis datasets and write activations, token arrays, text
     2. grow the trace table and write its rows
@@ -150,9 +150,10 @@ class StoreWriter:
                 self._open_existing()  # reads and checks only
             else:
                 self._create()
-            # From here on the file changes only in SWMR mode, whose ordered writes survive kill -9:
-            # a crashed writer's uncommitted rows are cut off after the switch, never before it.
-            self._file.swmr_mode = True
+            # From here on the file changes only in SWMR mode, whose ordered writes survive kill -9
+            # (an existing store is opened in it; a new one switches before it gets its final name).
+            if not self._file.swmr_mode:
+                self._file.swmr_mode = True
             if existing:
                 self.repairs += self._truncate_to_commit()
                 self._flush()
@@ -407,16 +408,23 @@ class StoreWriter:
     # -- creating and reopening ------------------------------------------------------------
 
     def _h5_open(self, mode, path=None):
+        """h5py File for creating ("w") or appending ("r+").
+
+        An existing store is opened straight into SWMR-write mode (h5py's File only offers SWMR for
+        reading): opened plainly for write, its superblock would say "open for write, not SWMR" until
+        the switch, and a kill in between would leave a file that SWMR readers refuse to open.
+        """
         chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
-        return h5py.File(
-            path or self.path,
-            mode,
-            libver=LIBVER,
-            locking=False,  # exclusion is the sidecar flock's job (lock.py); HDF5's lock breaks on some cluster FS
-            rdcc_nbytes=max(4 << 20, 4 * chunk_bytes),
-            rdcc_w0=1.0,
-            rdcc_nslots=1021,
-        )
+        cache = dict(rdcc_nbytes=max(4 << 20, 4 * chunk_bytes), rdcc_w0=1.0, rdcc_nslots=1021)
+        if mode == "w":
+            # exclusion is the sidecar flock's job (lock.py); HDF5's lock breaks on some cluster FS
+            return h5py.File(path or self.path, "w", libver=LIBVER, locking=False, **cache)
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_LATEST)
+        fapl.set_file_locking(False, True)
+        fapl.set_cache(0, cache["rdcc_nslots"], cache["rdcc_nbytes"], cache["rdcc_w0"])
+        fid = h5py.h5f.open(os.fsencode(self.path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
+        return h5py.File(fid)
 
     def _creating_path(self) -> Path:
         return self.path.with_name(self.path.name + ".creating")
