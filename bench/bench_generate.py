@@ -1,17 +1,23 @@
 """Generator benchmarks: capture+store overhead, and peak host memory against the number of traces.
 
-    python bench/bench_generate.py [--rounds 5] [--problems 48]
+    python bench/bench_generate.py [--rounds 12] [--problems 48]
 
-1. Generated tokens per second with capture and store (the real `run_generation`
-   path: hooks, host copies, writer thread, HDF5) against the same generation
-   without capture and store (same model, prompts, seeds, batch size; prompt
-   building, decoding and grading in both), interleaved rounds, medians. On CPU with the embedded model; pass --model/--device-map on a GPU.
+1. Generated tokens per second of three paths over the same problems, seeds and
+   batch size, each round running all three back to back (order alternating):
+   sampling only (prompts, the decode loop, decoding, grading; no hooks, no
+   store), sampling + capture (hooks, the last token's partial forward, host
+   copies; no store), and the real `run_generation` path (capture, records,
+   writer thread, HDF5 commits). The overhead is the median over rounds of each
+   round's own ratio, with a bootstrap 95% interval: a shared VM's speed drifts
+   by several percent between runs, and pairing within a round cancels the drift.
+   On CPU with the embedded model; pass --model/--device-map on a GPU.
 2. Peak RSS of `tribunal generate --keep-all` in a subprocess for N and 10N traces.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -24,13 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tribunal.grading import grade  # noqa: E402
 from tribunal.problems.loading import build_prompt, load_problems  # noqa: E402
 from tribunal.traces.generate import GenerateConfig, run_generation  # noqa: E402
-from tribunal.traces.models import load_model  # noqa: E402
-from tribunal.traces.sampling import SamplingSettings, sample_batch, trace_seed  # noqa: E402
+from tribunal.traces.models import decoder_blocks, load_model, resolve_layers  # noqa: E402
+from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch, trace_seed  # noqa: E402
 
 
-def baseline_rate(model_id, device_map, problems, samples, batch_size, max_new):
-    """The same generation (prompts, sampling loop, decoding, grading) with no hooks and no store."""
+def sampling_rate(model_id, device_map, problems, samples, batch_size, max_new, capture_layers=False):
+    """The generation loop with no store: no hooks at all, or (capture_layers) the default layers captured."""
     model, tok = load_model(model_id, device_map=device_map)
+    capture = None
+    if capture_layers:
+        blocks = decoder_blocks(model)
+        capture = BlockCapture(blocks, resolve_layers(None, len(blocks)))
     pairs = [(p, s) for p in problems for s in range(samples)]
     eos = {tok.eos_token_id}
     settings = SamplingSettings(1.0, 1.0, max_new)
@@ -38,7 +48,7 @@ def baseline_rate(model_id, device_map, problems, samples, batch_size, max_new):
     prompts = {p.problem_id: build_prompt(tok, p.question) for p in problems}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        out = sample_batch(model, None, [prompts[p.problem_id] for p, _ in chunk],
+        out = sample_batch(model, capture, [prompts[p.problem_id] for p, _ in chunk],
                            [trace_seed(0, p.problem_id, s) for p, s in chunk], settings, eos, tok.pad_token_id)
         for (p, _), t in zip(chunk, out):
             grade(tok.decode([x for x in t.generated_ids if x not in eos]), p.gold, finished=t.finished)
@@ -51,6 +61,14 @@ def captured_rate(model_id, device_map, problems, samples, batch_size, max_new, 
         out=str(out), model=model_id, device_map=device_map, keep_all=True, max_problems=len(problems),
         samples_per_problem=samples, batch_size=batch_size, max_new_tokens=max_new, progress=False))
     return summary["new_tokens"] / summary["seconds"]
+
+
+def overhead(base: list[float], other: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Median over rounds of 1 - other/base (as %), with a bootstrap 95% interval of that median."""
+    losses = [100 * (1 - o / b) for b, o in zip(base, other)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(losses, k=len(losses))) for _ in range(resamples))
+    return statistics.median(losses), medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
 
 
 def peak_rss_mb(problems, samples, out):
@@ -69,8 +87,8 @@ def peak_rss_mb(problems, samples, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--problems", type=int, default=120)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--problems", type=int, default=48)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -79,23 +97,29 @@ def main():
     args = ap.parse_args()
     problems = load_problems(None)[: args.problems]
     work = Path(tempfile.mkdtemp(prefix="tribunal-bench-gen-"))
-    base, cap = [], []
+    common = (args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens)
+    paths = {
+        "sampling only": lambda r: sampling_rate(*common),
+        "sampling + capture (no store)": lambda r: sampling_rate(*common, capture_layers=True),
+        "sampling + capture + store (`run_generation`)": lambda r: captured_rate(*common, work / f"r{r}.h5"),
+    }
+    rates = {name: [] for name in paths}
     for r in range(args.rounds):
-        out = work / f"r{r}.h5"
-        if r % 2 == 0:
-            base.append(baseline_rate(args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens))
-            cap.append(captured_rate(args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens, out))
+        for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+            rates[name].append(paths[name](r))
+        (work / f"r{r}.h5").unlink()
+    base = rates["sampling only"]
+    print(f"\n### Generation with and without capture and store ({args.model or 'embedded model'}, "
+          f"{args.problems} problems x {args.samples} samples, batch {args.batch_size}, "
+          f"max {args.max_new_tokens} new tokens, {args.rounds} rounds)\n")
+    print("| path | generated tok/s (median) | overhead (median of per-round ratios) | bootstrap 95% interval |")
+    print("|---|---|---|---|")
+    for name, values in rates.items():
+        if values is base:
+            print(f"| {name} | {statistics.median(values):.0f} | - | - |")
         else:
-            cap.append(captured_rate(args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens, out))
-            base.append(baseline_rate(args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens))
-        out.unlink()
-    b, c = statistics.median(base), statistics.median(cap)
-    print(f"\n### Generation with capture and store vs without ({args.model or 'embedded model'}, "
-          f"{args.problems} problems x {args.samples} samples, batch {args.batch_size}, {args.rounds} rounds)\n")
-    print("| path | generated tok/s (median) | overhead |")
-    print("|---|---|---|")
-    print(f"| sampling only | {b:.0f} | - |")
-    print(f"| sampling + capture + store | {c:.0f} | {100 * (b - c) / b:+.1f}% |")
+            mid, lo, hi = overhead(base, values)
+            print(f"| {name} | {statistics.median(values):.0f} | {mid:+.1f}% | [{lo:+.1f}%, {hi:+.1f}%] |")
 
     rows = []
     for n in (10, 100):

@@ -301,13 +301,14 @@ def test_writer_thread_combines_queued_batches_after_their_copies_land(tmp_path)
     from tribunal.store import StoreWriter
     from tribunal.traces.generate import WriterThread
 
-    events, release = [], threading.Event()
+    events, release, first_started = [], threading.Event(), threading.Event()
     with StoreWriter(tmp_path / "w.h5", **writer_kwargs()) as writer:
         real_append = writer.append
 
         def slow_first_append(records, problems_done=()):
             events.append(("append", len(records)))
-            if len(events) == 1:
+            if len(events) == 2:
+                first_started.set()
                 release.wait(10)
             real_append(records, problems_done=problems_done)
 
@@ -316,7 +317,8 @@ def test_writer_thread_combines_queued_batches_after_their_copies_land(tmp_path)
         for batch in range(4):
             writes.put([make_record(batch * 2), make_record(batch * 2 + 1)], [(batch, 2)],
                        lambda batch=batch: events.append(("ready", batch)))
-        time.sleep(0.3)
+            if batch == 0:
+                assert first_started.wait(10)  # the first commit is under way; the next three queue behind it
         release.set()
         writes.finish()
         commits = writer.committed["commits"]
@@ -325,3 +327,47 @@ def test_writer_thread_combines_queued_batches_after_their_copies_land(tmp_path)
     assert commits == 2
     with open_store(tmp_path / "w.h5") as store:
         assert store.n_traces == 8 and verify_store(store) == []
+
+
+def test_writer_thread_yields_the_cpu_to_the_model(tmp_path):
+    """The writer thread runs in SCHED_IDLE, so storing never takes a core from the decode loop."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.store import StoreWriter
+    from tribunal.traces.generate import WriterThread
+
+    policies = []
+    with StoreWriter(tmp_path / "w.h5", **writer_kwargs()) as writer:
+        real_append = writer.append
+
+        def append(records, problems_done=()):
+            policies.append(os.sched_getscheduler(0))  # 0: the calling thread
+            real_append(records, problems_done=problems_done)
+
+        writer.append = append
+        writes = WriterThread(writer, max_batches=2)
+        writes.put([make_record(0)], [(0, 1)], lambda: None)
+        writes.finish()
+    assert policies == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the model's thread keeps its priority
+
+
+def test_last_token_is_captured_without_running_the_blocks_above(tiny_model):
+    """The forward that captures the last sampled token stops at the deepest target layer."""
+    from tribunal.traces.models import decoder_blocks, load_model
+    from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch
+
+    model, tok = load_model(str(tiny_model))
+    blocks = decoder_blocks(model)
+    calls = {"top": 0}
+    counter = blocks[-1].register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
+    capture = BlockCapture(blocks, [1])
+    try:
+        prompt = tok("Tom has 3 apples.")["input_ids"]
+        (trace,) = sample_batch(model, capture, [prompt], [7], SamplingSettings(1.0, 1.0, 9), {tok.eos_token_id},
+                                tok.pad_token_id)
+    finally:
+        counter.remove()
+        capture.remove()
+    steps = len(trace.generated_ids)
+    assert trace.activations.shape == (1, len(prompt) + steps, model.config.hidden_size)
+    assert calls["top"] == steps  # the prompt, then every sampled token but the last

@@ -299,23 +299,17 @@ class StoreWriter:
             raise StoreError(f"(problem_id, sample_index) {dup[0]} is already in {self.path}; each pair is stored once")
 
     def _write_batch(self, records, prepared, problems_done) -> None:
-        f = self._file
+        ds = self._open_datasets()
         tok0, trace0, text0 = self.n_tokens, self.n_traces, int(self.committed["text_bytes"])
         n_tok = sum(r.n_tokens for r in records)
         tok1 = tok0 + n_tok
         for i, layer in enumerate(self.identity.layers):
             if prepared:
-                self._write_layer(layer, [p["activations"][i] for p in prepared], tok0, tok1)
+                self._write_layer(ds[fmt.activation_path(layer)], layer, [p["activations"][i] for p in prepared], tok0, tok1)
         for name in fmt.TOKEN_ARRAYS:
-            ds = f[f"{fmt.TOKENS}/{name}"]
-            ds.resize(tok1, axis=0)
-            if prepared:
-                ds[tok0:tok1] = np.concatenate([p[name] for p in prepared])
+            _append_rows(ds[f"{fmt.TOKENS}/{name}"], tok0, _concat([p[name] for p in prepared], fmt.TOKEN_ARRAYS[name]))
         text = b"".join(p["text"] for p in prepared)
-        text_ds = f[fmt.TRACE_TEXT]
-        text_ds.resize(text0 + len(text), axis=0)
-        if text:
-            text_ds[text0:] = np.frombuffer(text, np.uint8)
+        _append_rows(ds[fmt.TRACE_TEXT], text0, np.frombuffer(text, np.uint8))
 
         rows = np.zeros(len(records), fmt.TRACE_DTYPE)
         pos, tpos = tok0, text0
@@ -337,15 +331,9 @@ class StoreWriter:
             )
             pos += r.n_tokens
             tpos += len(p["text"])
-        table = f[fmt.TRACE_TABLE]
-        table.resize(trace0 + len(records), axis=0)
-        if records:
-            table[trace0:] = rows
+        _append_rows(ds[fmt.TRACE_TABLE], trace0, rows)
         prob0 = int(self.committed["problems"])
-        if problems_done:
-            progress = f[fmt.PROBLEMS]
-            progress.resize(prob0 + len(problems_done), axis=0)
-            progress[prob0:] = np.array([tuple(x) for x in problems_done], fmt.PROBLEM_DTYPE)
+        _append_rows(ds[fmt.PROBLEMS], prob0, np.array([tuple(x) for x in problems_done], fmt.PROBLEM_DTYPE))
         self._flush()
         new = {
             "traces": trace0 + len(records),
@@ -354,50 +342,59 @@ class StoreWriter:
             "problems": prob0 + len(problems_done),
             "commits": int(self.committed["commits"]) + 1,
         }
-        f[fmt.COMMIT][:] = np.array([new[k] for k in fmt.COMMIT_FIELDS], np.int64)
+        ds[fmt.COMMIT].write(h5py.h5s.ALL, h5py.h5s.ALL, np.array([new[k] for k in fmt.COMMIT_FIELDS], np.int64))
         self._flush()
         self.committed = new
         self._done.update((int(r.problem_id), int(r.sample_index)) for r in records)
 
-    def _write_layer(self, layer: int, parts, tok0: int, tok1: int) -> None:
+    def _write_layer(self, dsid, layer: int, parts, tok0: int, tok1: int) -> None:
         """Append rows tok0:tok1 of one layer.
 
         Uncompressed stores write whole chunks straight to the file (H5Dwrite_chunk): one copy,
         no pass through HDF5's chunk cache, which measured at under half the disk's rate. The
-        rows of the last, partial chunk stay in memory (`_tails`) and that chunk is written
-        padded at every commit, then rewritten whole once it fills.
+        rows of the last, partial chunk stay in a chunk-sized buffer (`_tails`) and that chunk is
+        written at every commit, then rewritten whole once it fills.
         """
-        ds = self._file[fmt.activation_path(layer)]
-        ds.resize(tok1, axis=0)
         if self.compression is not None:
-            pos = tok0
-            for part in parts:
-                ds[pos : pos + len(part)] = part
-                pos += len(part)
+            _append_rows(dsid, tok0, np.concatenate(parts))
             return
-        chunk = self.chunk_tokens
-        tail = self._tails[layer]
-        first = tok0 - len(tail)  # chunk-aligned row where the tail starts
-        rows = np.concatenate([tail, *parts]) if len(tail) else (np.concatenate(parts) if len(parts) > 1 else parts[0])
-        full = len(rows) // chunk * chunk
-        for start in range(0, full, chunk):
-            ds.id.write_direct_chunk((first + start, 0), np.ascontiguousarray(rows[start : start + chunk]))
-        rest = rows[full:]
-        if len(rest):
-            padded = np.zeros((chunk, rows.shape[1]), rows.dtype)
-            padded[: len(rest)] = rest
-            ds.id.write_direct_chunk((first + full, 0), padded)
-        self._tails[layer] = np.array(rest)
+        dsid.set_extent((tok1, self.identity.d_model))
+        chunk, buffer = self.chunk_tokens, self._tails[layer]
+        filled = tok0 % chunk  # buffer holds rows first:tok0, those of the last, partial chunk
+        first = tok0 - filled
+        for part in parts:
+            pos = 0
+            while pos < len(part):
+                take = min(chunk - filled, len(part) - pos)
+                buffer[filled : filled + take] = part[pos : pos + take]
+                filled, pos = filled + take, pos + take
+                if filled == chunk:
+                    dsid.write_direct_chunk((first, 0), buffer)
+                    first, filled = first + chunk, 0
+        if filled:  # rows past `filled` lie beyond the extent: never read, overwritten as the chunk fills
+            dsid.write_direct_chunk((first, 0), buffer)
+
+    def _open_datasets(self) -> dict:
+        """Low-level handles of every dataset an append touches: a commit is a dozen small writes, and
+        h5py's high-level path (name lookup, selection objects) costs more than the writes themselves.
+        Opened afresh for each commit: handles kept open across commits led HDF5 to place a new chunk
+        past the file's end-of-allocation ("addr overflow") in a store reopened after kill -9
+        (tests/test_store_crash.py, about one run in four); per-commit handles never did."""
+        names = [fmt.TRACE_TABLE, fmt.TRACE_TEXT, fmt.PROBLEMS, fmt.COMMIT]
+        names += [f"{fmt.TOKENS}/{name}" for name in fmt.TOKEN_ARRAYS]
+        names += [fmt.activation_path(layer) for layer in self.identity.layers]
+        return {name: h5py.h5d.open(self._file.id, name.encode()) for name in names}
 
     def _load_tails(self) -> None:
-        """Rows of each layer's last, partial chunk, so the next append can complete it."""
+        """A chunk buffer per layer holding the rows of its last, partial chunk, for the next append to complete."""
         n, chunk = self.n_tokens, self.chunk_tokens
         start = n - n % chunk
-        disk = fmt.DTYPES[self.identity.dtype][0]
-        self._tails = {
-            layer: (self._file[fmt.activation_path(layer)][start:n] if n > start else np.zeros((0, self.identity.d_model), disk))
-            for layer in self.identity.layers
-        }
+        self._tails = {}
+        for layer in self.identity.layers:
+            buffer = np.zeros((chunk, self.identity.d_model), fmt.DTYPES[self.identity.dtype][0])
+            if n > start:
+                buffer[: n - start] = self._file[fmt.activation_path(layer)][start:n]
+            self._tails[layer] = buffer
 
     def _flush(self) -> None:
         """Hand everything to the OS (enough for kill -9); with durable=True also wait for the disk."""
@@ -564,6 +561,21 @@ class StoreWriter:
                 done.append(f"{name}: discarded {ds.shape[0] - size} uncommitted rows")
                 ds.resize(size, axis=0)
         return done
+
+
+def _append_rows(dsid, start: int, rows: np.ndarray) -> None:
+    """Grow a dataset to start + len(rows) along its first axis and write rows there (h5py's low-level API)."""
+    if not len(rows):
+        return
+    shape = (start + len(rows), *rows.shape[1:])
+    dsid.set_extent(shape)
+    file_space = dsid.get_space()
+    file_space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
+    dsid.write(h5py.h5s.create_simple(rows.shape), file_space, np.ascontiguousarray(rows))
+
+
+def _concat(parts, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _answer_bytes(value) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import signal
 import threading
@@ -111,7 +112,12 @@ class GracefulStop:
 
 
 class WriterThread:
-    """Appends batches to the store beside generation; the queue bound keeps memory bounded."""
+    """Appends batches to the store beside generation; the queue bound keeps memory bounded.
+
+    The thread runs at idle CPU priority, so storing never takes a core from the model: it works
+    in the gaps (the model's threads waiting on the GPU or between decode steps), and if it falls
+    two batches behind, the model blocks on the full queue and leaves it the CPU.
+    """
 
     def __init__(self, writer: StoreWriter, max_batches: int):
         self.writer = writer
@@ -121,6 +127,7 @@ class WriterThread:
         self.thread.start()
 
     def _run(self):
+        _yield_cpu_to_model()
         while True:
             item = self.queue.get()
             if item is None:
@@ -157,6 +164,14 @@ class WriterThread:
         self.queue.put(None)
         self.thread.join()
         self.check()
+
+
+def _yield_cpu_to_model() -> None:
+    """Put the calling thread in Linux's SCHED_IDLE class (no privileges needed to lower one's own)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux: the writer then shares the CPU as an equal
+        log.debug("writer thread keeps its CPU priority: %s", exc)
 
 
 def _store_dtype(requested: str, model) -> str:
@@ -303,7 +318,7 @@ def _summary(status, stop, config, problems_in_shard, layers, targets_met, write
         "problems_tried": len(writer.problems_done()) if writer else 0, "problems_in_shard": problems_in_shard,
         "traces": writer.n_traces if writer else 0, "tokens": writer.n_tokens if writer else 0,
         "labels": dict(writer.label_counts()) if writer else {}, "layers": layers, "targets_met": targets_met,
-        "seconds": round(seconds, 1), "new_tokens": new_tokens, "repairs": writer.repairs if writer else [],
+        "seconds": seconds, "new_tokens": new_tokens, "repairs": writer.repairs if writer else [],
     }
 
 

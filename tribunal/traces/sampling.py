@@ -46,22 +46,38 @@ class SampledTrace:
     ready: object = None  # call before reading `activations`: waits for the batch's device-to-host copy
 
 
+class _DeepestLayerDone(Exception):
+    """Raised by the deepest target block's hook to end a forward whose logits nobody needs."""
+
+
 class BlockCapture:
     """Forward hooks that keep each target block's output hidden states, call by call."""
 
     def __init__(self, blocks, layers):
         self.layers = list(layers)
         self.steps = {layer: [] for layer in self.layers}
-        self.enabled = True
+        self._stop_at = None
         self._handles = [blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.layers]
 
     def _hook(self, layer):
         def hook(module, inputs, output):
-            if self.enabled:
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                self.steps[layer].append(hidden.detach())
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self.steps[layer].append(hidden.detach())
+            if layer == self._stop_at:
+                raise _DeepestLayerDone()
 
         return hook
+
+    def capture_only(self, model, inputs: dict) -> None:
+        """Run model(**inputs) just deep enough to capture every target layer (the blocks above them,
+        the final norm and the LM head are skipped): for the last sampled token, whose logits are unused."""
+        self._stop_at = max(self.layers)
+        try:
+            model(**inputs)
+        except _DeepestLayerDone:
+            pass
+        finally:
+            self._stop_at = None
 
     def clear(self):
         self.steps = {layer: [] for layer in self.layers}
@@ -150,12 +166,14 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
         last_step = bool(finished.all()) or step + 1 == settings.max_new_tokens
         if last_step and capture is None:
             break
-        # Feed the sampled token: its hidden states are captured here (the last one too, for capture).
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+        # Feed the sampled token: its hidden states are captured here.
+        feed = dict(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_arg: past})
-        past, logits = _cache_of(out), out.logits[:, -1]
-        if last_step:
+        if last_step:  # the last token's residual is stored too; its logits would be unused
+            capture.capture_only(model, feed)
             break
+        out = model(**feed)
+        past, logits = _cache_of(out), out.logits[:, -1]
     gen = torch.stack(tokens, dim=1).cpu()
     logps = torch.stack(logps, dim=1).cpu().numpy()
     ents = torch.stack(ents, dim=1).cpu().numpy()
