@@ -71,18 +71,19 @@ def overhead(base: list[float], other: list[float], resamples: int = 10_000) -> 
     return statistics.median(losses), medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
 
 
-def peak_rss_mb(problems, samples, out):
-    """Run the command in a fresh interpreter that reports its own peak RSS."""
-    code = ("import sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
-            "except SystemExit:\n    pass\n"
-            # VmHWM: this process's own peak. ru_maxrss would include the parent's peak (Linux keeps
-            # the high-water mark across fork + exec), i.e. the benchmark's own memory.
+def peak_rss_mb(problems, samples, out) -> tuple[float, float]:
+    """Peak RSS of a generation in a fresh interpreter (VmHWM, its own) and of its store writer process.
+
+    VmHWM, not ru_maxrss of a child: Linux keeps the high-water mark across fork + exec, so
+    ru_maxrss would include the benchmark's own memory."""
+    code = ("import sys\nfrom tribunal.traces.generate import GenerateConfig, run_generation\n"
+            f"s = run_generation(GenerateConfig(out={str(out)!r}, keep_all=True, progress=False, "
+            f"max_problems={problems}, samples_per_problem={samples}))\n"
+            "print('WRITER', s['writer_peak_rss_mb'])\n"
             "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-    args = ["generate", "--out", str(out), "--keep-all", "--quiet", "--max-problems", str(problems),
-            "--samples-per-problem", str(samples)]
-    done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
-    line = [x for x in done.stdout.splitlines() if x.startswith("MAXRSS")][-1]
-    return int(line.split()[1]) / 1024
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    lines = dict(x.split(None, 1) for x in done.stdout.splitlines() if x.startswith(("MAXRSS", "WRITER")))
+    return int(lines["MAXRSS"]) / 1024, float(lines["WRITER"])
 
 
 def main():
@@ -123,10 +124,11 @@ def main():
 
     rows = []
     for n in (10, 100):
-        rows.append((n, n * 4, f"{peak_rss_mb(n, 4, work / f'm{n}.h5'):.0f}"))
-    print("\n### Peak host memory of `tribunal generate --keep-all` (embedded model)\n")
-    print("| problems | traces | peak RSS MB |")
-    print("|---|---|---|")
+        main_mb, writer_mb = peak_rss_mb(n, 4, work / f"m{n}.h5")
+        rows.append((n, n * 4, f"{main_mb:.0f}", f"{writer_mb:.0f}"))
+    print("\n### Peak host memory of a generation with `keep_all` (embedded model)\n")
+    print("| problems | traces | peak RSS MB, generating process | peak RSS MB, store writer process |")
+    print("|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
     for p in work.glob("*"):

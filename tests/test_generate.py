@@ -293,62 +293,70 @@ def test_stop_signal_while_the_model_loads_is_resumable(tmp_path, tiny_model, sm
     assert not (tmp_path / "g.h5").exists()
 
 
-def test_writer_thread_combines_queued_batches_after_their_copies_land(tmp_path):
-    """While one commit is slow, queued batches wait and then go to the store as one commit, each copy awaited."""
-    import threading
+def test_writer_combines_queued_batches_into_one_commit(tmp_path):
+    """Whatever is queued when the writer gets to it goes to the store as one commit."""
+    import queue
 
     from conftest import make_record, writer_kwargs
-    from tribunal.store import StoreWriter
-    from tribunal.traces.generate import WriterThread
+    from tribunal.traces.store_process import serve
 
-    events, release, first_started = [], threading.Event(), threading.Event()
-    with StoreWriter(tmp_path / "w.h5", **writer_kwargs()) as writer:
-        real_append = writer.append
-
-        def slow_first_append(records, problems_done=()):
-            events.append(("append", len(records)))
-            if len(events) == 2:
-                first_started.set()
-                release.wait(10)
-            real_append(records, problems_done=problems_done)
-
-        writer.append = slow_first_append
-        writes = WriterThread(writer, max_batches=4)
-        for batch in range(4):
-            writes.put([make_record(batch * 2), make_record(batch * 2 + 1)], [(batch, 2)],
-                       lambda batch=batch: events.append(("ready", batch)))
-            if batch == 0:
-                assert first_started.wait(10)  # the first commit is under way; the next three queue behind it
-        release.set()
-        writes.finish()
-        commits = writer.committed["commits"]
-    assert events[:2] == [("ready", 0), ("append", 2)]
-    assert events[2:] == [("ready", 1), ("ready", 2), ("ready", 3), ("append", 6)]
-    assert commits == 2
+    tasks, results = queue.Queue(), queue.Queue()
+    for batch in range(3):
+        tasks.put(([make_record(batch * 2), make_record(batch * 2 + 1)], [(batch, 2)]))
+    tasks.put(None)
+    serve(dict(path=tmp_path / "w.h5", **writer_kwargs()), tasks, results)
+    opened, closed = results.get_nowait(), results.get_nowait()
+    assert opened[0] == "opened" and opened[1]["n_traces"] == 0
+    assert closed[0] == "closed" and closed[1]["n_traces"] == 6 and closed[1]["problems_done"] == {0, 1, 2}
     with open_store(tmp_path / "w.h5") as store:
-        assert store.n_traces == 8 and verify_store(store) == []
+        assert store.n_traces == 6 and verify_store(store) == []
+        assert store.shards[0].committed["commits"] == 1
 
 
-def test_writer_thread_yields_the_cpu_to_the_model(tmp_path):
-    """The writer thread runs in SCHED_IDLE, so storing never takes a core from the decode loop."""
+def test_writer_process_takes_batches_once_their_copies_land_and_yields_the_cpu(tmp_path):
+    """A batch is handed over one put later, after its device-to-host copy is awaited; the writer
+    process runs in SCHED_IDLE and ignores stop signals (the parent decides when to stop)."""
     from conftest import make_record, writer_kwargs
-    from tribunal.store import StoreWriter
-    from tribunal.traces.generate import WriterThread
+    from tribunal.traces.store_process import WriterProcess
 
-    policies = []
-    with StoreWriter(tmp_path / "w.h5", **writer_kwargs()) as writer:
-        real_append = writer.append
+    ready = []
+    writes = WriterProcess(dict(path=tmp_path / "w.h5", **writer_kwargs()), max_batches=2)
+    assert writes.open()["n_traces"] == 0
+    child = writes._process.pid
+    assert os.sched_getscheduler(child) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the model's process keeps its priority
+    for batch in range(3):
+        writes.put([make_record(batch)], [], lambda batch=batch: ready.append(batch))
+        assert ready == list(range(batch))
+    os.kill(child, signal.SIGUSR1)
+    os.kill(child, signal.SIGINT)
+    state = writes.finish()
+    assert ready == [0, 1, 2] and state["n_traces"] == 3
+    with open_store(tmp_path / "w.h5") as store:
+        assert store.n_traces == 3 and verify_store(store) == []
 
-        def append(records, problems_done=()):
-            policies.append(os.sched_getscheduler(0))  # 0: the calling thread
-            real_append(records, problems_done=problems_done)
 
-        writer.append = append
-        writes = WriterThread(writer, max_batches=2)
-        writes.put([make_record(0)], [(0, 1)], lambda: None)
-        writes.finish()
-    assert policies == [os.SCHED_IDLE]
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the model's thread keeps its priority
+def test_writer_process_errors_reach_the_parent(tmp_path):
+    """A store of other settings is refused in the child; the parent raises the same error."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.errors import IncompatibleStoreError, StoreError
+    from tribunal.traces.store_process import WriterProcess
+
+    writes = WriterProcess(dict(path=tmp_path / "w.h5", **writer_kwargs()), max_batches=2)
+    writes.open()
+    writes.put([make_record(0)], [], lambda: None)
+    writes.finish()
+    other = WriterProcess(dict(path=tmp_path / "w.h5", **writer_kwargs(d_model=32)), max_batches=2)
+    with pytest.raises(IncompatibleStoreError, match="d_model"):
+        other.open()
+    # a batch the store refuses: the error comes back, the child still closes the store cleanly
+    again = WriterProcess(dict(path=tmp_path / "w.h5", **writer_kwargs()), max_batches=2)
+    again.open()
+    again.put([make_record(1, d_model=8)], [], lambda: None)
+    with pytest.raises(StoreError, match="activations have shape"):
+        again.finish()
+    with open_store(tmp_path / "w.h5") as store:
+        assert store.n_traces == 1 and verify_store(store) == []
 
 
 def test_last_token_is_captured_without_running_the_blocks_above(tiny_model):

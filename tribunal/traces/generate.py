@@ -1,9 +1,9 @@
 """`tribunal generate`: sample and grade traces, stream activations of every target layer into a store.
 
 The loop: take the shard's problems, skip what the store already holds, sample
-batches of (problem, sample) pairs, grade them, and hand finished traces to a
-writer thread through a bounded queue, so the model never waits on the disk and
-memory stays bounded when the disk is slow. A stop signal (SIGUSR1, SIGTERM,
+batches of (problem, sample) pairs, grade them, and hand finished traces to the
+store's writer process (store_process.py) through a bounded queue, so the model
+never waits on the disk and memory stays bounded when the disk is slow. A stop signal (SIGUSR1, SIGTERM,
 SIGINT) drops the batch in flight, commits what is queued, closes the store and
 returns INTERRUPTED; rerunning the same command resumes.
 """
@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import queue
 import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..errors import TribunalError
 from ..grading import grade_with_answer
 from ..problems.loading import EMBEDDED_PROBLEMS, build_prompt, load_problems, shard_problems
-from ..store.writer import StoreWriter, TraceRecord
+from ..store.writer import TraceRecord
+from .store_process import WriterProcess
 
 log = logging.getLogger("tribunal.generate")
 
@@ -111,69 +111,6 @@ class GracefulStop:
         return self.received is not None
 
 
-class WriterThread:
-    """Appends batches to the store beside generation; the queue bound keeps memory bounded.
-
-    The thread runs at idle CPU priority, so storing never takes a core from the model: it works
-    in the gaps (the model's threads waiting on the GPU or between decode steps), and if it falls
-    two batches behind, the model blocks on the full queue and leaves it the CPU.
-    """
-
-    def __init__(self, writer: StoreWriter, max_batches: int):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="tribunal-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        _yield_cpu_to_model()
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            # Whatever else is already queued joins this commit: fewer flushes and fsyncs when the
-            # generator runs ahead of the disk, and nothing waits when it does not.
-            items, last = [item], False
-            while not self.queue.empty():
-                more = self.queue.get()
-                if more is None:
-                    last = True
-                    break
-                items.append(more)
-            if self.error is None:
-                try:
-                    for _, _, ready in items:
-                        ready()  # the batch's device-to-host copy has landed
-                    self.writer.append([r for records, _, _ in items for r in records],
-                                       problems_done=[p for _, done, _ in items for p in done])
-                except BaseException as exc:  # reported by the main thread
-                    self.error = exc
-            if last:
-                return
-
-    def put(self, records, problems_done, ready):
-        self.check()
-        self.queue.put((records, problems_done, ready))
-
-    def check(self):
-        if self.error is not None:
-            raise self.error
-
-    def finish(self):
-        self.queue.put(None)
-        self.thread.join()
-        self.check()
-
-
-def _yield_cpu_to_model() -> None:
-    """Put the calling thread in Linux's SCHED_IDLE class (no privileges needed to lower one's own)."""
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux: the writer then shares the CPU as an equal
-        log.debug("writer thread keeps its CPU priority: %s", exc)
-
-
 def _store_dtype(requested: str, model) -> str:
     """auto: bfloat16 words when the model computes in bf16 (lossless), float16 otherwise."""
     if requested != "auto":
@@ -220,8 +157,8 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
     resume_identity["dataset"] = str(config.dataset or EMBEDDED_PROBLEMS.name)
-    writer = StoreWriter(
-        config.out, model_id=str(config.model or EMBEDDED_MODEL_ID),
+    writer_kwargs = dict(
+        path=config.out, model_id=str(config.model or EMBEDDED_MODEL_ID),
         model_revision=model_revision(model, config.model) if config.model else "embedded",
         layers=layers, d_model=d_model, dtype=store_dtype, generation_settings=settings,
         dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
@@ -233,92 +170,92 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     eos_ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
     eos_ids.discard(None)
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
+    writes = WriterProcess(writer_kwargs, config.queue_batches)
+    held = writes.open()
+    counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
+    if held["n_traces"] or tried:
+        log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
+                 f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
+    todo = [p for p in mine if p.problem_id not in tried]
+    pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
+    last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
+    prompts = {}
+    bar = _progress(config, len(mine), len(tried))
     capture = BlockCapture(blocks, layers)
-    status = "done"
+    status, batch_size, new_tokens = "done", config.batch_size, 0
     started = time.time()
-    with writer:
-        counts = writer.label_counts()
-        tried = writer.problems_done()
-        done_pairs = writer.done_keys()
-        if writer.n_traces or tried:
-            log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, writer.n_traces,
-                     ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
-                     f"; repaired: {'; '.join(writer.repairs)}" if writer.repairs else "")
-        todo = [p for p in mine if p.problem_id not in tried]
-        pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
-        last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
-        prompts = {}
-        bar = _progress(config, len(mine), len(tried))
-        writes = WriterThread(writer, config.queue_batches)
-        batch_size, new_tokens = config.batch_size, 0
-        try:
-            i = 0
-            while i < len(pairs):
-                if _targets_met(counts, target) and not config.keep_all:
-                    break
-                if stop():
-                    status = "interrupted"
-                    break
-                chunk = pairs[i : i + batch_size]
-                for p, _ in chunk:
-                    if p.problem_id not in prompts:
-                        prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
-                                                             config.chat_template)
-                seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
-                try:
-                    sampled = sample_batch(
-                        model, capture, [prompts[p.problem_id] for p, _ in chunk], seeds, sampling, eos_ids,
-                        tokenizer.pad_token_id, store_dtype, should_stop=stop)
-                except Interrupted:
-                    status = "interrupted"
-                    break
-                except torch.OutOfMemoryError:
-                    if batch_size == 1:
-                        raise TribunalError("out of memory with --batch-size 1: use a smaller --max-new-tokens, "
-                                            "fewer --layers, or more GPUs (--device-map auto)") from None
-                    batch_size = max(1, batch_size // 2)
-                    log.warning("CUDA out of memory: halving the batch to %d and retrying", batch_size)
-                    capture.clear()
-                    torch.cuda.empty_cache()
-                    continue
-                records, finished_problems = [], []
-                for (p, s), t, seed in zip(chunk, sampled, seeds):
-                    text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
-                    label, predicted = grade_with_answer(text, p.gold, finished=t.finished)
-                    new_tokens += len(t.generated_ids)
-                    keep = config.keep_all or label not in target or counts[label] < target[label]
-                    if keep:
-                        counts[label] += 1
-                        records.append(TraceRecord(
-                            problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
-                            prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
-                            predicted=predicted, gold=p.gold,
-                            finish_reason="stop" if t.finished else "length", logprobs=t.logprobs,
-                            entropies=t.entropies, seed=seed))
-                    if (p.problem_id, s) == last_pair[p.problem_id]:
-                        finished_problems.append((p.problem_id, config.samples_per_problem))
-                writes.put(records, finished_problems, sampled[0].ready)
-                i += len(chunk)
-                tried.update(pid for pid, _ in finished_problems)
-                bar.update(len(finished_problems))
-                bar.set_postfix_str(_postfix(counts, new_tokens, started, writer))
-        finally:
-            writes.finish()
-            bar.close()
-            capture.remove()
-        counts = writer.label_counts()
-        return _summary(status, stop, config, len(mine), layers=layers, targets_met=_targets_met(counts, target),
-                        writer=writer, seconds=time.time() - started, new_tokens=new_tokens)
+    try:
+        i = 0
+        while i < len(pairs):
+            if _targets_met(counts, target) and not config.keep_all:
+                break
+            if stop():
+                status = "interrupted"
+                break
+            chunk = pairs[i : i + batch_size]
+            for p, _ in chunk:
+                if p.problem_id not in prompts:
+                    prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
+                                                         config.chat_template)
+            seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
+            try:
+                sampled = sample_batch(
+                    model, capture, [prompts[p.problem_id] for p, _ in chunk], seeds, sampling, eos_ids,
+                    tokenizer.pad_token_id, store_dtype, should_stop=stop)
+            except Interrupted:
+                status = "interrupted"
+                break
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise TribunalError("out of memory with --batch-size 1: use a smaller --max-new-tokens, "
+                                        "fewer --layers, or more GPUs (--device-map auto)") from None
+                batch_size = max(1, batch_size // 2)
+                log.warning("CUDA out of memory: halving the batch to %d and retrying", batch_size)
+                capture.clear()
+                torch.cuda.empty_cache()
+                continue
+            records, finished_problems = [], []
+            for (p, s), t, seed in zip(chunk, sampled, seeds):
+                text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
+                label, predicted = grade_with_answer(text, p.gold, finished=t.finished)
+                new_tokens += len(t.generated_ids)
+                keep = config.keep_all or label not in target or counts[label] < target[label]
+                if keep:
+                    counts[label] += 1
+                    records.append(TraceRecord(
+                        problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
+                        prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
+                        predicted=predicted, gold=p.gold,
+                        finish_reason="stop" if t.finished else "length", logprobs=t.logprobs,
+                        entropies=t.entropies, seed=seed))
+                if (p.problem_id, s) == last_pair[p.problem_id]:
+                    finished_problems.append((p.problem_id, config.samples_per_problem))
+            writes.put(records, finished_problems, sampled[0].ready)
+            i += len(chunk)
+            tried.update(pid for pid, _ in finished_problems)
+            bar.update(len(finished_problems))
+            bar.set_postfix_str(_postfix(counts, new_tokens, started, config.out))
+    finally:
+        capture.remove()
+        bar.close()
+        held = writes.finish()
+    seconds = time.time() - started
+    return _summary(status, stop, config, len(mine), layers=layers,
+                    targets_met=_targets_met(Counter(held["labels"]), target), held=held, seconds=seconds,
+                    new_tokens=new_tokens)
 
 
-def _summary(status, stop, config, problems_in_shard, layers, targets_met, writer=None, seconds=0.0, new_tokens=0):
-    """What run_generation returns (and `format_summary` prints)."""
+def _summary(status, stop, config, problems_in_shard, layers, targets_met, held=None, seconds=0.0, new_tokens=0):
+    """What run_generation returns (and `format_summary` prints); held: the store writer's final state."""
+    held = held or {}
     return {
         "status": status, "signal": stop.received, "store": str(config.out),
-        "problems_tried": len(writer.problems_done()) if writer else 0, "problems_in_shard": problems_in_shard,
-        "traces": writer.n_traces if writer else 0, "tokens": writer.n_tokens if writer else 0,
-        "labels": dict(writer.label_counts()) if writer else {}, "layers": layers, "targets_met": targets_met,
-        "seconds": seconds, "new_tokens": new_tokens, "repairs": writer.repairs if writer else [],
+        "problems_tried": len(held.get("problems_done", ())), "problems_in_shard": problems_in_shard,
+        "traces": held.get("n_traces", 0), "tokens": held.get("n_tokens", 0),
+        "labels": dict(held.get("labels", {})), "layers": layers, "targets_met": targets_met,
+        "seconds": seconds, "new_tokens": new_tokens, "repairs": held.get("repairs", []),
+        "writer_peak_rss_mb": held.get("peak_rss_mb"),
     }
 
 
@@ -333,10 +270,10 @@ def _progress(config, total, initial):
                 disable=not config.progress, dynamic_ncols=True)
 
 
-def _postfix(counts, new_tokens, started, writer) -> str:
+def _postfix(counts, new_tokens, started, store_path) -> str:
     rate = new_tokens / max(time.time() - started, 1e-9)
     try:
-        size = writer.path.stat().st_size / 1e6
+        size = Path(store_path).stat().st_size / 1e6
     except OSError:
         size = float("nan")
     return (f"correct {counts['correct']} incorrect {counts['incorrect']} unparsed {counts['unparsed']} "

@@ -1,0 +1,236 @@
+"""The store writer in a process of its own, beside generation.
+
+A writer thread shares the interpreter lock with the decode loop: every millisecond of
+HDF5 bookkeeping it does is a millisecond the loop waits, which on a small model is
+several percent. The child process (spawned, so it never imports torch) opens the
+StoreWriter, reports what the store already holds, then appends batches as they
+arrive on a bounded queue, combining whatever is queued into one commit. It runs
+at idle CPU priority (storing never takes a core from the model), ignores the stop
+signals (the parent decides when to stop and then sends the end of the queue), and
+dies with its parent, so a kill -9 of the run leaves a store that the next open
+repairs, exactly as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+from collections import Counter
+
+log = logging.getLogger("tribunal.generate")
+
+_START_TIMEOUT_S = 600  # seconds: opening a store on a slow cluster file system, repairs included
+
+
+class WriterProcess:
+    """Parent side: open() -> what the store holds; put() batches; finish() -> what it holds at the end."""
+
+    def __init__(self, writer_kwargs: dict, max_batches: int):
+        ctx = multiprocessing.get_context("spawn")
+        self._tasks = ctx.Queue(maxsize=max_batches)
+        self._results = ctx.Queue()
+        self._process = ctx.Process(target=_child_main, args=(writer_kwargs, self._tasks, self._results, os.getpid()),
+                                    name="tribunal-writer", daemon=True)
+        self._pending = None  # the last batch, handed over once its device-to-host copy has landed
+        self._error: BaseException | None = None
+        self._closed: dict | None = None
+
+    def open(self) -> dict:
+        """Start the child, which opens the store (creating it, or repairing and checking it).
+
+        Returns n_traces, n_tokens, labels, problems_done, done_keys and repairs; raises the child's
+        error (a store of another model, a held lock ...) as it was raised there."""
+        self._process.start()
+        state = self._wait_for("opened", _START_TIMEOUT_S)
+        if state is None:
+            self._process.join()
+            raise self._error
+        return state
+
+    def put(self, records, problems_done, ready) -> None:
+        """Queue a batch; blocks while `max_batches` wait (memory stays bounded when the disk is slow).
+
+        The batch goes to the child one call later: by then its asynchronous device-to-host copy has
+        long landed, so waiting on it here never makes the model wait."""
+        self.check()
+        if self._pending is not None:
+            self._send(self._pending[:2], self._pending[2])
+        self._pending = (records, problems_done, ready)
+
+    def check(self) -> None:
+        """Raise the child's error, if it reported one (the store is intact up to its last commit)."""
+        self._poll(block=False)
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> dict:
+        """Hand over the last batch, end the queue, wait for the final commit; returns the store's state."""
+        try:
+            if self._pending is not None and self._error is None:
+                self._send(self._pending[:2], self._pending[2])
+            self._pending = None
+            self._send(None)
+            state = self._wait_for("closed", None)
+        finally:
+            self._process.join()
+        if self._error is not None:
+            raise self._error
+        return state
+
+    def _send(self, item, ready=None) -> None:
+        if ready is not None:
+            ready()
+        while True:
+            try:
+                self._tasks.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                self._poll(block=False)
+                if not self._process.is_alive():  # a dead child must not block the run; finish() says why
+                    return
+
+    def _wait_for(self, kind: str, timeout):
+        """Read results until `kind` arrives (its payload) or the child ends without it (None)."""
+        waited = 0.0
+        while True:
+            got = self._poll(block=True)
+            if got is not None and got[0] == kind:
+                return got[1]
+            if got is None and not self._process.is_alive():
+                self._poll(block=False)
+                if self._error is None:
+                    self._error = RuntimeError(
+                        f"the store writer process ended without closing the store (exit code "
+                        f"{self._process.exitcode}); rerun to resume from the last commit")
+                return None
+            waited += 1.0
+            if timeout is not None and waited >= timeout:
+                self._process.kill()
+                self._error = RuntimeError(f"the store writer process did not open the store in {timeout} s")
+                return None
+
+    def _poll(self, block: bool):
+        """Take one result (waiting up to a second if block); errors are kept, the first one wins."""
+        try:
+            kind, payload = self._results.get(timeout=1.0) if block else self._results.get_nowait()
+        except queue.Empty:
+            if not block and not self._process.is_alive() and self._closed is None and self._error is None:
+                self._error = RuntimeError(
+                    f"the store writer process died (exit code {self._process.exitcode}); rerun to resume")
+            return None
+        if kind == "error":
+            self._error = self._error or payload
+        elif kind == "closed":
+            self._closed = payload
+        return kind, payload
+
+
+def _child_main(writer_kwargs: dict, tasks, results, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    yield_cpu_to_model(0)
+    serve(writer_kwargs, tasks, results)
+    # The store is closed and the parent told: leave without the interpreter's teardown, which the
+    # parent would otherwise wait for at the end of every run.
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def serve(writer_kwargs: dict, tasks, results) -> None:
+    """Open the store, report its state, append what arrives on `tasks` until None, close, report again.
+
+    Messages on `results`: ("opened", state), ("error", exception) for the first failure, and
+    ("closed", state) once the store is closed (also after a failure: the state is the last commit)."""
+    from ..store.writer import StoreWriter
+
+    writer = StoreWriter(**writer_kwargs)
+    try:
+        writer.open()
+    except BaseException as exc:  # noqa: BLE001  (handed to the parent, which raises it)
+        results.put(("error", _portable(exc)))
+        return
+    failed = False
+    try:
+        results.put(("opened", _state(writer)))
+        while True:
+            items, last = [tasks.get()], False
+            if items[0] is None:
+                break
+            # Whatever else is already queued joins this commit: fewer flushes and fsyncs when the
+            # generator runs ahead of the disk, and nothing waits when it does not.
+            while True:
+                try:
+                    more = tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                items.append(more)
+            if not failed:
+                try:
+                    writer.append([r for records, _ in items for r in records],
+                                  problems_done=[p for _, done in items for p in done])
+                except BaseException as exc:  # noqa: BLE001
+                    failed = True
+                    results.put(("error", _portable(exc)))
+            if last:
+                break
+    finally:
+        state = _state(writer)
+        writer.close()
+        results.put(("closed", state))
+
+
+def _state(writer) -> dict:
+    return {
+        "n_traces": writer.n_traces, "n_tokens": writer.n_tokens, "labels": Counter(writer.label_counts()),
+        "problems_done": writer.problems_done(), "done_keys": writer.done_keys(), "repairs": list(writer.repairs),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (tribunal's errors do), else its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def yield_cpu_to_model(tid: int) -> None:
+    """Put a thread (tid; 0 = the caller) in Linux's SCHED_IDLE class: it runs when a core would idle.
+    Lowering one's own priority needs no privileges."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux: the writer shares the CPU as an equal
+        log.debug("store writer keeps its CPU priority: %s", exc)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux PR_SET_PDEATHSIG: a kill -9 of the run takes the writer with it (it holds the store's lock)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(x for x in fh if x.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
