@@ -7,7 +7,7 @@
    sampling only (prompts, the decode loop, decoding, grading; no hooks, no
    store), sampling + capture (hooks, the last token's partial forward, host
    copies; no store), and the real `run_generation` path (capture, records,
-   writer thread, HDF5 commits). The overhead is the median over rounds of each
+   writer process, HDF5 commits). The overhead is the median over rounds of each
    round's own ratio, with a bootstrap 95% interval: a shared VM's speed drifts
    by several percent between runs, and pairing within a round cancels the drift.
    On CPU with the embedded model; pass --model/--device-map on a GPU.

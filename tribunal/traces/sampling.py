@@ -184,7 +184,7 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
         hidden = torch.stack([_to_storage(h, store_dtype) for h in capture.take()])  # (layers, batch, pos, d)
         if hidden.is_cuda:
             # Asynchronous copy into pinned memory: the next batch starts on the GPU while this one
-            # travels; the writer thread waits on the event before it reads the activations.
+            # travels; the batch is handed to the store writer only after this event (store_process.py).
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             host.copy_(hidden, non_blocking=True)
             event = torch.cuda.Event()
