@@ -379,3 +379,18 @@ def test_last_token_is_captured_without_running_the_blocks_above(tiny_model):
     steps = len(trace.generated_ids)
     assert trace.activations.shape == (1, len(prompt) + steps, model.config.hidden_size)
     assert calls["top"] == steps  # the prompt, then every sampled token but the last
+
+
+def test_a_script_without_a_main_guard_can_generate(tmp_path, tiny_model, small_problems, python_env):
+    """The writer process is its own module's __main__: the caller's script is not re-run in it."""
+    script = tmp_path / "quick.py"
+    script.write_text(
+        "from tribunal.traces.generate import GenerateConfig, run_generation\n"
+        "print('RUN')\n"
+        f"s = run_generation(GenerateConfig(out={str(tmp_path / 'g.h5')!r}, model={str(tiny_model)!r}, "
+        f"dataset={str(small_problems)!r}, layers='1', max_new_tokens=8, samples_per_problem=1, "
+        "max_problems=2, keep_all=True, progress=False))\n"
+        "print(s['status'], s['traces'])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=python_env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["RUN", "done", "2"]

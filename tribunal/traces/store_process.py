@@ -2,39 +2,48 @@
 
 A writer thread shares the interpreter lock with the decode loop: every millisecond of
 HDF5 bookkeeping it does is a millisecond the loop waits, which on a small model is
-several percent. The child process (spawned, so it never imports torch) opens the
-StoreWriter, reports what the store already holds, then appends batches as they
-arrive on a bounded queue, combining whatever is queued into one commit. It runs
-at idle CPU priority (storing never takes a core from the model), ignores the stop
-signals (the parent decides when to stop and then sends the end of the queue), and
-dies with its parent, so a kill -9 of the run leaves a store that the next open
-repairs, exactly as before.
+several percent. The child (`python -m tribunal.traces.store_process`, so it never
+imports torch, nor re-runs the caller's script as multiprocessing's spawn would)
+opens the StoreWriter, reports what the store already holds, then appends batches
+as they arrive, combining whatever is queued into one commit. It runs at idle CPU
+priority (storing never takes a core from the model), ignores the stop signals (the
+parent decides when to stop and then sends the end of the queue), and dies with its
+parent, so a kill -9 of the run leaves a store that the next open repairs, as before.
+Messages travel pickled over a socket pair (multiprocessing.connection).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import socket
+import subprocess
+import sys
+import threading
 from collections import Counter
+from multiprocessing.connection import Connection
 
 log = logging.getLogger("tribunal.generate")
 
 _START_TIMEOUT_S = 600  # seconds: opening a store on a slow cluster file system, repairs included
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class WriterProcess:
     """Parent side: open() -> what the store holds; put() batches; finish() -> what it holds at the end."""
 
     def __init__(self, writer_kwargs: dict, max_batches: int):
-        ctx = multiprocessing.get_context("spawn")
-        self._tasks = ctx.Queue(maxsize=max_batches)
-        self._results = ctx.Queue()
-        self._process = ctx.Process(target=_child_main, args=(writer_kwargs, self._tasks, self._results, os.getpid()),
-                                    name="tribunal-writer", daemon=True)
+        self._writer_kwargs = writer_kwargs
+        # Batches wait here (bounded: memory stays bounded when the disk is slow); a sender thread
+        # pickles them onto the socket, so the decode loop never blocks on the child reading.
+        self._outbox: queue.Queue = queue.Queue(maxsize=max_batches)
+        self._conn: Connection | None = None
+        self._process: subprocess.Popen | None = None
+        self._sender: threading.Thread | None = None
         self._pending = None  # the last batch, handed over once its device-to-host copy has landed
         self._error: BaseException | None = None
         self._closed: dict | None = None
@@ -44,10 +53,21 @@ class WriterProcess:
 
         Returns n_traces, n_tokens, labels, problems_done, done_keys and repairs; raises the child's
         error (a store of another model, a held lock ...) as it was raised there."""
-        self._process.start()
+        ours, theirs = socket.socketpair()
+        self._conn = Connection(ours.detach())
+        env = dict(os.environ)  # the child imports this very tribunal, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tribunal.traces.store_process", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        theirs.close()
+        self._conn.send(self._writer_kwargs)
+        self._sender = threading.Thread(target=self._send_loop, name="tribunal-store-sender", daemon=True)
+        self._sender.start()
         state = self._wait_for("opened", _START_TIMEOUT_S)
         if state is None:
-            self._process.join()
+            self._outbox.put(None)
+            self._process.wait()
             raise self._error
         return state
 
@@ -63,7 +83,7 @@ class WriterProcess:
 
     def check(self) -> None:
         """Raise the child's error, if it reported one (the store is intact up to its last commit)."""
-        self._poll(block=False)
+        self._poll(timeout=0)
         if self._error is not None:
             raise self._error
 
@@ -76,36 +96,53 @@ class WriterProcess:
             self._send(None)
             state = self._wait_for("closed", None)
         finally:
-            self._process.join()
+            self._process.wait()
+            self._sender.join(timeout=5)
+            self._conn.close()
         if self._error is not None:
             raise self._error
         return state
+
+    def _alive(self) -> bool:
+        return self._process.poll() is None
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            try:
+                self._conn.send(item)
+            except OSError:  # the child is gone; _wait_for and check() say why
+                return
+            if item is None:
+                return
 
     def _send(self, item, ready=None) -> None:
         if ready is not None:
             ready()
         while True:
             try:
-                self._tasks.put(item, timeout=1.0)
+                self._outbox.put(item, timeout=1.0)
                 return
             except queue.Full:
-                self._poll(block=False)
-                if not self._process.is_alive():  # a dead child must not block the run; finish() says why
+                self._poll(timeout=0)
+                if not self._alive():  # a dead child must not block the run; finish() says why
                     return
 
     def _wait_for(self, kind: str, timeout):
         """Read results until `kind` arrives (its payload) or the child ends without it (None)."""
         waited = 0.0
         while True:
-            got = self._poll(block=True)
+            got = self._poll(timeout=1.0)
             if got is not None and got[0] == kind:
                 return got[1]
-            if got is None and not self._process.is_alive():
-                self._poll(block=False)
+            if got is not None and got[0] == "error" and kind == "opened":
+                return None  # the store could not be opened; nothing follows
+            if got is None and not self._alive():
+                self._poll(timeout=0)
                 if self._error is None:
                     self._error = RuntimeError(
                         f"the store writer process ended without closing the store (exit code "
-                        f"{self._process.exitcode}); rerun to resume from the last commit")
+                        f"{self._process.returncode}); rerun to resume from the last commit")
                 return None
             waited += 1.0
             if timeout is not None and waited >= timeout:
@@ -113,14 +150,16 @@ class WriterProcess:
                 self._error = RuntimeError(f"the store writer process did not open the store in {timeout} s")
                 return None
 
-    def _poll(self, block: bool):
-        """Take one result (waiting up to a second if block); errors are kept, the first one wins."""
+    def _poll(self, timeout: float):
+        """Take one result if one arrives within `timeout` s; errors are kept, the first one wins."""
         try:
-            kind, payload = self._results.get(timeout=1.0) if block else self._results.get_nowait()
-        except queue.Empty:
-            if not block and not self._process.is_alive() and self._closed is None and self._error is None:
-                self._error = RuntimeError(
-                    f"the store writer process died (exit code {self._process.exitcode}); rerun to resume")
+            if not self._conn.poll(timeout):
+                if timeout == 0 and not self._alive() and self._closed is None and self._error is None:
+                    self._error = RuntimeError(
+                        f"the store writer process died (exit code {self._process.returncode}); rerun to resume")
+                return None
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError):
             return None
         if kind == "error":
             self._error = self._error or payload
@@ -129,16 +168,35 @@ class WriterProcess:
         return kind, payload
 
 
-def _child_main(writer_kwargs: dict, tasks, results, parent_pid: int) -> None:
+class _ConnectionQueue:
+    """The child's view of the socket: get / get_nowait for batches, put for results."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def get(self):
+        return self.conn.recv()
+
+    def get_nowait(self):
+        if not self.conn.poll(0):
+            raise queue.Empty
+        return self.conn.recv()
+
+    def put(self, item) -> None:
+        self.conn.send(item)
+
+
+def _child_main(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     yield_cpu_to_model(0)
-    serve(writer_kwargs, tasks, results)
+    conn = Connection(fd)
+    channel = _ConnectionQueue(conn)
+    serve(conn.recv(), channel, channel)
     # The store is closed and the parent told: leave without the interpreter's teardown, which the
     # parent would otherwise wait for at the end of every run.
-    results.close()
-    results.join_thread()
+    conn.close()
     os._exit(0)
 
 
@@ -198,8 +256,6 @@ def _state(writer) -> dict:
 
 def _portable(exc: BaseException) -> BaseException:
     """The exception itself when it survives pickling (tribunal's errors do), else its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -234,3 +290,7 @@ def _peak_rss_mb() -> float:
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return float("nan")
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]), int(sys.argv[2]))
