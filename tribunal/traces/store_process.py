@@ -175,22 +175,28 @@ class _ConnectionQueue:
         self.conn = conn
 
     def get(self):
-        return self.conn.recv()
+        try:
+            return self.conn.recv()
+        except EOFError:  # the parent is gone (PR_SET_PDEATHSIG is Linux only): close what is committed
+            return None
 
     def get_nowait(self):
         if not self.conn.poll(0):
             raise queue.Empty
-        return self.conn.recv()
+        return self.get()
 
     def put(self, item) -> None:
-        self.conn.send(item)
+        try:
+            self.conn.send(item)
+        except OSError:  # the parent is gone; nobody is listening
+            pass
 
 
 def _child_main(fd: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    yield_cpu_to_model(0)
+    _yield_cpu_to_model()
     conn = Connection(fd)
     channel = _ConnectionQueue(conn)
     serve(conn.recv(), channel, channel)
@@ -263,11 +269,11 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def yield_cpu_to_model(tid: int) -> None:
-    """Put a thread (tid; 0 = the caller) in Linux's SCHED_IDLE class: it runs when a core would idle.
+def _yield_cpu_to_model() -> None:
+    """Put this process in Linux's SCHED_IDLE class: it runs when a core would otherwise idle.
     Lowering one's own priority needs no privileges."""
     try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError) as exc:  # not Linux: the writer shares the CPU as an equal
         log.debug("store writer keeps its CPU priority: %s", exc)
 
