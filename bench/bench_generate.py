@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import PRINT_OWN_PEAK_RSS, own_peak_rss_bytes  # noqa: E402
 from tribunal.grading import grade  # noqa: E402
 from tribunal.problems.loading import build_prompt, load_problems  # noqa: E402
 from tribunal.traces.generate import GenerateConfig, run_generation  # noqa: E402
@@ -72,18 +73,14 @@ def overhead(base: list[float], other: list[float], resamples: int = 10_000) -> 
 
 
 def peak_rss_mb(problems, samples, out) -> tuple[float, float]:
-    """Peak RSS of a generation in a fresh interpreter (VmHWM, its own) and of its store writer process.
-
-    VmHWM, not ru_maxrss of a child: Linux keeps the high-water mark across fork + exec, so
-    ru_maxrss would include the benchmark's own memory."""
-    code = ("import sys\nfrom tribunal.traces.generate import GenerateConfig, run_generation\n"
+    """Peak RSS (MB) of a generation in a fresh interpreter, and of its store writer process."""
+    code = ("from tribunal.traces.generate import GenerateConfig, run_generation\n"
             f"s = run_generation(GenerateConfig(out={str(out)!r}, keep_all=True, progress=False, "
             f"max_problems={problems}, samples_per_problem={samples}))\n"
-            "print('WRITER', s['writer_peak_rss_mb'])\n"
-            "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+            "print('WRITER', s['writer_peak_rss_mb'])" + PRINT_OWN_PEAK_RSS)
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    lines = dict(x.split(None, 1) for x in done.stdout.splitlines() if x.startswith(("MAXRSS", "WRITER")))
-    return int(lines["MAXRSS"]) / 1024, float(lines["WRITER"])
+    writer = [x for x in done.stdout.splitlines() if x.startswith("WRITER")][-1].split()[1]
+    return own_peak_rss_bytes(done.stdout) / 2**20, float(writer)
 
 
 def main():

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import export_layers_to_npy  # noqa: E402
+from common import PRINT_OWN_PEAK_RSS, export_layers_to_npy, own_peak_rss_bytes  # noqa: E402
 
 from tribunal.probes.trajectory import load_trajectory_data  # noqa: E402
 from tribunal.store import open_store  # noqa: E402
@@ -54,13 +54,10 @@ def tribunal_features(path):
 
 def token_probe_peak_rss(path, out, memory):
     code = ("import sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
-            "except SystemExit:\n    pass\n"
-            # VmHWM: this process's own peak. ru_maxrss would include the parent's peak (Linux keeps
-            # the high-water mark across fork + exec), i.e. the benchmark's own memory.
-            "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+            "except SystemExit:\n    pass" + PRINT_OWN_PEAK_RSS)
     args = ["probe", "tokens", str(path), "--out", str(out), "--memory", memory, "--bootstrap", "100"]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return int([x for x in done.stdout.splitlines() if x.startswith("MAXRSS")][-1].split()[1]) * 1024
+    return own_peak_rss_bytes(done.stdout)
 
 
 def main():

@@ -4,6 +4,16 @@ from pathlib import Path
 
 import numpy as np
 
+# Appended to a `python -c` program: prints that interpreter's own peak RSS (VmHWM, kB). ru_maxrss of
+# a child would not do: Linux keeps the high-water mark across fork + exec, so it would include the
+# benchmark's own memory.
+PRINT_OWN_PEAK_RSS = "\nprint('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+
+
+def own_peak_rss_bytes(stdout: str) -> int:
+    """The peak RSS that PRINT_OWN_PEAK_RSS printed."""
+    return int([x for x in stdout.splitlines() if x.startswith("MAXRSS")][-1].split()[1]) * 1024
+
 
 def export_layers_to_npy(store, layers, work: Path) -> list[Path]:
     """Each layer's stored words as a raw .npy file: the same bytes, for numpy memmap baselines."""

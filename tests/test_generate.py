@@ -359,6 +359,21 @@ def test_writer_process_errors_reach_the_parent(tmp_path):
         assert store.n_traces == 1 and verify_store(store) == []
 
 
+def test_a_dead_writer_process_is_a_clear_error(tmp_path):
+    """The run does not hang on a writer killed from outside; it says so and that rerunning resumes."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.traces.store_process import WriterProcess
+
+    writes = WriterProcess(dict(path=tmp_path / "w.h5", **writer_kwargs()), max_batches=1)
+    writes.open()
+    os.kill(writes._process.pid, signal.SIGKILL)
+    writes._process.wait()
+    with pytest.raises(RuntimeError, match="writer process died.*rerun to resume"):
+        writes.put([make_record(0)], [], lambda: None)
+    with pytest.raises(RuntimeError, match="rerun to resume"):
+        writes.finish()
+
+
 def test_last_token_is_captured_without_running_the_blocks_above(tiny_model):
     """The forward that captures the last sampled token stops at the deepest target layer."""
     from tribunal.traces.models import decoder_blocks, load_model

@@ -3,9 +3,10 @@
 The loop: take the shard's problems, skip what the store already holds, sample
 batches of (problem, sample) pairs, grade them, and hand finished traces to the
 store's writer process (store_process.py) through a bounded queue, so the model
-never waits on the disk and memory stays bounded when the disk is slow. A stop signal (SIGUSR1, SIGTERM,
-SIGINT) drops the batch in flight, commits what is queued, closes the store and
-returns INTERRUPTED; rerunning the same command resumes.
+never waits on the disk and memory stays bounded when the disk is slow. A stop
+signal (SIGUSR1, SIGTERM, SIGINT) drops the batch in flight, commits what is
+queued, closes the store and returns INTERRUPTED; rerunning the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -172,20 +173,22 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
     writes = WriterProcess(writer_kwargs, config.queue_batches)
     held = writes.open()
-    counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
-    if held["n_traces"] or tried:
-        log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
-                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
-                 f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
-    todo = [p for p in mine if p.problem_id not in tried]
-    pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
-    last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
-    prompts = {}
-    bar = _progress(config, len(mine), len(tried))
-    capture = BlockCapture(blocks, layers)
+    capture = bar = None
     status, batch_size, new_tokens = "done", config.batch_size, 0
     started = time.time()
-    try:
+    try:  # from here on the writer process is told to close the store, whatever happens
+        capture = BlockCapture(blocks, layers)
+        counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
+        if held["n_traces"] or tried:
+            log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
+                     ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
+                     f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
+        todo = [p for p in mine if p.problem_id not in tried]
+        pairs = [(p, s) for p in todo for s in range(config.samples_per_problem)
+                 if (p.problem_id, s) not in done_pairs]
+        last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
+        prompts = {}
+        bar = _progress(config, len(mine), len(tried))
         i = 0
         while i < len(pairs):
             if _targets_met(counts, target) and not config.keep_all:
@@ -237,8 +240,10 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
             bar.update(len(finished_problems))
             bar.set_postfix_str(_postfix(counts, new_tokens, started, config.out))
     finally:
-        capture.remove()
-        bar.close()
+        if capture is not None:
+            capture.remove()
+        if bar is not None:
+            bar.close()
         held = writes.finish()
     seconds = time.time() - started
     return _summary(status, stop, config, len(mine), layers=layers,

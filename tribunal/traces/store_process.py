@@ -137,13 +137,8 @@ class WriterProcess:
                 return got[1]
             if got is not None and got[0] == "error" and kind == "opened":
                 return None  # the store could not be opened; nothing follows
-            if got is None and not self._alive():
-                self._poll(timeout=0)
-                if self._error is None:
-                    self._error = RuntimeError(
-                        f"the store writer process ended without closing the store (exit code "
-                        f"{self._process.returncode}); rerun to resume from the last commit")
-                return None
+            if got is None and self._error is not None:
+                return None  # the child died (_poll said so)
             waited += 1.0
             if timeout is not None and waited >= timeout:
                 self._process.kill()
@@ -154,12 +149,14 @@ class WriterProcess:
         """Take one result if one arrives within `timeout` s; errors are kept, the first one wins."""
         try:
             if not self._conn.poll(timeout):
-                if timeout == 0 and not self._alive() and self._closed is None and self._error is None:
-                    self._error = RuntimeError(
-                        f"the store writer process died (exit code {self._process.returncode}); rerun to resume")
                 return None
             kind, payload = self._conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the child closed its end: it exited, or is about to
+            self._process.wait()
+            if self._closed is None and self._error is None:
+                self._error = RuntimeError(
+                    f"the store writer process died (exit code {self._process.returncode}); the store is "
+                    "intact up to its last commit: rerun to resume")
             return None
         if kind == "error":
             self._error = self._error or payload
