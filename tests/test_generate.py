@@ -396,6 +396,41 @@ def test_last_token_is_captured_without_running_the_blocks_above(tiny_model):
     assert calls["top"] == steps  # the prompt, then every sampled token but the last
 
 
+def test_last_forward_runs_only_the_traces_that_ended_last(tiny_model):
+    """Traces that ended early had their last token fed while the batch ran on; the last forward takes
+    only the traces that ended at the final step, and every trace's states still equal a
+    teacher-forced pass."""
+    from tribunal.traces.models import decoder_blocks, load_model
+    from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch
+
+    model, tok = load_model(str(tiny_model))
+    blocks = decoder_blocks(model)
+    widths = []
+    counter = blocks[0].register_forward_hook(lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[0]))
+    capture = BlockCapture(blocks, [1, 2])
+    stops = set(range(0, len(tok), 3))  # a third of the vocabulary ends a trace: traces end at different steps
+    prompts = [tok(q)["input_ids"] for q in ("Tom has 3 apples.", "Ann buys 12 pens and 4 books.", "5 + 7 =", "Bo runs")]
+    try:
+        traces = sample_batch(model, capture, prompts, [1, 2, 3, 4], SamplingSettings(1.0, 1.0, 30), stops,
+                              tok.pad_token_id, store_dtype="float32")
+    finally:
+        counter.remove()
+        capture.remove()
+    lengths = [len(t.generated_ids) for t in traces]
+    assert len(set(lengths)) > 1 and widths[-1] == lengths.count(max(lengths)) < len(prompts)
+    for prompt, t in zip(prompts, traces):
+        seen = {}
+        hooks = [blocks[l].register_forward_hook(
+            lambda m, a, o, l=l: seen.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].numpy())) for l in (1, 2)]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([t.prompt_ids + t.generated_ids]))
+        for h in hooks:
+            h.remove()
+        assert t.activations.shape[1] == len(prompt) + len(t.generated_ids)
+        for i, layer in enumerate((1, 2)):
+            np.testing.assert_allclose(t.activations[i], seen[layer], atol=1e-4, rtol=1e-4)
+
+
 def test_a_script_without_a_main_guard_can_generate(tmp_path, tiny_model, small_problems, python_env):
     """The writer process is its own module's __main__: the caller's script is not re-run in it."""
     script = tmp_path / "quick.py"

@@ -68,9 +68,12 @@ class BlockCapture:
 
         return hook
 
-    def capture_only(self, model, inputs: dict) -> None:
+    def capture_only(self, model, inputs: dict, rows: torch.Tensor | None = None, batch: int = 0) -> None:
         """Run model(**inputs) just deep enough to capture every target layer (the blocks above them,
-        the final norm and the LM head are skipped): for the last sampled token, whose logits are unused."""
+        the final norm and the LM head are skipped): for the last sampled token, whose logits are unused.
+
+        rows: the batch rows `inputs` holds, when it holds only some of a batch of `batch`; the states
+        are put back in place (the other rows' are zeros, beyond the end of their traces)."""
         self._stop_at = max(self.layers)
         try:
             model(**inputs)
@@ -78,6 +81,12 @@ class BlockCapture:
             pass
         finally:
             self._stop_at = None
+        if rows is not None:
+            for layer in self.layers:
+                part = self.steps[layer][-1]
+                whole = part.new_zeros((batch, *part.shape[1:]))
+                whole[rows.to(part.device)] = part
+                self.steps[layer][-1] = whole
 
     def clear(self):
         self.steps = {layer: [] for layer in self.layers}
@@ -114,6 +123,22 @@ def _cache_argument(model) -> str:
 
 def _cache_of(out):
     return out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values")
+
+
+def _rows_still_to_feed(feed: dict, unfed: torch.Tensor, cache_arg: str) -> torch.Tensor | None:
+    """Cut `feed` down to the rows whose last token was never fed (the traces that ended at this step:
+    the others' last tokens went through the model while the batch ran on), so the last forward runs
+    on those rows alone: often one, at a fraction of a full batch's cost on a CPU. Returns the rows
+    kept (on the CPU, which indexes tensors on any device), or None where the feed stays whole: all
+    rows are needed, or the cache cannot select rows (legacy tuple caches)."""
+    rows = unfed.nonzero()[:, 0].cpu()
+    cache = feed[cache_arg]
+    if len(rows) == len(unfed) or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(rows)  # in place: the cache is not used after this forward
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        feed[name] = feed[name][rows.to(feed[name].device)]
+    return rows
 
 
 def _to_storage(hidden: torch.Tensor, store_dtype: str) -> torch.Tensor:
@@ -170,7 +195,8 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
         feed = dict(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_arg: past})
         if last_step:  # the last token's residual is stored too; its logits would be unused
-            capture.capture_only(model, feed)
+            rows = _rows_still_to_feed(feed, lengths == step + 1, cache_arg)
+            capture.capture_only(model, feed, rows, batch)
             break
         out = model(**feed)
         past, logits = _cache_of(out), out.logits[:, -1]
