@@ -91,9 +91,19 @@ class BlockCapture:
     def clear(self):
         self.steps = {layer: [] for layer in self.layers}
 
-    def take(self) -> list[torch.Tensor]:
-        """(batch, positions, d_model) per layer for everything captured since the last take."""
-        out = [torch.cat(self.steps[layer], dim=1) for layer in self.layers]
+    def take(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """(layers, batch, positions, d_model) in `dtype` on `device`: everything captured since the
+        last take, concatenated and converted in one copy per layer (layers may live on other devices
+        under a device_map)."""
+        steps = [self.steps[layer] for layer in self.layers]
+        first = steps[0][0]
+        positions = sum(step.shape[1] for step in steps[0])
+        out = torch.empty((len(steps), first.shape[0], positions, first.shape[-1]), dtype=dtype, device=device)
+        for i, layer_steps in enumerate(steps):
+            if layer_steps[0].device == out.device:
+                torch.cat(layer_steps, dim=1, out=out[i])
+            else:
+                out[i].copy_(torch.cat(layer_steps, dim=1))
         self.clear()
         return out
 
@@ -141,10 +151,7 @@ def _rows_still_to_feed(feed: dict, unfed: torch.Tensor, cache_arg: str) -> torc
     return rows
 
 
-def _to_storage(hidden: torch.Tensor, store_dtype: str) -> torch.Tensor:
-    if store_dtype == "bfloat16":
-        return hidden.to(torch.bfloat16).view(torch.int16)
-    return hidden.to(torch.float16 if store_dtype == "float16" else torch.float32)
+_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @torch.no_grad()
@@ -207,14 +214,17 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     finished = finished.cpu().tolist()
     words, ready = None, _no_wait
     if capture is not None:
-        hidden = torch.stack([_to_storage(h, store_dtype) for h in capture.take()])  # (layers, batch, pos, d)
+        hidden = capture.take(_STORAGE_DTYPES[store_dtype], device)  # (layers, batch, pos, d)
+        if store_dtype == "bfloat16":
+            hidden = hidden.view(torch.int16)  # numpy has no bfloat16: the store keeps its 16-bit words
         if hidden.is_cuda:
             # Asynchronous copy into pinned memory: the next batch starts on the GPU while this one
             # travels; the batch is handed to the store writer only after this event (store_process.py).
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            stream = torch.cuda.current_stream(hidden.device)
             host.copy_(hidden, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(stream)
             hidden, ready = host, event.synchronize
         words = hidden.numpy()
         if store_dtype == "bfloat16":
