@@ -215,7 +215,7 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                                         "fewer --layers, or more GPUs (--device-map auto)") from None
                 batch_size = max(1, batch_size // 2)
                 log.warning("CUDA out of memory: halving the batch to %d and retrying", batch_size)
-                capture.clear()
+                capture.release()
                 torch.cuda.empty_cache()
                 continue
             records, finished_problems = [], []

@@ -51,61 +51,86 @@ class _DeepestLayerDone(Exception):
 
 
 class BlockCapture:
-    """Forward hooks that keep each target block's output hidden states, call by call."""
+    """Forward hooks that collect each target block's output hidden states into one batch buffer.
+
+    The prompt's states are copied into the buffer (in the storage dtype) as they come: keeping a
+    long prompt's output tensors pins allocations the model would have reused, and on a CPU that
+    made later blocks allocate (and page-fault) afresh. Each decode step's states (one token) are
+    kept by reference and copied into the buffer once, at `take`: a tensor operation costs ~10 us
+    in the decode loop, so one per layer per batch instead of one per layer per step.
+    """
 
     def __init__(self, blocks, layers):
         self.layers = list(layers)
-        self.steps = {layer: [] for layer in self.layers}
         self._stop_at = None
-        self._handles = [blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.layers]
+        self._rows = None
+        self.start(0, 0, torch.float32, "cpu")
+        self._handles = [blocks[layer].register_forward_hook(self._hook(i, layer))
+                         for i, layer in enumerate(self.layers)]
 
-    def _hook(self, layer):
+    def start(self, batch: int, positions: int, dtype: torch.dtype, device) -> None:
+        """Begin a batch of `batch` sequences of at most `positions` tokens, captured in `dtype` on `device`
+        (the buffer is allocated by the first hook, which knows d_model); drops anything captured before.
+        The first forward after `start` is the prompt's."""
+        self._shape, self._dtype, self._device = (batch, positions), dtype, device
+        self._buffer = None
+        self._prompt_width = [0] * len(self.layers)
+        self._steps = [[] for _ in self.layers]
+
+    def _hook(self, index: int, layer: int):
         def hook(module, inputs, output):
+            if not self._shape[1]:  # no batch started: the model runs for something else
+                return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            self.steps[layer].append(hidden.detach())
+            if not self._prompt_width[index]:
+                if self._buffer is None:
+                    self._buffer = torch.empty((len(self.layers), *self._shape, hidden.shape[-1]),
+                                               dtype=self._dtype, device=self._device)
+                self._buffer[index, :, : hidden.shape[1]].copy_(hidden)
+                self._prompt_width[index] = hidden.shape[1]
+            elif self._rows is not None:  # the last forward, over some rows of the batch only
+                whole = hidden.new_zeros((self._shape[0], *hidden.shape[1:]))
+                whole[self._rows.to(hidden.device)] = hidden
+                self._steps[index].append(whole)
+            else:
+                self._steps[index].append(hidden)
             if layer == self._stop_at:
                 raise _DeepestLayerDone()
 
         return hook
 
-    def capture_only(self, model, inputs: dict, rows: torch.Tensor | None = None, batch: int = 0) -> None:
+    def capture_only(self, model, inputs: dict, rows: torch.Tensor | None = None) -> None:
         """Run model(**inputs) just deep enough to capture every target layer (the blocks above them,
         the final norm and the LM head are skipped): for the last sampled token, whose logits are unused.
 
-        rows: the batch rows `inputs` holds, when it holds only some of a batch of `batch`; the states
-        are put back in place (the other rows' are zeros, beyond the end of their traces)."""
-        self._stop_at = max(self.layers)
+        rows: the batch rows `inputs` holds, when it holds only some of the batch (the other rows'
+        states at this position are zeros: they lie beyond the end of their traces)."""
+        self._stop_at, self._rows = max(self.layers), rows
         try:
             model(**inputs)
         except _DeepestLayerDone:
             pass
         finally:
-            self._stop_at = None
-        if rows is not None:
-            for layer in self.layers:
-                part = self.steps[layer][-1]
-                whole = part.new_zeros((batch, *part.shape[1:]))
-                whole[rows.to(part.device)] = part
-                self.steps[layer][-1] = whole
+            self._stop_at = self._rows = None
 
-    def clear(self):
-        self.steps = {layer: [] for layer in self.layers}
+    def take(self) -> torch.Tensor:
+        """(layers, batch, positions, d_model) in the storage dtype: everything captured since `start`,
+        a view of the batch buffer."""
+        ends = {width + len(steps) for width, steps in zip(self._prompt_width, self._steps)}
+        if len(ends) != 1 or self._buffer is None:
+            raise RuntimeError(f"capture is incomplete: prompt widths {self._prompt_width}, "
+                               f"steps {[len(s) for s in self._steps]}")
+        for index, (width, steps) in enumerate(zip(self._prompt_width, self._steps)):
+            if steps:
+                # layers on another device (a device_map) are concatenated there and copied across
+                self._buffer[index, :, width : width + len(steps)].copy_(torch.cat(steps, dim=1))
+        self._steps = [[] for _ in self.layers]
+        return self._buffer[:, :, : ends.pop()]
 
-    def take(self, dtype: torch.dtype, device) -> torch.Tensor:
-        """(layers, batch, positions, d_model) in `dtype` on `device`: everything captured since the
-        last take, concatenated and converted in one copy per layer (layers may live on other devices
-        under a device_map)."""
-        steps = [self.steps[layer] for layer in self.layers]
-        first = steps[0][0]
-        positions = sum(step.shape[1] for step in steps[0])
-        out = torch.empty((len(steps), first.shape[0], positions, first.shape[-1]), dtype=dtype, device=device)
-        for i, layer_steps in enumerate(steps):
-            if layer_steps[0].device == out.device:
-                torch.cat(layer_steps, dim=1, out=out[i])
-            else:
-                out[i].copy_(torch.cat(layer_steps, dim=1))
-        self.clear()
-        return out
+    def release(self) -> None:
+        """Free what the batch holds (after an out-of-memory, before the allocator's cache is emptied)."""
+        self._buffer = None
+        self._steps = [[] for _ in self.layers]
 
     def remove(self):
         for handle in self._handles:
@@ -138,7 +163,7 @@ def _cache_of(out):
 def _rows_still_to_feed(feed: dict, unfed: torch.Tensor, cache_arg: str) -> torch.Tensor | None:
     """Cut `feed` down to the rows whose last token was never fed (the traces that ended at this step:
     the others' last tokens went through the model while the batch ran on), so the last forward runs
-    on those rows alone: often one, at a fraction of a full batch's cost on a CPU. Returns the rows
+    on those rows alone (often the samples of one problem), at a fraction of a full batch's cost on a CPU. Returns the rows
     kept (on the CPU, which indexes tensors on any device), or None where the feed stays whole: all
     rows are needed, or the cache cannot select rows (legacy tuple caches)."""
     rows = unfed.nonzero()[:, 0].cpu()
@@ -170,8 +195,8 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = torch.tensor(sorted(eos_ids), device=device)
-    if capture is not None:
-        capture.clear()  # drop what an interrupted batch left
+    if capture is not None:  # drops what an interrupted batch left
+        capture.start(batch, width + settings.max_new_tokens, _STORAGE_DTYPES[store_dtype], device)
     cache_arg = _cache_argument(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
@@ -203,7 +228,7 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
                     **{cache_arg: past})
         if last_step:  # the last token's residual is stored too; its logits would be unused
             rows = _rows_still_to_feed(feed, lengths == step + 1, cache_arg)
-            capture.capture_only(model, feed, rows, batch)
+            capture.capture_only(model, feed, rows)
             break
         out = model(**feed)
         past, logits = _cache_of(out), out.logits[:, -1]
@@ -214,7 +239,7 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     finished = finished.cpu().tolist()
     words, ready = None, _no_wait
     if capture is not None:
-        hidden = capture.take(_STORAGE_DTYPES[store_dtype], device)  # (layers, batch, pos, d)
+        hidden = capture.take()  # (layers, batch, positions, d_model) in the storage dtype
         if store_dtype == "bfloat16":
             hidden = hidden.view(torch.int16)  # numpy has no bfloat16: the store keeps its 16-bit words
         if hidden.is_cuda:
