@@ -51,49 +51,63 @@ class _DeepestLayerDone(Exception):
 
 
 class BlockCapture:
-    """Forward hooks that collect each target block's output hidden states into one batch buffer.
+    """Forward hooks that copy each target block's output hidden states into a batch buffer.
 
-    The prompt's states are copied into the buffer (in the storage dtype) as they come: keeping a
-    long prompt's output tensors pins allocations the model would have reused, and on a CPU that
-    made later blocks allocate (and page-fault) afresh. Each decode step's states (one token) are
-    kept by reference and copied into the buffer once, at `take`: a tensor operation costs ~10 us
-    in the decode loop, so one per layer per batch instead of one per layer per step.
+    One buffer, in the storage dtype, reused from batch to batch (grown when a batch needs more),
+    and every forward's states copied into it as they come, so no output tensor of the model is
+    kept: capture holds one storage-dtype copy of the batch (on a GPU, less than keeping the
+    compute-dtype outputs to concatenate later), and on a CPU no multi-MB buffer is allocated and
+    freed per batch around the model's own allocations (glibc maps and unmaps those: page faults).
+    A decode step costs a narrow and a copy per layer.
     """
 
     def __init__(self, blocks, layers):
         self.layers = list(layers)
         self._stop_at = None
         self._rows = None
+        self._buffer = None
         self.start(0, 0, torch.float32, "cpu")
         self._handles = [blocks[layer].register_forward_hook(self._hook(i, layer))
                          for i, layer in enumerate(self.layers)]
 
     def start(self, batch: int, positions: int, dtype: torch.dtype, device) -> None:
         """Begin a batch of `batch` sequences of at most `positions` tokens, captured in `dtype` on `device`
-        (the buffer is allocated by the first hook, which knows d_model); drops anything captured before.
-        The first forward after `start` is the prompt's."""
-        self._shape, self._dtype, self._device = (batch, positions), dtype, device
-        self._buffer = None
-        self._prompt_width = [0] * len(self.layers)
-        self._steps = [[] for _ in self.layers]
+        (the first hook, which knows d_model, sizes the buffer); drops anything captured before. The
+        first forward after `start` is the prompt's. What `take` returned before is overwritten."""
+        self._shape, self._dtype, self._device = (batch, positions), dtype, torch.device(device)
+        self._view = None
+        self._per_layer = None  # self._view[i] for each layer, made once per batch
+        self._filled = [0] * len(self.layers)
+
+    def _batch_view(self, d_model: int) -> torch.Tensor:
+        """This batch's (layers, batch, positions, d_model) part of the buffer, growing it if needed."""
+        want = (len(self.layers), *self._shape, d_model)
+        old = self._buffer
+        if old is None or old.dtype != self._dtype or old.device != self._device or old.shape[-1] != d_model:
+            size = want
+        elif old.shape[1] < want[1] or old.shape[2] < want[2]:
+            size = tuple(max(w, have) for w, have in zip(want, old.shape))
+        else:
+            return old[:, : want[1], : want[2]]
+        self._buffer = old = None  # freed before its successor is allocated
+        self._buffer = torch.empty(size, dtype=self._dtype, device=self._device)
+        return self._buffer[:, : want[1], : want[2]]
 
     def _hook(self, index: int, layer: int):
         def hook(module, inputs, output):
             if not self._shape[1]:  # no batch started: the model runs for something else
                 return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if not self._prompt_width[index]:
-                if self._buffer is None:
-                    self._buffer = torch.empty((len(self.layers), *self._shape, hidden.shape[-1]),
-                                               dtype=self._dtype, device=self._device)
-                self._buffer[index, :, : hidden.shape[1]].copy_(hidden)
-                self._prompt_width[index] = hidden.shape[1]
-            elif self._rows is not None:  # the last forward, over some rows of the batch only
-                whole = hidden.new_zeros((self._shape[0], *hidden.shape[1:]))
-                whole[self._rows.to(hidden.device)] = hidden
-                self._steps[index].append(whole)
-            else:
-                self._steps[index].append(hidden)
+            at = self._filled[index]
+            if self._view is None:  # the prompt's forward, first target block
+                self._view = self._batch_view(hidden.shape[-1])
+                self._per_layer = self._view.unbind(0)
+            target = self._per_layer[index].narrow(1, at, hidden.shape[1])
+            if self._rows is None:
+                target.copy_(hidden)
+            else:  # the last forward, over some rows of the batch only
+                target[self._rows.to(self._device)] = hidden.to(self._device, self._dtype)
+            self._filled[index] = at + hidden.shape[1]
             if layer == self._stop_at:
                 raise _DeepestLayerDone()
 
@@ -104,7 +118,7 @@ class BlockCapture:
         the final norm and the LM head are skipped): for the last sampled token, whose logits are unused.
 
         rows: the batch rows `inputs` holds, when it holds only some of the batch (the other rows'
-        states at this position are zeros: they lie beyond the end of their traces)."""
+        states at this position are left as they were: they lie beyond the end of their traces)."""
         self._stop_at, self._rows = max(self.layers), rows
         try:
             model(**inputs)
@@ -115,22 +129,14 @@ class BlockCapture:
 
     def take(self) -> torch.Tensor:
         """(layers, batch, positions, d_model) in the storage dtype: everything captured since `start`,
-        a view of the batch buffer."""
-        ends = {width + len(steps) for width, steps in zip(self._prompt_width, self._steps)}
-        if len(ends) != 1 or self._buffer is None:
-            raise RuntimeError(f"capture is incomplete: prompt widths {self._prompt_width}, "
-                               f"steps {[len(s) for s in self._steps]}")
-        for index, (width, steps) in enumerate(zip(self._prompt_width, self._steps)):
-            if steps:
-                # layers on another device (a device_map) are concatenated there and copied across
-                self._buffer[index, :, width : width + len(steps)].copy_(torch.cat(steps, dim=1))
-        self._steps = [[] for _ in self.layers]
-        return self._buffer[:, :, : ends.pop()]
+        a view of the buffer, valid until the next `start`."""
+        if len(set(self._filled)) != 1 or self._view is None:
+            raise RuntimeError(f"capture is incomplete: positions per layer {self._filled}")
+        return self._view[:, :, : self._filled[0]]
 
     def release(self) -> None:
-        """Free what the batch holds (after an out-of-memory, before the allocator's cache is emptied)."""
-        self._buffer = None
-        self._steps = [[] for _ in self.layers]
+        """Free the buffer (after an out-of-memory, before the allocator's cache is emptied)."""
+        self._buffer = self._view = self._per_layer = None
 
     def remove(self):
         for handle in self._handles:
@@ -237,7 +243,7 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     ents = torch.stack(ents, dim=1).cpu().numpy()
     lengths = lengths.cpu().tolist()
     finished = finished.cpu().tolist()
-    words, ready = None, _no_wait
+    words, ready, reused = None, _no_wait, False
     if capture is not None:
         hidden = capture.take()  # (layers, batch, positions, d_model) in the storage dtype
         if store_dtype == "bfloat16":
@@ -251,6 +257,8 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
             event = torch.cuda.Event()
             event.record(stream)
             hidden, ready = host, event.synchronize
+        else:
+            reused = True  # the capture buffer itself, which the next batch overwrites
         words = hidden.numpy()
         if store_dtype == "bfloat16":
             words = words.view(np.uint16)
@@ -258,8 +266,11 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
     for i, p in enumerate(prompts):
         n = lengths[i]
         start = width - len(p)
-        # a view into the batch's host buffer (which it keeps alive): no copy until the store writes it
-        acts = words[:, i, start : width + n] if words is not None else np.zeros((0, len(p) + n, 0), np.float16)
+        if words is None:
+            acts = np.zeros((0, len(p) + n, 0), np.float16)
+        else:  # a view of this batch's pinned host copy (kept alive by it), or a copy out of the reused buffer
+            acts = words[:, i, start : width + n]
+            acts = acts.copy() if reused else acts
         traces.append(SampledTrace(
             prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=acts,
             logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]), ready=ready,
