@@ -3,7 +3,10 @@
     python bench/bench_generate.py [--rounds 12] [--problems 48]
 
 1. Generated tokens per second of three paths over the same problems, seeds and
-   batch size, each round running all three back to back (order alternating):
+   batch size, each round running all three back to back (order alternating),
+   each run in a fresh interpreter (glibc malloc's state, its dynamic mmap
+   threshold and heap layout, carries over between runs in one process and moved
+   a path's speed by up to 7% depending on what ran before it):
    sampling only (prompts, the decode loop, decoding, grading; no hooks, no
    store), sampling + capture (hooks, the last token's partial forward, host
    copies; no store), and the real `run_generation` path (capture, records,
@@ -83,6 +86,28 @@ def peak_rss_mb(problems, samples, out) -> tuple[float, float]:
     return own_peak_rss_bytes(done.stdout) / 2**20, float(writer)
 
 
+PATHS = {
+    "sampling": "sampling only",
+    "capture": "sampling + capture (no store)",
+    "store": "sampling + capture + store (`run_generation`)",
+}
+
+
+def run_one(path: str, args, out: Path) -> float:
+    """Generated tokens per second of one path, in this interpreter."""
+    common = (args.model, args.device_map, load_problems(None)[: args.problems], args.samples, args.batch_size,
+              args.max_new_tokens)
+    if path == "store":
+        return captured_rate(*common, out)
+    return sampling_rate(*common, capture_layers=path == "capture")
+
+
+def run_fresh(path: str, argv: list[str], out: Path) -> float:
+    done = subprocess.run([sys.executable, __file__, *argv, "--one", path, "--out", str(out)], check=True,
+                          capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=12)
@@ -92,21 +117,23 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device-map", default=None)
+    ap.add_argument("--one", choices=list(PATHS), help=argparse.SUPPRESS)  # one run, in a fresh interpreter
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    problems = load_problems(None)[: args.problems]
+    if args.one:
+        print(run_one(args.one, args, Path(args.out)))
+        return
+    argv = [f"--problems={args.problems}", f"--samples={args.samples}", f"--batch-size={args.batch_size}",
+            f"--max-new-tokens={args.max_new_tokens}"]
+    argv += [f"--model={args.model}"] if args.model else []
+    argv += [f"--device-map={args.device_map}"] if args.device_map else []
     work = Path(tempfile.mkdtemp(prefix="tribunal-bench-gen-"))
-    common = (args.model, args.device_map, problems, args.samples, args.batch_size, args.max_new_tokens)
-    paths = {
-        "sampling only": lambda r: sampling_rate(*common),
-        "sampling + capture (no store)": lambda r: sampling_rate(*common, capture_layers=True),
-        "sampling + capture + store (`run_generation`)": lambda r: captured_rate(*common, work / f"r{r}.h5"),
-    }
-    rates = {name: [] for name in paths}
+    rates = {name: [] for name in PATHS.values()}
     for r in range(args.rounds):
-        for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-            rates[name].append(paths[name](r))
+        for path in (list(PATHS) if r % 2 == 0 else list(PATHS)[::-1]):
+            rates[PATHS[path]].append(run_fresh(path, argv, work / f"r{r}.h5"))
         (work / f"r{r}.h5").unlink()
-    base = rates["sampling only"]
+    base = rates[PATHS["sampling"]]
     print(f"\n### Generation with and without capture and store ({args.model or 'embedded model'}, "
           f"{args.problems} problems x {args.samples} samples, batch {args.batch_size}, "
           f"max {args.max_new_tokens} new tokens, {args.rounds} rounds)\n")
