@@ -406,10 +406,12 @@ def test_last_forward_runs_only_the_traces_that_ended_last(tiny_model):
     model, tok = load_model(str(tiny_model))
     blocks = decoder_blocks(model)
     widths = []
-    counter = blocks[0].register_forward_hook(lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[0]))
+    counter = blocks[0].register_forward_hook(
+        lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[0]))
     capture = BlockCapture(blocks, [1, 2])
     stops = set(range(0, len(tok), 3))  # a third of the vocabulary ends a trace: traces end at different steps
-    prompts = [tok(q)["input_ids"] for q in ("Tom has 3 apples.", "Ann buys 12 pens and 4 books.", "5 + 7 =", "Bo runs")]
+    questions = ("Tom has 3 apples.", "Ann buys 12 pens and 4 books.", "5 + 7 =", "Bo runs")
+    prompts = [tok(q)["input_ids"] for q in questions]
     try:
         traces = sample_batch(model, capture, prompts, [1, 2, 3, 4], SamplingSettings(1.0, 1.0, 30), stops,
                               tok.pad_token_id, store_dtype="float32")
@@ -429,6 +431,35 @@ def test_last_forward_runs_only_the_traces_that_ended_last(tiny_model):
         assert t.activations.shape[1] == len(prompt) + len(t.generated_ids)
         for i, layer in enumerate((1, 2)):
             np.testing.assert_allclose(t.activations[i], seen[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_keeps_its_activations_when_the_capture_buffer_is_reused(tiny_model):
+    """The capture buffer lives from batch to batch (growing when one needs more): what a batch
+    returned must not change when the next batch overwrites the buffer."""
+    from tribunal.traces.models import decoder_blocks, load_model
+    from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch
+
+    model, tok = load_model(str(tiny_model))
+    blocks = decoder_blocks(model)
+    capture = BlockCapture(blocks, [2])
+    batches = [["Ann buys 12 pens and 4 books.", "Bo runs 5 km a day for 3 days."],  # sizes the buffer
+               ["Tom has 3 apples."],  # fits: overwrites the first batch's part of the buffer
+               ["Sam has 7 cats and 2 dogs.", "5 + 7 =", "Each of 4 boxes holds 6 eggs, 3 break."]]  # grows it
+    try:
+        results = [sample_batch(model, capture, [tok(q)["input_ids"] for q in questions], list(range(len(questions))),
+                                SamplingSettings(1.0, 1.0, 12), {tok.eos_token_id}, tok.pad_token_id,
+                                store_dtype="float32")
+                   for questions in batches]
+    finally:
+        capture.remove()
+    for trace in [t for traces in results for t in traces]:
+        seen = {}
+        hook = blocks[2].register_forward_hook(
+            lambda m, a, o: seen.__setitem__(2, (o[0] if isinstance(o, tuple) else o)[0]))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([trace.prompt_ids + trace.generated_ids]))
+        hook.remove()
+        np.testing.assert_allclose(trace.activations[0], seen[2].numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_a_script_without_a_main_guard_can_generate(tmp_path, tiny_model, small_problems, python_env):

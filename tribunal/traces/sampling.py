@@ -169,9 +169,10 @@ def _cache_of(out):
 def _rows_still_to_feed(feed: dict, unfed: torch.Tensor, cache_arg: str) -> torch.Tensor | None:
     """Cut `feed` down to the rows whose last token was never fed (the traces that ended at this step:
     the others' last tokens went through the model while the batch ran on), so the last forward runs
-    on those rows alone (often the samples of one problem), at a fraction of a full batch's cost on a CPU. Returns the rows
-    kept (on the CPU, which indexes tensors on any device), or None where the feed stays whole: all
-    rows are needed, or the cache cannot select rows (legacy tuple caches)."""
+    on those rows alone (often the samples of one problem, which end together), at a fraction of a
+    full batch's cost on a CPU. Returns the rows kept (on the CPU, which indexes tensors on any
+    device), or None where the feed stays whole: all rows are needed, or the cache cannot select
+    rows (legacy tuple caches)."""
     rows = unfed.nonzero()[:, 0].cpu()
     cache = feed[cache_arg]
     if len(rows) == len(unfed) or not hasattr(cache, "batch_select_indices"):
