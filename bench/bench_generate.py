@@ -108,6 +108,18 @@ def run_fresh(path: str, argv: list[str], out: Path) -> float:
     return float(done.stdout.split()[-1])
 
 
+def print_memory_table(work: Path) -> None:
+    rows = []
+    for n in (10, 100):
+        main_mb, writer_mb = peak_rss_mb(n, 4, work / f"m{n}.h5")
+        rows.append((n, n * 4, f"{main_mb:.0f}", f"{writer_mb:.0f}"))
+    print("\n### Peak host memory of a generation with `keep_all` (embedded model)\n")
+    print("| problems | traces | peak RSS MB, generating process | peak RSS MB, store writer process |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=12)
@@ -117,6 +129,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device-map", default=None)
+    ap.add_argument("--skip-memory", action="store_true", help="only the overhead table")
     ap.add_argument("--one", choices=list(PATHS), help=argparse.SUPPRESS)  # one run, in a fresh interpreter
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,6 +145,7 @@ def main():
     for r in range(args.rounds):
         for path in (list(PATHS) if r % 2 == 0 else list(PATHS)[::-1]):
             rates[PATHS[path]].append(run_fresh(path, argv, work / f"r{r}.h5"))
+            print(f"round {r + 1}/{args.rounds} {path}: {rates[PATHS[path]][-1]:.0f} tok/s", file=sys.stderr, flush=True)
         (work / f"r{r}.h5").unlink()
     base = rates[PATHS["sampling"]]
     print(f"\n### Generation with and without capture and store ({args.model or 'embedded model'}, "
@@ -146,15 +160,8 @@ def main():
             mid, lo, hi = overhead(base, values)
             print(f"| {name} | {statistics.median(values):.0f} | {mid:+.1f}% | [{lo:+.1f}%, {hi:+.1f}%] |")
 
-    rows = []
-    for n in (10, 100):
-        main_mb, writer_mb = peak_rss_mb(n, 4, work / f"m{n}.h5")
-        rows.append((n, n * 4, f"{main_mb:.0f}", f"{writer_mb:.0f}"))
-    print("\n### Peak host memory of a generation with `keep_all` (embedded model)\n")
-    print("| problems | traces | peak RSS MB, generating process | peak RSS MB, store writer process |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
+    if not args.skip_memory:
+        print_memory_table(work)
     for p in work.glob("*"):
         p.unlink()
     work.rmdir()
