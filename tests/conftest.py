@@ -39,6 +39,24 @@ def writer_kwargs(layers=(2, 5), d_model=16, dtype="float16", **extra):
     return dict(model_id="test/model", layers=layers, d_model=d_model, dtype=dtype, chunk_tokens=32, **extra)
 
 
+def teacher_forced_states(model, blocks, token_ids, layers) -> dict:
+    """{layer: (tokens, d_model) float32 array}: each target block's output from one forward over
+    token_ids, the reference every stored activation is checked against."""
+    import torch
+
+    seen = {}
+    hooks = [blocks[layer].register_forward_hook(
+        lambda m, a, o, layer=layer: seen.__setitem__(layer, (o[0] if isinstance(o, tuple) else o)[0].float().numpy()))
+        for layer in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[int(t) for t in token_ids]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 @pytest.fixture
 def python_env():
     """Environment for subprocesses that import tribunal from this checkout."""

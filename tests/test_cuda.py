@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import teacher_forced_states
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
 from tribunal.traces.generate import GenerateConfig, run_generation
@@ -30,16 +31,9 @@ def assert_matches_teacher_forcing(store_path, model_path, atol):
     with open_store(store_path) as store:
         assert verify_store(store) == []
         for i in range(store.n_traces):
-            seen = {}
-            hooks = [model.model.layers[layer].register_forward_hook(
-                lambda m, a, o, layer=layer: seen.__setitem__(layer, (o[0] if isinstance(o, tuple) else o)[0]))
-                for layer in store.layers]
-            with torch.no_grad():
-                model(input_ids=torch.tensor(store.trace(i).token_ids[None].astype(np.int64)))
-            for hook in hooks:
-                hook.remove()
+            seen = teacher_forced_states(model, model.model.layers, store.trace(i).token_ids, store.layers)
             for layer in store.layers:
-                np.testing.assert_allclose(store.activations(layer, i), seen[layer].numpy(), atol=atol, rtol=atol)
+                np.testing.assert_allclose(store.activations(layer, i), seen[layer], atol=atol, rtol=atol)
 
 
 def test_gpu_generation_equals_a_teacher_forced_pass(tmp_path, tiny_model, small_problems):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import GSM8K
+from conftest import GSM8K, teacher_forced_states
 from tribunal.cli import main
 from tribunal.errors import TribunalError
 from tribunal.problems.loading import load_problems, shard_problems
@@ -421,13 +421,7 @@ def test_last_forward_runs_only_the_traces_that_ended_last(tiny_model):
     lengths = [len(t.generated_ids) for t in traces]
     assert len(set(lengths)) > 1 and widths[-1] == lengths.count(max(lengths)) < len(prompts)
     for prompt, t in zip(prompts, traces):
-        seen = {}
-        hooks = [blocks[l].register_forward_hook(
-            lambda m, a, o, l=l: seen.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].numpy())) for l in (1, 2)]
-        with torch.no_grad():
-            model(input_ids=torch.tensor([t.prompt_ids + t.generated_ids]))
-        for h in hooks:
-            h.remove()
+        seen = teacher_forced_states(model, blocks, t.prompt_ids + t.generated_ids, (1, 2))
         assert t.activations.shape[1] == len(prompt) + len(t.generated_ids)
         for i, layer in enumerate((1, 2)):
             np.testing.assert_allclose(t.activations[i], seen[layer], atol=1e-4, rtol=1e-4)
@@ -453,13 +447,8 @@ def test_a_batch_keeps_its_activations_when_the_capture_buffer_is_reused(tiny_mo
     finally:
         capture.remove()
     for trace in [t for traces in results for t in traces]:
-        seen = {}
-        hook = blocks[2].register_forward_hook(
-            lambda m, a, o: seen.__setitem__(2, (o[0] if isinstance(o, tuple) else o)[0]))
-        with torch.no_grad():
-            model(input_ids=torch.tensor([trace.prompt_ids + trace.generated_ids]))
-        hook.remove()
-        np.testing.assert_allclose(trace.activations[0], seen[2].numpy(), atol=1e-4, rtol=1e-4)
+        seen = teacher_forced_states(model, blocks, trace.prompt_ids + trace.generated_ids, (2,))
+        np.testing.assert_allclose(trace.activations[0], seen[2], atol=1e-4, rtol=1e-4)
 
 
 def test_a_script_without_a_main_guard_can_generate(tmp_path, tiny_model, small_problems, python_env):
