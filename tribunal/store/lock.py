@@ -76,6 +76,7 @@ class WriterLock:
         self.store_path = Path(store_path)
         self.path = lock_path(store_path)
         self._fd = None
+        self._flock = False
         self.took_over = None
 
     def acquire(self) -> "WriterLock":
@@ -85,22 +86,23 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    # No flock on this file system (Lustre/GPFS without it): the holder's pid decides.
+                    if _pid_alive(previous):
+                        os.close(fd)
+                        raise StoreLockedError(self._held_message(previous)) from None
+                    self._flock = False
+                    break
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    holder = read_holder(self.store_path) or {}
-                    raise StoreLockedError(
-                        f"{self.store_path} is being written by pid {holder.get('pid', '?')} on host "
-                        f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to finish, "
-                        f"or stop it, then retry"
-                    ) from None
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) and not _pid_alive(previous):
-                    break  # no flock on this file system: fall back to the holder's pid
+                    raise StoreLockedError(self._held_message(read_holder(self.store_path) or {})) from None
                 raise StoreLockedError(
                     f"cannot lock {self.path}: {exc.strerror}. On Lustre/GPFS mount with flock support "
                     f"or keep stores on a file system that has it (see README, 'Cluster file systems')"
                 ) from None
             # The file may have been unlinked by a closing writer between open and flock.
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                self._flock = True
                 break
             os.close(fd)
         self._fd = fd
@@ -110,6 +112,11 @@ class WriterLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         return self
 
+    def _held_message(self, holder: dict) -> str:
+        return (f"{self.store_path} is being written by pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to finish, "
+                f"or stop it, then retry")
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -117,7 +124,8 @@ class WriterLock:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._flock:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
