@@ -114,17 +114,16 @@ def token_decoder(tokenizer: str | None, model_id: str):
 @user_errors
 def verify(stores, no_values):
     """Check every invariant of STORES; exit 0 when all hold, 1 with the list of problems otherwise."""
-    from .store import open_store
-    from .store.verify import verify_store
+    from .store.verify import verify_files
 
-    with open_store(stores) as store:
-        problems = verify_store(store, check_values=not no_values)
-        if problems:
-            for p in problems:
-                click.echo(f"FAIL {p}", err=True)
-            click.echo(f"{len(problems)} problem(s) in {len(store.shards)} file(s)", err=True)
-            sys.exit(1)
-        click.echo(f"OK: {store.n_traces} traces, {store.n_tokens} tokens in {len(store.shards)} file(s); all invariants hold")
+    result = verify_files(stores, check_values=not no_values)
+    if result["problems"]:
+        for p in result["problems"]:
+            click.echo(f"FAIL {p}", err=True)
+        click.echo(f"{len(result['problems'])} problem(s) in {result['files']} file(s)", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {result['traces']} traces, {result['tokens']} tokens in {result['files']} file(s); "
+               "all invariants hold")
 
 
 @main.command()

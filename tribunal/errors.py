@@ -19,3 +19,17 @@ class StoreLockedError(StoreError):
 
 class IncompatibleStoreError(StoreError):
     """The store was written with another model, layer set, d_model, dtype or schema."""
+
+
+class DamagedStoreError(StoreError):
+    """The file is a tribunal store but lacks something a reader needs (an attribute, a dataset)."""
+
+    def __init__(self, path, problems: list[str]):
+        self.path, self.problems = path, list(problems)
+        more = f" (and {len(problems) - 1} more: `tribunal verify` lists them)" if len(problems) > 1 else ""
+        super().__init__(f"{path} is damaged and cannot be read: {problems[0]}{more}; "
+                         "restore the file from a copy or regenerate this shard")
+
+
+class OverlappingStoresError(StoreError):
+    """The same (problem, sample) is in two files read together: they would count it twice."""

@@ -62,6 +62,9 @@ TRACE_DTYPE = np.dtype(
     ]
 )
 
+# Root attributes a reader needs to read the file at all; a store missing one is refused as damaged.
+CORE_ATTRS = ("format", "schema_version", "model_id", "layers", "d_model", "dtype", "chunk_tokens")
+
 # Attributes every store carries at the root; `verify` checks them.
 REQUIRED_ATTRS = (
     "format",
@@ -80,7 +83,10 @@ REQUIRED_ATTRS = (
     "created",
     "host",
     "chunk_tokens",
+    "compression",
     "description",
+    "format_doc",
+    "resume_identity",
 )
 
 # dtype name -> (numpy dtype stored on disk, encoding attribute, bytes per value)
@@ -94,6 +100,52 @@ DTYPES = {
 # (measured in bench/bench_store.py; docs/store-format.md says why).
 TARGET_CHUNK_BYTES = 4 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 2048
+
+
+def core_datasets(layers) -> list[str]:
+    """Every dataset a reader needs, for a store with these layers."""
+    names = [COMMIT, PROBLEMS, TRACE_TABLE, TRACE_TEXT] + [f"{TOKENS}/{name}" for name in TOKEN_ARRAYS]
+    return names + [activation_path(layer) for layer in layers]
+
+
+def schema_problems(h5file) -> list[str]:
+    """What keeps an open tribunal HDF5 file from being read: missing or malformed core attributes and
+    datasets, one sentence each (empty when it is readable). The reader, the writer and `verify` share it."""
+    attrs, problems = h5file.attrs, []
+    for name in CORE_ATTRS:
+        if name not in attrs:
+            problems.append(f"root attribute '{name}' is missing")
+    layers = ()
+    if "layers" in attrs:
+        try:
+            layers = tuple(int(x) for x in np.atleast_1d(attrs["layers"]))
+            if not layers:
+                problems.append("root attribute 'layers' is empty")
+        except (TypeError, ValueError):
+            problems.append(f"root attribute 'layers' is {_plain_attr(attrs['layers'])!r}, not a list of layer indices")
+    for name, check in (("d_model", lambda v: int(v) > 0), ("chunk_tokens", lambda v: int(v) > 0),
+                        ("dtype", lambda v: as_text(v) in DTYPES)):
+        if name in attrs:
+            try:
+                ok = check(attrs[name])
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                problems.append(f"root attribute '{name}' has the invalid value {_plain_attr(attrs[name])!r}")
+    for name in core_datasets(layers):
+        if name not in h5file:
+            problems.append(f"dataset /{name} is missing")
+    if COMMIT in h5file and h5file[COMMIT].shape != (len(COMMIT_FIELDS),):
+        problems.append(f"dataset /{COMMIT} has shape {h5file[COMMIT].shape}, not ({len(COMMIT_FIELDS)},)")
+    if TRACE_TABLE in h5file:
+        missing = [c for c in TRACE_DTYPE.names if c not in (h5file[TRACE_TABLE].dtype.names or ())]
+        if missing:
+            problems.append(f"dataset /{TRACE_TABLE} lacks the columns {missing}")
+    return problems
+
+
+def _plain_attr(value):
+    return value.tolist() if isinstance(value, np.ndarray) else as_text(value) if isinstance(value, bytes) else value
 
 
 def trace_id(problem_id: int, sample_index: int) -> int:

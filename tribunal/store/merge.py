@@ -28,11 +28,6 @@ def merge_stores(shards, out, progress: bool = True) -> dict:
     with open_store(shards) as store:
         if any(Path(s.path).resolve() == out.resolve() for s in store.shards):
             raise StoreError(f"{out} is one of the shards; merge into a new file")
-        ids, counts = np.unique(store.table["trace_id"], return_counts=True)
-        if np.any(counts > 1):
-            dup = int(ids[counts > 1][0])
-            raise StoreError(f"(problem {dup >> 20}, sample {dup & 0xFFFFF}) is in more than one shard: "
-                             "these are not the shards of one run")
         attrs = store.attrs
         settings = attrs.get("generation_settings") or {}
         if isinstance(settings, dict):

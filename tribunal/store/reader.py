@@ -11,6 +11,7 @@ without touching activations.
 from __future__ import annotations
 
 import glob
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import IncompatibleStoreError, StoreError
+from ..errors import DamagedStoreError, IncompatibleStoreError, OverlappingStoresError, StoreError
 from . import format as fmt
 from .superblock import is_hdf5, read_status
 
@@ -59,10 +60,7 @@ class Shard:
     def __init__(self, path):
         self.path = Path(path)
         _check_readable(self.path)
-        try:  # SWMR read also opens files in the oldest format (e.g. after h5repack)
-            self.file = h5py.File(self.path, "r", swmr=True, locking=False)
-        except OSError as exc:
-            raise StoreError(f"cannot read {self.path}: {str(exc).splitlines()[0]}") from None
+        self.file = _open_for_reading(self.path)
         attrs = self.file.attrs
         if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
             self.close()
@@ -74,6 +72,10 @@ class Shard:
                 f"{self.path} has store schema {version}, newer than this tribunal reads ({fmt.SCHEMA_VERSION}); "
                 "upgrade tribunal"
             )
+        damage = fmt.schema_problems(self.file)
+        if damage:
+            self.close()
+            raise DamagedStoreError(self.path, damage)
         self.attrs = {k: _plain(v) for k, v in attrs.items()}
         self.identity = fmt.StoreIdentity.from_attrs(attrs)
         self.refresh()
@@ -81,6 +83,10 @@ class Shard:
     def refresh(self) -> None:
         """Take a new snapshot of what the writer has committed."""
         commit = self.file[fmt.COMMIT]
+        if not self.file.swmr_mode:  # opened beside the user's own non-SWMR handle: a fixed snapshot
+            self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
+            self.table = self.file[fmt.TRACE_TABLE][: self.committed["traces"]]
+            return
         commit.refresh()
         self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
         table = self.file[fmt.TRACE_TABLE]
@@ -136,7 +142,10 @@ class Shard:
 class Store:
     """Several shards of one run read as one: global trace indices run shard after shard."""
 
-    def __init__(self, shards: list[Shard]):
+    def __init__(self, shards: list[Shard], allow_overlap: bool = False):
+        """allow_overlap=False refuses files that share a (problem, sample), e.g. a merged file read beside
+        its own shards: every trace would count twice, and a probe's folds would leak. `verify` allows it
+        only to report it."""
         if not shards:
             raise StoreError("no store files given")
         first = shards[0]
@@ -149,6 +158,21 @@ class Store:
         self.shards = shards
         self.identity = first.identity
         self._index()
+        if not allow_overlap and len(shards) > 1:
+            overlap = self.overlapping_files()
+            if overlap:
+                (a, b), n = overlap[0]
+                raise OverlappingStoresError(
+                    f"{n} (problem, sample) pairs are in more than one shard ({a} and {b}): a merged file beside "
+                    "its own shards, or shards of different runs; read either the shards or the merged file")
+
+    def overlapping_files(self) -> list:
+        """[((file_a, file_b), pairs in both)] for every two files that share (problem, sample) pairs."""
+        ids, owner = self.table["trace_id"], self.shard_of_trace
+        order = np.argsort(ids, kind="stable")
+        same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        pairs = Counter((int(owner[order][i]), int(owner[order][i + 1])) for i in same)
+        return [((str(self.shards[a].path), str(self.shards[b].path)), n) for (a, b), n in sorted(pairs.items())]
 
     def _index(self) -> None:
         counts = [s.n_traces for s in self.shards]
@@ -391,17 +415,40 @@ def resolve_paths(specs) -> list[Path]:
     return paths
 
 
-def open_store(specs) -> Store:
+def open_store(specs, allow_overlap: bool = False) -> Store:
     """Open one shard, a list or glob of shards, a run folder, or a merged file as one Store."""
     shards = []
     try:
         for path in resolve_paths(specs):
             shards.append(Shard(path))
-        return Store(shards)
+        return Store(shards, allow_overlap=allow_overlap)
     except BaseException:
         for shard in shards:
             shard.close()
         raise
+
+
+# How a reader opens a file: SWMR (follows a live writer; also opens files of the oldest format, e.g. after
+# h5repack) without HDF5's lock (Lustre/GPFS). When this process already holds the file open through the
+# user's own h5py.File, HDF5 insists on that handle's flags, so the reader takes the first that matches.
+_READ_FLAGS = (dict(swmr=True, locking=False), dict(swmr=True), dict(), dict(locking=False))
+_FLAG_MISMATCH = ("flag values don't match", "flag not the same")
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    first = None
+    for flags in _READ_FLAGS:
+        try:
+            return h5py.File(path, "r", **flags)
+        except OSError as exc:
+            first = first or exc
+            if not any(m in str(exc) for m in _FLAG_MISMATCH):
+                break
+    message = str(first).splitlines()[0]
+    if any(m in message for m in _FLAG_MISMATCH):
+        raise StoreError(f"cannot read {path}: this process holds it open in h5py for writing; close that handle "
+                         "first (to read beside tribunal, use h5py.File(path, 'r', swmr=True, locking=False))") from None
+    raise StoreError(f"cannot read {path}: {message}") from None
 
 
 def _check_readable(path: Path) -> None:

@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DamagedStoreError
 from . import format as fmt
-from .reader import DEFAULT_BLOCK_BYTES, Shard, Store
+from .reader import DEFAULT_BLOCK_BYTES, Shard, Store, resolve_paths
+
+
+def verify_files(specs, check_values: bool = True) -> dict:
+    """`tribunal verify`: {'problems', 'files', 'traces', 'tokens'} for files, globs or run folders.
+
+    A damaged file (a missing attribute or dataset) is one more failed invariant, listed in full, not an error
+    that hides the other files' results.
+    """
+    problems, shards, paths = [], [], resolve_paths(specs)
+    try:
+        for path in paths:
+            try:
+                shards.append(Shard(path))
+            except DamagedStoreError as exc:
+                problems += [f"{path}: {p}" for p in exc.problems]
+        store = Store(shards, allow_overlap=True) if shards else None
+        if store is not None:
+            problems += verify_store(store, check_values)
+        return {"problems": problems, "files": len(paths), "traces": store.n_traces if store else 0,
+                "tokens": store.n_tokens if store else 0}
+    finally:
+        for shard in shards:
+            shard.close()
 
 
 def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[str]:
@@ -16,9 +40,6 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
     if missing:
         problems.append(f"{where}: missing file attributes {missing}")
     ident = shard.identity
-    if ident.dtype not in fmt.DTYPES:
-        problems.append(f"{where}: dtype attribute {ident.dtype!r} is not one of {sorted(fmt.DTYPES)}")
-        return problems
     f = shard.file
     n_traces, n_tokens = shard.n_traces, shard.n_tokens
     n_text = shard.committed["text_bytes"]
@@ -121,8 +142,7 @@ def verify_store(store: Store, check_values: bool = True) -> list[str]:
     problems = []
     for shard in store.shards:
         problems += verify_shard(shard, check_values)
-    if len(store.shards) > 1:
-        ids, counts = np.unique(store.table["trace_id"], return_counts=True)
-        if np.any(counts > 1):
-            problems.append(f"{int((counts > 1).sum())} (problem, sample) pairs appear in more than one shard")
+    for (a, b), n in store.overlapping_files():
+        problems.append(f"{n} (problem, sample) pairs appear in more than one shard ({a} and {b}): a merged file "
+                        "beside its own shards, or shards of different runs")
     return problems

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import IncompatibleStoreError, StoreError
+from ..errors import DamagedStoreError, IncompatibleStoreError, StoreError
 from . import format as fmt
 from .lock import WriterLock
 from .superblock import is_hdf5, repair_after_crash
@@ -149,6 +149,7 @@ class StoreWriter:
             if existing:
                 self._open_existing()  # reads and checks only
             else:
+                self._ensure_create_space()
                 self._create()
             # From here on the file changes only in SWMR mode, whose ordered writes survive kill -9
             # (an existing store is opened in it; a new one switches before it gets its final name).
@@ -161,13 +162,40 @@ class StoreWriter:
                 self._flush()
                 os.replace(self._creating_path(), self.path)  # a new store appears whole, or not at all
             self._load_tails()
-        except BaseException:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            self._lock.release()
+        except BaseException as exc:
+            self._abandon_open(created=not existing)
+            if not existing and isinstance(exc, (OSError, RuntimeError, ValueError)) and not isinstance(exc, StoreError):
+                hint = "free disk space, then rerun" if _is_disk_full(exc) else "check the folder, then rerun"
+                raise StoreError(f"cannot create {self.path} ({_short(exc)}); nothing was left behind: {hint}") from None
             raise
         return self
+
+    def _abandon_open(self, created: bool) -> None:
+        """After a failed open: close what is open (HDF5 may fail again, e.g. on a full disk), remove a
+        half-made STORE.creating and release the lock, so nothing blocks the next run."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                pass
+            self._file = None
+        if created:
+            try:
+                os.unlink(self._creating_path())
+            except FileNotFoundError:
+                pass
+        self._lock.release()
+
+    def _ensure_create_space(self) -> None:
+        """Refuse to create a store on a nearly full disk, before HDF5 meets ENOSPC mid-way (its state is then
+        broken): the empty structure takes a few KiB per dataset; ask for 1 MiB more than that."""
+        datasets = len(fmt.core_datasets(self.identity.layers))
+        need = (1 << 20) + datasets * (16 << 10)
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < need:
+            raise StoreError(f"disk full: {self.path.parent} has {free:,} bytes free, a new store needs about "
+                             f"{need:,}; free disk space, then rerun")
 
     def close(self) -> None:
         """Close the file (clearing its write flags) and release the lock. Safe to call twice."""
@@ -428,10 +456,7 @@ class StoreWriter:
 
     def _create(self) -> None:
         """Build the whole structure in STORE.creating (renamed into place once in SWMR mode)."""
-        try:
-            self._file = self._h5_open("w", self._creating_path())
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.path}: {_short(exc)}") from None
+        self._file = self._h5_open("w", self._creating_path())
         f = self._file
         ident = self.identity
         attrs = {
@@ -515,6 +540,7 @@ class StoreWriter:
     def _open_existing(self) -> None:
         if not is_hdf5(self.path):
             raise StoreError(f"{self.path} exists but is not an HDF5 file; choose another path or move it away")
+        _refuse_foreign_hdf5(self.path)
         try:
             self.repairs = repair_after_crash(self.path)
             self._file = self._h5_open("r+")
@@ -532,6 +558,9 @@ class StoreWriter:
                 f"{self.path} has store schema {version}, newer than this tribunal ({__version__}, schema "
                 f"{fmt.SCHEMA_VERSION}); upgrade tribunal"
             )
+        damage = fmt.schema_problems(f)
+        if damage:
+            raise DamagedStoreError(self.path, damage)
         diffs = fmt.StoreIdentity.from_attrs(attrs).differences(self.identity)
         if diffs:
             raise IncompatibleStoreError(
@@ -563,6 +592,18 @@ class StoreWriter:
         return done
 
 
+def _refuse_foreign_hdf5(path: Path) -> None:
+    """An HDF5 file that is not a tribunal store is refused as such before anything touches it (the crash
+    repair would otherwise complain about its superblock version)."""
+    try:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            name = fmt.as_text(f.attrs.get("format", ""))
+    except OSError:
+        return  # unreadable as it is (e.g. write flags left by a killed writer): the repair path deals with it
+    if name != fmt.FORMAT_NAME:
+        raise StoreError(f"{path} is an HDF5 file but not a tribunal store; choose another path or move it away")
+
+
 def _append_rows(dsid, start: int, rows: np.ndarray) -> None:
     """Grow a dataset to start + len(rows) along its first axis and write rows there (h5py's low-level API)."""
     if not len(rows):
@@ -581,7 +622,8 @@ def _concat(parts, dtype) -> np.ndarray:
 def _answer_bytes(value) -> bytes:
     if value is None:
         return b""
-    return str(value).encode("utf-8")[: fmt.ANSWER_BYTES]
+    """At most ANSWER_BYTES of UTF-8, cut at a character boundary (never half a character)."""
+    return str(value).encode("utf-8")[: fmt.ANSWER_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
 def _is_disk_full(exc: Exception) -> bool:
