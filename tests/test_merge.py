@@ -45,3 +45,41 @@ def test_incompatible_shards_are_refused(tmp_path):
     result = CliRunner().invoke(main, ["merge", str(tmp_path / "a.h5"), str(tmp_path / "c.h5"), "-o", str(tmp_path / "m.h5")])
     assert result.exit_code == 1 and "in more than one shard" in result.output
     assert not (tmp_path / "m.h5").exists()
+
+
+MERGE_PEAK = """
+import sys
+from pathlib import Path
+from tribunal.store.merge import merge_stores
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+base = kib("VmRSS:")
+merge_stores([sys.argv[1]], sys.argv[2], progress=False, memory_bytes=int(sys.argv[3]))
+print((kib("VmHWM:") - base) * 1024)
+"""
+
+
+def test_merge_memory_is_a_byte_budget_flat_across_widths(tmp_path, python_env):
+    """Batches are sized in bytes: a 16 MB budget holds at d_model 256 and at 2048 (the old 64Ki-token
+    batches took the whole 100 MB store at 2048: 122 MB above the start)."""
+    import subprocess
+    import sys
+
+    from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
+
+    budget, peaks = 16 << 20, {}
+    for width in (256, 2048):
+        src = tmp_path / f"w{width}.h5"
+        write_synthetic_store(src, SynthSettings(traces=40, problems=10, layers=(1, 2, 3, 4), d_model=width,
+                                                 tokens_per_trace=(150, 150), seed=1), progress=False)
+        done = subprocess.run([sys.executable, "-c", MERGE_PEAK, str(src), str(tmp_path / f"m{width}.h5"), str(budget)],
+                              env=python_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        peaks[width] = int(done.stdout.split()[-1])
+        with open_store(tmp_path / f"m{width}.h5") as merged:
+            assert merged.n_traces == 40 and merged.n_tokens == 6000
+    from tribunal.store.format import default_chunk_tokens
+
+    for width, peak in peaks.items():  # the budget, plus the writer's one chunk buffer per layer (<= 4 MiB each)
+        tails = 4 * default_chunk_tokens(width, "float16") * width * 2
+        assert peak < budget + tails + (20 << 20), (peaks, width, tails)

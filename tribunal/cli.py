@@ -260,13 +260,14 @@ def run(out, quiet, folds, permutations, memory, **options):
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="Merged store file to write (an interrupted merge resumes).")
+@click.option("--memory", default="256M", show_default=True, help="Memory for the traces copied in one batch, e.g. 1G.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def merge(shards, out, quiet):
+def merge(shards, out, memory, quiet):
     """Copy the committed traces of SHARDS (files or globs) into one self-contained store."""
     from .store.merge import merge_stores
 
-    result = merge_stores(shards, out, progress=not quiet)
+    result = merge_stores(shards, out, progress=not quiet, memory_bytes=parse_memory(memory))
     click.echo(f"merged {result['shards']} shards into {out}: {result['traces']} traces, {result['tokens']} tokens")
 
 

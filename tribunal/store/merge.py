@@ -19,11 +19,16 @@ from . import format as fmt
 from .reader import open_store
 from .writer import StoreWriter, TraceRecord
 
-BATCH_TOKENS = 1 << 16
+DEFAULT_MEMORY = 256 << 20
+COPIES_PER_BATCH = 2  # a batch's activations are held as read (stacked per trace) and once more as the writer lays them out
 
 
-def merge_stores(shards, out, progress: bool = True) -> dict:
-    """Copy every committed trace of `shards` (files or globs) into `out`; refuses incompatible shards."""
+def merge_stores(shards, out, progress: bool = True, memory_bytes: int = DEFAULT_MEMORY) -> dict:
+    """Copy every committed trace of `shards` (files or globs) into `out`; refuses incompatible shards.
+
+    Batches are sized in bytes, not tokens, so the peak memory is about `memory_bytes` whatever the number of
+    layers and the width (one trace larger than the budget is copied alone).
+    """
     out = Path(out)
     with open_store(shards) as store:
         if any(Path(s.path).resolve() == out.resolve() for s in store.shards):
@@ -43,6 +48,8 @@ def merge_stores(shards, out, progress: bool = True) -> dict:
             description=f"Merge of {len(sources)} shards of one tribunal run (tribunal merge); sources in attr merged_from.",
             extra_attrs={"merged_from": json.dumps(sources)},
         )
+        row_bytes = len(store.layers) * store.d_model * fmt.DTYPES[store.dtype][2]
+        batch_limit = max(1, memory_bytes // (COPIES_PER_BATCH * row_bytes))
         with writer:
             done = writer.done_keys()
             batch, batch_tokens = [], 0
@@ -50,9 +57,13 @@ def merge_stores(shards, out, progress: bool = True) -> dict:
                 row = store.table[i]
                 if (int(row["problem_id"]), int(row["sample_index"])) in done:
                     continue
+                n = int(row["token_end"] - row["token_start"])
+                if batch and batch_tokens + n > batch_limit:
+                    writer.append(batch)
+                    batch, batch_tokens = [], 0
                 batch.append(_record(store, i))
-                batch_tokens += batch[-1].n_tokens
-                if batch_tokens >= BATCH_TOKENS:
+                batch_tokens += n
+                if batch_tokens >= batch_limit:
                     writer.append(batch)
                     batch, batch_tokens = [], 0
             writer.append(batch)
