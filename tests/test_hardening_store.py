@@ -214,3 +214,13 @@ def test_long_answers_are_cut_at_a_character_boundary(tmp_path):
         t = store.trace(0)
     assert t.predicted == "ä" * 24 and t.gold == "x" + "€" * 15
     assert "\ufffd" not in t.predicted + t.gold
+
+
+def test_a_refused_resume_names_the_setting_and_both_values_in_one_line(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "deep" / "folder" / "s.h5")  # a missing folder is created
+    assert runner.invoke(main, ["synth", out, "--traces", "6", "--problems", "3", "--quiet"]).exit_code == 0
+    result = runner.invoke(main, ["synth", out, "--traces", "6", "--problems", "3", "--signal", "0.6", "--quiet"])
+    lines = [line for line in result.output.splitlines() if line]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "synth.signal: store has 0.8, asked 0.6" in lines[0] and "{" not in lines[0], lines[0]

@@ -217,9 +217,8 @@ class StoreIdentity:
                 mine, theirs = list(mine), list(theirs)
             if mine != theirs:
                 out.append(f"{name}: store has {mine!r}, asked {theirs!r}")
-        for key in sorted(set(self.extra) | set(other.extra)) if resume else ():
-            if self.extra.get(key) != other.extra.get(key):
-                out.append(f"{key}: store has {self.extra.get(key)!r}, asked {other.extra.get(key)!r}")
+        if resume:
+            out += _value_differences("", self.extra, other.extra)
         return out
 
     @classmethod
@@ -234,6 +233,27 @@ class StoreIdentity:
             schema_version=int(attrs["schema_version"]),
             extra=extra,
         )
+
+
+def _value_differences(prefix: str, mine, theirs) -> list[str]:
+    """'key: store has A, asked B' for each differing leaf; JSON objects (stored as strings) are compared key by
+    key, so a refusal names the one setting that differs, not two blobs."""
+    mine, theirs = _as_mapping(mine), _as_mapping(theirs)
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        out = []
+        for key in sorted(set(mine) | set(theirs)):
+            out += _value_differences(f"{prefix}{key}.", mine.get(key), theirs.get(key))
+        return out
+    return [] if mine == theirs else [f"{prefix[:-1]}: store has {mine!r}, asked {theirs!r}"]
+
+
+def _as_mapping(value):
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def as_text(value) -> str:

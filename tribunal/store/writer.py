@@ -143,6 +143,10 @@ class StoreWriter:
 
     def open(self) -> "StoreWriter":
         """Take the lock, create or repair the file, truncate to the last commit, start SWMR."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of {self.path}: {exc.strerror}; choose another path") from None
         self._lock.acquire()
         try:
             existing = self.path.exists() and self.path.stat().st_size > 0
