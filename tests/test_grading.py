@@ -17,9 +17,10 @@ TABLE = [
     ("<think>The total is 120.</think>\nThe total cost is $120.", "120"),
     ("<think>Compute 45/9 = 5.</think>\nTherefore, the answer is 5 hours.", "5"),
     ("<think>\nOkay, so 20% of 50 is 10.\n</think>\n\nThe discount is \\boxed{10}.", "10"),
-    ("<think>hmm 1, 2, 3 ... the count is 42</think>", "42"),
+    ("<think>hmm 1, 2, 3 ... the count is 42</think>", None),  # thought, then said nothing: no answer
     ("<think>Okay let's see. 12 apples minus 5 is 7, and then", None),  # cut while thinking
-    ("<think>The first step gives 30. Then the answer is 45.", "45"),  # unfinished thinking, explicit phrase
+    ("<think>The first step gives 30. Then the answer is 45.", None),  # still thinking: not an answer yet
+    ("<think>So \\boxed{7} it is.</think>\nI am not sure.", None),  # a boxed guess while thinking does not count
     ("<think>a</think><think>b</think> \\boxed{3}", "3"),
     # \boxed with nesting and LaTeX
     ("The answer is \\boxed{\\frac{1}{2}}.", "0.5"),
@@ -83,12 +84,41 @@ TABLE = [
     ("\\boxed{5\\text{ km}}", "5"),
     ("\\boxed{0.5 \\text{ kg}}", "0.5"),
     ("\\boxed{\u221212}", "-12"),
+    # a careful grader: the sign survives a currency symbol, mixed numbers, powers of ten, times
+    ("The answer is -$5.", "-5"),
+    ("\\boxed{-\\$5}", "-5"),
+    ("\\boxed{-\\$1,250.50}", "-1250.5"),
+    ("\\boxed{2\\frac{1}{2}}", "2.5"),
+    ("\\boxed{2 \\frac{3}{4}}", "2.75"),
+    ("2 1/2", "2.5"),
+    ("The answer is 3 1/4 cups.", "3.25"),
+    ("\\boxed{-1\\frac{1}{2}}", "-1.5"),
+    ("\\boxed{1.5 \\times 10^3}", "1500"),
+    ("\\boxed{2 \\times 10^{-2}}", "0.02"),
+    ("1.5e3", "1500"),
+    ("The answer is 2.5E2.", "250"),
+    ("\\boxed{3:30}", "3:30"),
+    ("The answer is 10:45", "10:45"),
 ]
 
 
 @pytest.mark.parametrize("text,expected", TABLE)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text,gold", [
+    ("The answer is -$5.", "-5"), ("\\boxed{-\\$5}", "-5"), ("\\boxed{2\\frac{1}{2}}", "2.5"), ("2 1/2", "2.5"),
+    ("\\boxed{1.5 \\times 10^3}", "1500"), ("1.5e3", "1500"),
+])
+def test_careful_grader_accepts(text, gold):
+    assert grade(text, gold) == "correct"
+
+
+@pytest.mark.parametrize("gold", ["3", "30", "3.5", "330", "210"])
+def test_a_time_is_never_a_number(gold):
+    assert grade("\\boxed{3:30}", gold) != "correct"
+    assert grade("It takes until 3:30.", gold) != "correct"
 
 
 def test_table_is_large_enough():

@@ -1,9 +1,13 @@
 """Grade a chain-of-thought trace by its final answer. Stands alone: imports nothing from tribunal.
 
-extract_answer(text) finds the final answer the way a careful reader would:
-after the end of thinking (`</think>`) when there is one; the last \\boxed{...}
-(nested braces), else the last `#### N`, else the last "the answer is ...",
-else the last number. grade(text, gold) compares numerically.
+extract_answer(text) finds the final answer the way a careful reader would.
+Thinking first: when the prompt opened thinking (R1-Distill chat templates end
+the prompt with `<think>\n`, so the text holds `</think>` but no `<think>`) or
+the text has `<think>`, only what follows the last `</think>` can answer; a
+trace still thinking has no answer, whatever numbers its thinking holds. Then
+the last \\boxed{...} (nested braces), else the last `#### N`, else the last
+"the answer is ...", else (only for a trace that stopped by itself) the last
+number. grade(text, gold) compares numerically.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ from fractions import Fraction
 
 LABELS = ("correct", "incorrect", "unparsed")
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})(?:\s*/\s*\d+(?!\d|\.\d))?")
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[eE][+-]?\d+)?|-?\.\d+"
+# A number as it ends a sentence: optionally a mixed number ("2 1/2") or a fraction ("3/5").
+_NUMBER_RE = re.compile(rf"(?<![\w.])(?:\d+\s+\d+\s*/\s*\d+(?!\d|\.\d)|(?:{_NUMBER})(?:\s*/\s*\d+(?!\d|\.\d))?)")
+_TIME = re.compile(r"(?<![\d.])\d{1,2}\s*:\s*\d{2}(?!\d)")  # 3:30 is a time (or a ratio), not a number
+_SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\(?\s*([+-]?\d+)\s*\)?")
+_MIXED = re.compile(r"(?<![\d.,/])(-?\d+)\s*\(?\s*(\d+)\s*\)?\s*/\s*\(?\s*(\d+)\s*\)?(?![\d.])")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ANSWER_PHRASE = re.compile(
     r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=|would\s+be|will\s+be)\s*:?", re.IGNORECASE
 )
@@ -47,9 +56,22 @@ def _strip_latex(s: str) -> str:
 
 
 def _to_number(s: str) -> Fraction | None:
-    """The number a short answer string states, or None."""
+    """The number a short answer string states, or None (also for a time such as 3:30)."""
     s = _strip_latex(s)
-    s = s.replace("\u2212", "-").replace("$", " ").replace("€", " ").replace("£", " ")
+    s = s.replace("\u2212", "-").replace("\u2009", " ")
+    s = re.sub(r"-\s*[$€£]\s*", "-", s)  # -$5: the sign survives the currency symbol
+    s = s.replace("$", " ").replace("€", " ").replace("£", " ")
+    if _TIME.search(s):
+        return None
+    sci = _SCIENTIFIC.search(s)
+    if sci:
+        return Fraction(sci.group(1)) * Fraction(10) ** int(sci.group(2))
+    mixed = _MIXED.search(s)
+    if mixed and re.search(r"\d[\s(]", s[mixed.start() : mixed.start(2)]):  # "2 1/2", "2(1)/(2)" from 2\frac12
+        whole, num, den = (int(g) for g in mixed.groups())
+        if 0 < num < den:
+            value = abs(whole) + Fraction(num, den)
+            return -value if s[mixed.start()] == "-" else value
     frac = re.search(r"\(?\s*(-?[\d,]*\.?\d+)\s*\)?\s*/\s*\(?\s*(-?[\d,]*\.?\d+)\s*\)?", s)
     if frac:
         try:
@@ -62,7 +84,7 @@ def _to_number(s: str) -> Fraction | None:
     if not m:
         return None
     raw = m.group(0)
-    if "," in raw and not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", raw):
+    if "," in raw and not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?:[eE][+-]?\d+)?", raw):
         raw = raw.split(",")[0]  # "3, 4 and 5": a list, not a thousands separator
     try:
         return Fraction(raw.replace(",", ""))
@@ -77,7 +99,7 @@ def _canonical(value: Fraction) -> str:
 
 
 def _last_number(text: str) -> str | None:
-    found = _NUMBER_RE.findall(_strip_latex(text))
+    found = _NUMBER_RE.findall(_TIME.sub(" ", _strip_latex(text)))  # the 30 of 3:30 is no answer
     return found[-1] if found else None
 
 
@@ -91,38 +113,50 @@ def _answer_in(text: str, allow_last_number: bool) -> str | None:
     phrases = list(_ANSWER_PHRASE.finditer(text))
     for m in reversed(phrases):
         tail = text[m.end() : m.end() + 200].split("\n\n")[0]
-        if _to_number(tail) is not None:
+        if _to_number(tail) is not None or _TIME.match(tail.strip()):
             return tail
     if allow_last_number:
         return _last_number(text)
     return None
 
 
-def extract_answer(text: str, finished: bool = True) -> str | None:
+def prompt_opens_thinking(prompt: str) -> bool:
+    """True when a rendered prompt leaves thinking open (R1-Distill templates end with `<think>\\n`), so the
+    generated text is thinking until its `</think>`. Read from the prompt itself, not from a model name."""
+    if not prompt or THINK_OPEN not in prompt:
+        return False
+    return THINK_CLOSE not in prompt[prompt.rindex(THINK_OPEN):]
+
+
+def answer_region(text: str, thinking: bool = False) -> str | None:
+    """The part of a trace that may state its final answer: after the last `</think>` when the trace thinks
+    (the prompt opened thinking, or the text has `<think>`); None while it is still thinking."""
+    if thinking or THINK_OPEN in text or THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1] if THINK_CLOSE in text else None
+    return text
+
+
+def extract_answer(text: str, finished: bool = True, thinking: bool = False) -> str | None:
     """The final answer as a canonical number string ("1234", "0.5", "-3"), or None when there is none.
 
-    finished=False (the trace hit the token limit) drops the last-number fallback: a number in
-    unfinished reasoning is not an answer. So does unfinished thinking (<think> without </think>).
+    thinking: the prompt opened thinking (see prompt_opens_thinking). An answer then counts only after
+    `</think>`; a trace with no `</think>` (cut at the token limit mid-thought) has none. finished=False (the
+    trace hit the token limit) also drops the last-number fallback: a number in unfinished text is not an answer.
+    A trace with no thinking markers and no thinking prompt keeps the plain rules.
     """
     if text is None:
         return None
-    thinking_open = "<think>" in text and "</think>" not in text
-    allow_last = finished and not thinking_open
-    candidates = []
-    if "</think>" in text:
-        candidates.append(text.rsplit("</think>", 1)[1])
-    candidates.append(text)
-    for part in candidates:
-        raw = _answer_in(part, allow_last)
-        if raw is None:
-            continue
-        value = _to_number(raw)
-        if value is not None:
-            return _canonical(value)
-        cleaned = _strip_latex(raw).strip().strip(".").strip()
-        if cleaned:
-            return cleaned
-    return None
+    region = answer_region(text, thinking)
+    if region is None:
+        return None
+    raw = _answer_in(region, allow_last_number=finished)
+    if raw is None:
+        return None
+    value = _to_number(raw)
+    if value is not None:
+        return _canonical(value)
+    cleaned = _strip_latex(raw).strip().strip(".").strip()
+    return cleaned or None
 
 
 def parse_gold(answer: str) -> str:
@@ -144,14 +178,14 @@ def answers_match(predicted: str | None, gold: str) -> bool:
     return predicted.strip().lower() == str(gold).strip().lower()
 
 
-def grade_with_answer(text: str, gold: str, finished: bool = True) -> tuple[str, str | None]:
+def grade_with_answer(text: str, gold: str, finished: bool = True, thinking: bool = False) -> tuple[str, str | None]:
     """(label, extracted answer), parsing the text once."""
-    predicted = extract_answer(text, finished=finished)
+    predicted = extract_answer(text, finished=finished, thinking=thinking)
     if predicted is None:
         return "unparsed", None
     return ("correct" if answers_match(predicted, gold) else "incorrect"), predicted
 
 
-def grade(text: str, gold: str, finished: bool = True) -> str:
+def grade(text: str, gold: str, finished: bool = True, thinking: bool = False) -> str:
     """'correct', 'incorrect' or 'unparsed' (no final answer found)."""
-    return grade_with_answer(text, gold, finished)[0]
+    return grade_with_answer(text, gold, finished, thinking)[0]

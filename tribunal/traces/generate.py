@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import TribunalError
-from ..grading import grade_with_answer
+from ..grading import grade_with_answer, prompt_opens_thinking
 from ..problems.loading import EMBEDDED_PROBLEMS, build_prompt, load_problems, shard_problems
 from ..store.writer import TraceRecord
 from .store_process import WriterProcess
@@ -152,6 +152,9 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     store_dtype = _store_dtype(config.dtype, model)
     d_model = int(model.config.hidden_size)
     settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
+    # Grading reads thinking from the rendered prompt (R1-Distill templates end it with <think>\n); the store says so.
+    sample_prompt = build_prompt(tokenizer, mine[0].question, config.prompt_template, config.chat_template) if mine else []
+    settings["prompt_opens_thinking"] = prompt_opens_thinking(tokenizer.decode(sample_prompt, skip_special_tokens=False))
     settings.update(layers_resolved=layers, store_dtype=store_dtype, targets_per_shard=target,
                     compute_dtype_resolved=str(model.dtype).replace("torch.", ""))
     resume_identity = {k: settings[k] for k in ("dataset", "split", "temperature", "top_p", "max_new_tokens",
@@ -187,7 +190,7 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
         pairs = [(p, s) for p in todo for s in range(config.samples_per_problem)
                  if (p.problem_id, s) not in done_pairs]
         last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
-        prompts = {}
+        prompts, thinking = {}, {}
         bar = _progress(config, len(mine), len(tried))
         i = 0
         while i < len(pairs):
@@ -201,6 +204,8 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                 if p.problem_id not in prompts:
                     prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
                                                          config.chat_template)
+                    thinking[p.problem_id] = prompt_opens_thinking(
+                        tokenizer.decode(prompts[p.problem_id], skip_special_tokens=False))
             seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
             try:
                 sampled = sample_batch(
@@ -221,7 +226,8 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
             records, finished_problems = [], []
             for (p, s), t, seed in zip(chunk, sampled, seeds):
                 text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
-                label, predicted = grade_with_answer(text, p.gold, finished=t.finished)
+                label, predicted = grade_with_answer(text, p.gold, finished=t.finished,
+                                                     thinking=thinking[p.problem_id])
                 new_tokens += len(t.generated_ids)
                 keep = config.keep_all or label not in target or counts[label] < target[label]
                 if keep:
