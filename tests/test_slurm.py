@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from slurm_cluster import LocalSlurm
 from tribunal.cli import main
-from tribunal.cluster.slurm import BIN_DIR, SubmitConfig, commands, write_scripts
+from tribunal.cluster.slurm import TASK_SCRIPT, SubmitConfig, commands, write_scripts
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
 
-TASK = str(BIN_DIR / "tribunal-task")
+TASK = str(TASK_SCRIPT)
 
 
 def test_templates_are_filled(tmp_path):
@@ -34,10 +34,11 @@ def test_templates_are_filled(tmp_path):
     last_directive = max(i for i, l in enumerate(lines) if l.startswith("#SBATCH"))
     first_command = min(i for i, l in enumerate(lines) if l and not l.startswith("#"))
     assert last_directive < first_command  # sbatch ignores directives after the first command
-    assert "module load cuda/12" in text and str(tmp_path / "run" / "logs" / "generate_%a.log") in text
+    assert "module load cuda/12" in text and "#SBATCH --output=logs/generate_%a.log" in text
     assert "--gres" not in probe.read_text()
     cmds = commands(gen, probe)
-    assert cmds[0].startswith("GEN=$(sbatch --parsable") and "--dependency=afterok:$GEN" in cmds[1]
+    assert cmds[0] == f"cd {tmp_path / 'run'}" and cmds[1].startswith("GEN=$(sbatch --parsable")
+    assert "--dependency=afterok:$GEN" in cmds[2]
     cpu = write_scripts(SubmitConfig(run_dir=str(tmp_path / "cpu"), shards=2, gpus=0))[0].read_text()
     assert "--gres" not in cpu and "--partition" not in cpu
 
@@ -134,7 +135,7 @@ def _commits(path):
 def test_array_preempt_requeue_resume_merge_probe(slurm, tmp_path, monkeypatch):
     for key, value in slurm.env.items():
         monkeypatch.setenv(key, value)
-    run = tmp_path / "run"
+    run = tmp_path / "run dir's \"quoted\""  # a space and both quotes: nothing in the scripts may break
     gen_args = ["--keep-all", "--samples-per-problem", "2", "--batch-size", "1", "--max-new-tokens", "48"]
     args = ["slurm", "submit", "--run-dir", str(run), "--shards", "3", "--gpus", "0", "--cpus", "1", "--time", "30",
             "--max-problems", "60", "--probe-time", "30", "--probe-memory", "1G", "--submit"]

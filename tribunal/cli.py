@@ -193,6 +193,9 @@ def generator_options(func):
         click.option("--max-new-tokens", default=512, show_default=True),
         click.option("--samples-per-problem", default=4, show_default=True),
         click.option("--batch-size", default=16, show_default=True),
+        click.option("--capture-memory", default="8G", show_default=True,
+                     help="Bound on captured activations held at once, device buffer and host copies together; "
+                          "smaller batches when long traces x layers x d_model would exceed it."),
         click.option("--target-correct", default=50, show_default=True, help="Stop storing correct traces after this many."),
         click.option("--target-incorrect", default=50, show_default=True, help="Stop storing incorrect traces after this many."),
         click.option("--max-problems", default=200, show_default=True, help="Try at most this many problems (all shards together)."),
@@ -295,6 +298,8 @@ def slurm():
 @click.option("--cpus", default=4, show_default=True)
 @click.option("--mem", default=None, help="Memory per task, e.g. 64G.")
 @click.option("--setup", multiple=True, help="A shell line to run first (module load ..., source venv/bin/activate).")
+@click.option("--python", default=None,
+              help="Python that runs tribunal in the job (default: python3 from --setup's environment, else this one).")
 @click.option("--max-requeues", default=5, show_default=True)
 @click.option("--probe-time", default="02:00:00", show_default=True)
 @click.option("--probe-memory", default="8G", show_default=True)
@@ -333,12 +338,12 @@ def slurm_status(run_dir, as_json):
 
 def parse_memory(text: str) -> int:
     """'512M', '2G', '1073741824' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = str(text).strip().upper().rstrip("B")
+    from .config import parse_size
+
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"{text!r} is not a size like 512M or 2G") from None
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.group()

@@ -1,4 +1,4 @@
-"""Option values from files and strings: YAML/TOML option files, index lists like '4,8,12-15'."""
+"""Option values from files and strings: YAML/TOML option files, index lists like '4,8,12-15', sizes like '8G'."""
 
 from __future__ import annotations
 
@@ -38,3 +38,13 @@ def parse_index_list(text: str) -> list[int]:
         except ValueError:
             raise ValueError(f"{text!r} is not a list of integers and ranges like 4,8,12-15") from None
     return out
+
+
+def parse_size(text) -> int:
+    """'512M', '2G', '1.5G', '1073741824' -> bytes; ValueError names the text otherwise."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    clean = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        return int(float(clean[:-1]) * units[clean[-1]]) if clean[-1:] in units else int(clean)
+    except (ValueError, KeyError):
+        raise ValueError(f"{text!r} is not a size like 512M or 8G") from None

@@ -1,14 +1,17 @@
 """SLURM array runs: fill the sbatch templates, submit generate + probe with a dependency, report shard status.
 
-The templates are `slurm/generate.sbatch` and `slurm/probe.sbatch` in the repository; the batch-side
-script that forwards signals and requeues is `bin/tribunal-task`. This module only fills and submits
-them, so a run can also be launched by hand from the filled files it writes into RUN/slurm/.
+The templates and the batch-side task script (forwards signals, requeues) ship inside the package
+(`tribunal/cluster/templates/`; the top-level `slurm/` and `bin/` link to them), so `submit` works from an
+installed wheel. This module only fills and submits them: every filled file, the task script included, lands
+in RUN/slurm/, so a run can also be launched by hand (`cd RUN && sbatch slurm/generate.sbatch`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,9 +19,9 @@ from pathlib import Path
 
 from ..errors import TribunalError
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = REPO / "slurm"
-BIN_DIR = REPO / "bin"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+TASK_SCRIPT = TEMPLATES / "tribunal-task"
+SIGNAL_LEAD_S = 300  # sbatch --signal=B:USR1@300: the stop signal comes this long before the time limit
 
 
 @dataclass
@@ -38,6 +41,7 @@ class SubmitConfig:
     cpus: int = 4
     mem: str | None = None
     setup: list = field(default_factory=list)
+    python: str | None = None
     max_requeues: int = 5
     probe_time: str = "02:00:00"
     probe_memory: str = "8G"
@@ -77,27 +81,60 @@ def fill(template: str, values: dict) -> str:
     return template
 
 
+def time_limit_seconds(text: str) -> int:
+    """Seconds of a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise TribunalError(f"--time {text!r}: use a SLURM time such as 04:00:00, 90 (minutes) or 1-12:00:00")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:
+        return a * 3600 + b * 60 + c
+    if b is not None:
+        return a * 60 + b
+    return a * 60
+
+
+def _local_paths_absolute(cfg: SubmitConfig) -> None:
+    """A task runs in another working directory: local model and dataset paths are made absolute here."""
+    for name in ("model", "dataset"):
+        value = getattr(cfg, name)
+        if value and Path(value).exists():
+            setattr(cfg, name, str(Path(value).resolve()))
+
+
 def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
-    """Filled RUN/slurm/generate.sbatch and RUN/slurm/probe.sbatch; creates RUN/logs."""
+    """Filled RUN/slurm/generate.sbatch and RUN/slurm/probe.sbatch, with the task script beside them; creates RUN/logs."""
     if cfg.shards < 1:
         raise TribunalError(f"--shards must be at least 1, got {cfg.shards}")
-    if not (TEMPLATES / "generate.sbatch").exists():
-        raise TribunalError(f"sbatch templates not found in {TEMPLATES}: run from a tribunal source checkout")
+    seconds = time_limit_seconds(cfg.time)
+    if seconds <= SIGNAL_LEAD_S:
+        raise TribunalError(
+            f"--time {cfg.time} ({seconds} s) is not longer than the stop signal's lead (--signal=B:USR1@{SIGNAL_LEAD_S}, "
+            f"{SIGNAL_LEAD_S} s before the limit): the task would be told to stop before it starts; give more than "
+            f"{SIGNAL_LEAD_S // 60} minutes")
+    time_limit_seconds(cfg.probe_time)
+    _local_paths_absolute(cfg)
     run = Path(cfg.run_dir).resolve()
     (run / "slurm").mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(exist_ok=True)
-    tribunal = f"{shlex.quote(sys.executable)} -m tribunal.cli"
-    common = {
-        "RUN_DIR": run, "SETUP": "\n".join(cfg.setup) or "# (none)", "TRIBUNAL": tribunal, "BIN_DIR": BIN_DIR,
-    }
+    task = run / "slurm" / "tribunal-task"
+    shutil.copyfile(TASK_SCRIPT, task)
+    task.chmod(0o755)
+    # With --setup lines the job runs the python they put first on PATH (the user's venv or conda env);
+    # without, the interpreter that ran `submit`.
+    python = cfg.python or ("python3" if cfg.setup else sys.executable)
+    common = {"RUN_DIR": shlex.quote(str(run)), "SETUP": "\n".join(cfg.setup) or "# (none)",
+              "PYTHON": shlex.quote(python)}
     gen = fill((TEMPLATES / "generate.sbatch").read_text(), {
-        **common, "SITE_SBATCH": _site_lines(cfg, cfg.gpus, cfg.mem), "TIME": cfg.time,
+        **common, "SITE_SBATCH": _site_lines(cfg, cfg.gpus, cfg.mem), "TIME": cfg.time, "SIGNAL_LEAD": SIGNAL_LEAD_S,
         "LAST_SHARD": cfg.shards - 1, "SHARDS": cfg.shards, "MAX_REQUEUES": cfg.max_requeues,
         "GENERATE_ARGS": " ".join(shlex.quote(a) for a in generate_arguments(cfg)),
     })
     probe = fill((TEMPLATES / "probe.sbatch").read_text(), {
         **common, "SITE_SBATCH_PROBE": _site_lines(cfg, 0, cfg.mem), "PROBE_TIME": cfg.probe_time,
-        "PROBE_MEMORY": cfg.probe_memory, "PROBE_ARGS": " ".join(shlex.quote(str(a)) for a in cfg.probe_args),
+        "PROBE_MEMORY": shlex.quote(cfg.probe_memory), "PROBE_ARGS": " ".join(shlex.quote(str(a)) for a in cfg.probe_args),
     })
     gen_path, probe_path = run / "slurm" / "generate.sbatch", run / "slurm" / "probe.sbatch"
     gen_path.write_text(gen)
@@ -107,16 +144,18 @@ def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
 
 
 def commands(gen_path: Path, probe_path: Path) -> list[str]:
-    """The exact shell commands that submit both jobs, the probe after the whole array succeeded."""
+    """The exact shell commands that submit both jobs from the run folder, the probe after the whole array succeeded."""
+    run = gen_path.parent.parent
     return [
-        f"GEN=$(sbatch --parsable {shlex.quote(str(gen_path))})",
-        f"sbatch --parsable --dependency=afterok:$GEN {shlex.quote(str(probe_path))}",
+        f"cd {shlex.quote(str(run))}",
+        f"GEN=$(sbatch --parsable {shlex.quote(str(gen_path.relative_to(run)))})",
+        f"sbatch --parsable --dependency=afterok:$GEN {shlex.quote(str(probe_path.relative_to(run)))}",
     ]
 
 
-def _sbatch(args: list[str]) -> str:
+def _sbatch(args: list[str], cwd: Path) -> str:
     try:
-        done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+        done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, cwd=cwd)
     except FileNotFoundError:
         raise TribunalError("sbatch not found: submit from a SLURM login node, or run the printed commands there") from None
     if done.returncode != 0:
@@ -125,8 +164,10 @@ def _sbatch(args: list[str]) -> str:
 
 
 def submit(gen_path: Path, probe_path: Path) -> dict:
-    gen = _sbatch([str(gen_path)])
-    probe = _sbatch([f"--dependency=afterok:{gen}", str(probe_path)])
+    """Submit from the run folder (the templates' log paths are relative to it)."""
+    run = gen_path.parent.parent
+    gen = _sbatch([str(gen_path.relative_to(run))], run)
+    probe = _sbatch([f"--dependency=afterok:{gen}", str(probe_path.relative_to(run))], run)
     jobs = {"generate": gen, "probe": probe}
     (gen_path.parent / "jobs.json").write_text(json.dumps(jobs))
     return jobs

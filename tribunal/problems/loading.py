@@ -24,7 +24,8 @@ class Problem:
     gold: str
 
 
-def _read_rows(source: str, split: str) -> list[dict]:
+def _local_file(source: str, split: str) -> Path:
+    """The file a local dataset spec names (a folder holds one file per split)."""
     path = Path(source)
     if path.is_dir():
         candidates = [path / f"{split}{ext}" for ext in (".jsonl", ".json", ".parquet")]
@@ -32,6 +33,24 @@ def _read_rows(source: str, split: str) -> list[dict]:
         if not found:
             raise TribunalError(f"{source} has no {split}.jsonl/.json/.parquet; give the file or another --split")
         path = found[0]
+    return path
+
+
+def dataset_identity(source: str | None, split: str = "test") -> str:
+    """What a resume must match: a hub id as given; a local file by name and content hash, so the same file
+    spelled another way (or copied, or read from another working directory) is the same dataset."""
+    if source is None:
+        return EMBEDDED_PROBLEMS.name
+    path = _local_file(str(source), split) if Path(str(source)).exists() else None
+    if path is None:
+        return str(source)
+    import hashlib
+
+    return f"{path.name}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+
+def _read_rows(source: str, split: str) -> list[dict]:
+    path = _local_file(source, split)
     if path.exists():
         if path.suffix == ".jsonl":
             with open(path) as fh:

@@ -213,6 +213,8 @@ class StoreIdentity:
         out = []
         for name in ("schema_version", "model_id", "model_revision", "layers", "d_model", "dtype"):
             mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "model_id" and self.same_local_model(other):
+                continue  # the same content at another path (a copy, another working directory)
             if name == "layers":
                 mine, theirs = list(mine), list(theirs)
             if mine != theirs:
@@ -220,6 +222,10 @@ class StoreIdentity:
         if resume:
             out += _value_differences("", self.extra, other.extra)
         return out
+
+    def same_local_model(self, other: "StoreIdentity") -> bool:
+        """Both stores name a local model by content fingerprint, and the fingerprints agree."""
+        return self.model_revision.startswith("local:") and self.model_revision == other.model_revision
 
     @classmethod
     def from_attrs(cls, attrs) -> "StoreIdentity":

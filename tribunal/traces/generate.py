@@ -13,26 +13,22 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import parse_size
 from ..errors import TribunalError
 from ..grading import grade_with_answer, prompt_opens_thinking
-from ..problems.loading import EMBEDDED_PROBLEMS, build_prompt, load_problems, shard_problems
+from ..problems.loading import build_prompt, dataset_identity, load_problems, shard_problems
 from ..store.writer import TraceRecord
+from .stop import EXIT_INTERRUPTED, GracefulStop
 from .store_process import WriterProcess
 
+__all__ = ["EXIT_INTERRUPTED", "GenerateConfig", "run_generation", "format_summary"]
+
 log = logging.getLogger("tribunal.generate")
-
-# Exit codes of `tribunal generate` (bin/ scripts and slurm/ templates rely on them).
-EXIT_DONE = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, store closed cleanly, rerun to resume
-
 
 @dataclass
 class GenerateConfig:
@@ -47,6 +43,7 @@ class GenerateConfig:
     max_new_tokens: int = 512
     samples_per_problem: int = 4
     batch_size: int = 16
+    capture_memory: str = "8G"
     target_correct: int = 50
     target_incorrect: int = 50
     max_problems: int = 200
@@ -80,36 +77,15 @@ class GenerateConfig:
         for name in ("max_new_tokens", "samples_per_problem", "batch_size", "max_problems"):
             if getattr(self, name) < 1:
                 raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
+        try:
+            if parse_size(self.capture_memory) <= 0:
+                raise ValueError
+        except ValueError:
+            raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M") from None
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise TribunalError(f"--dtype {self.dtype!r}: choose auto, float16, bfloat16 or float32")
         self.shard_pair()
         return self
-
-
-class GracefulStop:
-    """SIGUSR1/SIGTERM/SIGINT set a flag; the loop stops at a safe point. One small object, as in submitit."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __call__(self) -> bool:
-        return self.received is not None
 
 
 def _store_dtype(requested: str, model) -> str:
@@ -134,8 +110,8 @@ def run_generation(config: GenerateConfig) -> dict:
 def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     import torch
 
-    from .models import EMBEDDED_MODEL_ID, decoder_blocks, load_model, model_revision, resolve_layers
-    from .sampling import BlockCapture, Interrupted, SamplingSettings, sample_batch, trace_seed
+    from .models import decoder_blocks, load_model, model_identity, resolve_layers
+    from .sampling import BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch, trace_seed
 
     config.validate()
     shard, num_shards = config.shard_pair()
@@ -160,10 +136,10 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     resume_identity = {k: settings[k] for k in ("dataset", "split", "temperature", "top_p", "max_new_tokens",
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
-    resume_identity["dataset"] = str(config.dataset or EMBEDDED_PROBLEMS.name)
+    resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
+    model_id, revision = model_identity(model, config.model)
     writer_kwargs = dict(
-        path=config.out, model_id=str(config.model or EMBEDDED_MODEL_ID),
-        model_revision=model_revision(model, config.model) if config.model else "embedded",
+        path=config.out, model_id=model_id, model_revision=revision,
         layers=layers, d_model=d_model, dtype=store_dtype, generation_settings=settings,
         dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
         seed=config.seed, resume_identity=resume_identity, durable=config.durable,
@@ -180,7 +156,9 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     status, batch_size, new_tokens = "done", config.batch_size, 0
     started = time.time()
     try:  # from here on the writer process is told to close the store, whatever happens
-        capture = BlockCapture(blocks, layers)
+        capture_budget = CaptureBudget(parse_size(config.capture_memory), len(layers), d_model, store_dtype,
+                                       config.max_new_tokens, config.queue_batches)
+        capture = BlockCapture(blocks, layers, max_bytes=capture_budget.batch_bytes)
         counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
         if held["n_traces"] or tried:
             log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
@@ -206,6 +184,7 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                                                          config.chat_template)
                     thinking[p.problem_id] = prompt_opens_thinking(
                         tokenizer.decode(prompts[p.problem_id], skip_special_tokens=False))
+            chunk = chunk[: capture_budget.traces_per_batch([len(prompts[p.problem_id]) for p, _ in chunk])]
             seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
             try:
                 sampled = sample_batch(

@@ -46,6 +46,46 @@ class SampledTrace:
     ready: object = None  # call before reading `activations`: waits for the batch's device-to-host copy
 
 
+class CaptureBudget:
+    """How many traces a batch may hold so that captured activations stay within `budget_bytes`.
+
+    A batch's capture is a rectangle: layers x traces x (longest prompt + max new tokens) x d_model in the
+    storage dtype. Held at once, at worst: the device buffer, the batch being handed over, the one pending
+    until its copy lands, the one on the wire and `queue_batches` waiting for the writer (on a GPU the last
+    four are pinned host copies). The budget covers all of them, device and host together.
+    """
+
+    def __init__(self, budget_bytes: int, layers: int, d_model: int, store_dtype: str, max_new_tokens: int,
+                 queue_batches: int):
+        self.budget_bytes = int(budget_bytes)
+        self.copies = queue_batches + 4
+        self.row_bytes = layers * d_model * _STORAGE_DTYPES[store_dtype].itemsize
+        self.max_new_tokens = max_new_tokens
+        self.batch_bytes = self.budget_bytes // self.copies  # one rectangle: the capture buffer's ceiling
+        self._said = False
+
+    def traces_per_batch(self, prompt_lengths: list[int]) -> int:
+        """How many of these traces (in order) fit; at least one, else a TribunalError saying what to change."""
+        from ..errors import TribunalError
+
+        for n in range(len(prompt_lengths), 0, -1):
+            width = max(prompt_lengths[:n]) + self.max_new_tokens
+            if n * width * self.row_bytes <= self.batch_bytes:
+                if n < len(prompt_lengths) and not self._said:
+                    self._said = True
+                    import logging
+
+                    logging.getLogger("tribunal.generate").info(
+                        "--capture-memory %.2g GB holds %d traces per batch (%d copies of %d x %d tokens x %d bytes)",
+                        self.budget_bytes / 1e9, n, self.copies, n, width, self.row_bytes)
+                return n
+        one = (max(prompt_lengths[:1]) + self.max_new_tokens) * self.row_bytes * self.copies
+        raise TribunalError(
+            f"--capture-memory {self.budget_bytes / 2**20:.0f}M holds no trace: one trace of up to "
+            f"{prompt_lengths[0] + self.max_new_tokens} tokens needs {one / 2**20:.0f}M ({self.copies} copies of "
+            f"tokens x layers x d_model); raise --capture-memory, or lower --max-new-tokens or --layers")
+
+
 class _DeepestLayerDone(Exception):
     """Raised by the deepest target block's hook to end a forward whose logits nobody needs."""
 
@@ -61,8 +101,9 @@ class BlockCapture:
     A decode step costs a narrow and a copy per layer.
     """
 
-    def __init__(self, blocks, layers):
+    def __init__(self, blocks, layers, max_bytes: int | None = None):
         self.layers = list(layers)
+        self.max_bytes = max_bytes  # a grown buffer never exceeds this (the capture budget's one rectangle)
         self._stop_at = None
         self._rows = None
         self._buffer = None
@@ -87,6 +128,8 @@ class BlockCapture:
             size = want
         elif old.shape[1] < want[1] or old.shape[2] < want[2]:
             size = tuple(max(w, have) for w, have in zip(want, old.shape))
+            if self.max_bytes and np.prod(size) * old.element_size() > self.max_bytes:
+                size = want  # the union of two shapes may exceed the budget that each fits
         else:
             return old[:, : want[1], : want[2]]
         self._buffer = old = None  # freed before its successor is allocated
