@@ -59,7 +59,7 @@ def documented_names():
     from conftest import ROOT
 
     doc = (ROOT / "docs" / "store-format.md").read_text()
-    attrs_section = doc.split("### Root attributes", 1)[1].split("###", 1)[0]
+    attrs_section = doc.split("### Root attributes", 1)[1].split("All but", 1)[0]  # the list, not the prose after it
     attrs = [a for a in re.findall(r"`([a-z_]+)`", attrs_section) if a not in ("synth", "merged_from")]
     layout = doc.split("## Layout", 1)[1].split("```")[1]
     datasets = [line.split()[0].lstrip("/") for line in layout.splitlines() if line.startswith("/") and line.split()[0] != "/"]

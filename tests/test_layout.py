@@ -1,5 +1,6 @@
 """The dependency rules of the tree, checked on the source: store never imports torch/transformers, probes never
-import the generator, grading stands alone, only the CLI imports click."""
+import the generator or the report, the report never the generator, only the pipeline chains them, grading stands
+alone, only the CLI imports click."""
 
 import ast
 from pathlib import Path
@@ -29,8 +30,14 @@ def test_dependencies_point_one_way():
             assert not any(n.split(".")[0] == "click" for n in found), rel
         if rel.startswith("store/"):
             assert not any(n.split(".")[0] in ("torch", "transformers", "accelerate") for n in found), rel
-        if rel.startswith("probes/"):
-            assert not any(n.startswith("tribunal.traces") for n in found), rel
+        if rel.startswith("probes/"):  # probes return results; the report draws them
+            assert not any(n.startswith(("tribunal.traces", "tribunal.report", "tribunal.pipeline")) for n in found), rel
+        if rel.startswith("report/"):  # the report reads probe results, never the generator
+            assert not any(n.startswith(("tribunal.traces", "tribunal.pipeline")) for n in found), rel
+        if rel.startswith("store/"):  # the store is upstream of everything but problems
+            assert not any(n.startswith(("tribunal.traces", "tribunal.probes", "tribunal.report")) for n in found), rel
+        chains = {"tribunal.traces", "tribunal.probes"} <= {".".join(n.split(".")[:2]) for n in found}
+        assert not chains or rel in ("pipeline.py", "cli.py"), f"{rel}: only the pipeline chains generation and probes"
         if rel == "grading.py":
             assert not any(n.startswith("tribunal") for n in found), rel
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from tribunal.cli import main
 from tribunal.errors import TribunalError
 from tribunal.probes import directions as dirs
-from tribunal.probes.run import probe_tokens, probe_trajectory
+from tribunal.report.outputs import token_outputs, trajectory_outputs
 from tribunal.probes.trajectory import load_trajectory_data, make_probe, ungrouped_auroc
 from tribunal.store import open_store
 from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
@@ -37,7 +37,7 @@ def cell(result, layer, agg):
 
 def test_planted_direction_is_recovered(tmp_path):
     path = synth(tmp_path / "s.h5", traces=1200, problems=300)
-    out = probe_trajectory(path, tmp_path / "out", aggregations=("mean", "last"), **FAST)
+    out = trajectory_outputs(path, tmp_path / "out", aggregations=("mean", "last"), **FAST)
     w, truth = planted(path)
     c = cell(out, 4, "mean")
     assert abs(np.dot(c["direction"], w)) > 0.9
@@ -53,7 +53,7 @@ def test_planted_direction_is_recovered(tmp_path):
 
 def test_no_signal_is_not_significant(tmp_path):
     path = synth(tmp_path / "s.h5", signal=0.5)
-    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    out = trajectory_outputs(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
     c = cell(out, 4, "mean")
     lo, hi = c["metrics"]["auroc"]["ci"]
     assert lo <= 0.5 <= hi
@@ -66,7 +66,7 @@ def test_problem_leak_grouped_stays_near_chance_ungrouped_does_not(tmp_path):
     with open_store(path) as store:
         data = load_trajectory_data(store, [4], ("mean",))
     leaky = ungrouped_auroc(data, (4, "mean"))
-    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    out = trajectory_outputs(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
     grouped = cell(out, 4, "mean")["metrics"]["auroc"]
     assert leaky > 0.85, leaky
     assert grouped["value"] < 0.65 and grouped["ci"][0] < 0.5 + 0.1
@@ -74,7 +74,7 @@ def test_problem_leak_grouped_stays_near_chance_ungrouped_does_not(tmp_path):
 
 def test_length_confound_is_reported(tmp_path):
     path = synth(tmp_path / "s.h5", signal=0.5, length_confound=0.6)
-    out = probe_trajectory(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
+    out = trajectory_outputs(path, tmp_path / "out", layers=[4], aggregations=("mean",), **FAST)
     c = cell(out, 4, "mean")
     assert c["baselines"]["length"]["auroc"]["value"] > 0.75
     assert abs(c["metrics"]["auroc"]["value"] - c["baselines"]["length"]["auroc"]["value"]) < 0.1
@@ -84,7 +84,7 @@ def test_length_confound_is_reported(tmp_path):
 
 def test_directions_round_trip_through_score(tmp_path):
     path = synth(tmp_path / "s.h5", traces=120, problems=30)
-    probe_trajectory(path, tmp_path / "out", layers=[2], aggregations=("mean",), **FAST)
+    trajectory_outputs(path, tmp_path / "out", layers=[2], aggregations=("mean",), **FAST)
     csv_path = tmp_path / "scores.csv"
     result = CliRunner().invoke(main, ["score", str(tmp_path / "out"), str(path), "--out", str(csv_path)])
     assert result.exit_code == 0, result.output
@@ -107,14 +107,14 @@ def test_directions_round_trip_through_score(tmp_path):
 
 def test_token_probe_memory_bound_and_outputs(tmp_path):
     path = synth(tmp_path / "s.h5", traces=200, problems=50, signal=0.85)
-    out = probe_tokens(path, tmp_path / "out", layer=4, memory_bytes=400 << 20, n_boot=100)
+    out = token_outputs(path, tmp_path / "out", layer=4, memory_bytes=400 << 20, n_boot=100)
     lda = out["token"]["directions"]["lda"]
     assert lda["auroc"]["value"] > 0.7 and len(lda["auroc_by_position"]) == 10
     w, _ = planted(path)
     assert abs(np.dot(lda["direction"], w)) > 0.9
     assert (tmp_path / "out" / "token_probe.png").stat().st_size > 0
     with pytest.raises(TribunalError, match="too small"):
-        probe_tokens(path, tmp_path / "out2", layer=4, memory_bytes=64 << 20)
+        token_outputs(path, tmp_path / "out2", layer=4, memory_bytes=64 << 20)
 
 
 def test_bad_input(tmp_path):
@@ -127,7 +127,7 @@ def test_bad_input(tmp_path):
     assert r.exit_code == 1 and "too few for 5-fold" in r.output
     other = tmp_path / "wide.h5"
     synth(other, traces=40, problems=10, d_model=32)
-    probe_trajectory(one, tmp_path / "o", layers=[2], aggregations=("mean",), **FAST)
+    trajectory_outputs(one, tmp_path / "o", layers=[2], aggregations=("mean",), **FAST)
     r = runner.invoke(main, ["score", str(tmp_path / "o"), str(other), "--out", str(tmp_path / "x.csv")])
     assert r.exit_code == 1 and "d_model 24, the store 32" in r.output
     r = runner.invoke(main, ["score", str(tmp_path / "o"), str(one), "--layer", "4", "--out", str(tmp_path / "x.csv")])
@@ -143,7 +143,7 @@ def test_one_class_only(tmp_path):
 
 def test_shards_read_together(tmp_path):
     synth(tmp_path / "a.h5", traces=200, problems=50, seed=1)
-    out = probe_trajectory(str(tmp_path / "a.h5"), tmp_path / "o", layers=[4], aggregations=("mean",), **FAST)
+    out = trajectory_outputs(str(tmp_path / "a.h5"), tmp_path / "o", layers=[4], aggregations=("mean",), **FAST)
     assert out["document"]["provenance"]["traces"] == 200
 
 
@@ -156,7 +156,9 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
         assert (run / name).stat().st_size > 0, name
     report = (run / "report.md").read_text()
     assert "![probe results](probe_results.png)" in report and "![token probe](token_probe.png)" in report
-    assert "nested, problem-grouped CV" in report
+    assert "The selection procedure (nested problem-grouped CV" in report and "## Calibration" in report
+    first = next(line for line in report.splitlines()[1:] if line.strip())
+    assert first.startswith(("**No evidence of a signal", "**The residual stream predicts")), first
     doc = dirs.load(run)
     assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
     again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
@@ -166,4 +168,17 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
 def test_memory_setting_must_be_a_size(tmp_path):
     path = synth(tmp_path / "s.h5", traces=40, problems=10)
     r = CliRunner().invoke(main, ["probe", "tokens", str(path), "--out", str(tmp_path / "o"), "--memory", "lots"])
-    assert r.exit_code == 2 and "is not a size like 512M or 2G" in r.output
+    assert r.exit_code == 2 and "is not a size like 512M or 8G" in r.output
+
+
+def test_fast_metrics_equal_scikit_learns():
+    from tribunal.probes import evaluation as ev
+
+    rng = np.random.default_rng(3)
+    for n in (7, 50, 400):
+        y = rng.integers(0, 2, n)
+        score = np.round(rng.random(n), 2)  # ties included
+        fast, sk = ev.fast_metrics(y, score), ev.metrics(y, score)
+        assert fast.keys() == sk.keys()
+        for key in sk:
+            assert fast[key] == pytest.approx(sk[key], abs=1e-12), key

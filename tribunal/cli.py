@@ -238,17 +238,19 @@ def generate(quiet, **options):
 @click.option("--out", required=True, help="Run folder: store.h5, directions, plots, report.md.")
 @generator_options
 @click.option("--folds", default=5, show_default=True, help="Probe CV folds.")
-@click.option("--permutations", default=50, show_default=True, help="Grouped permutations per cell.")
+@click.option("--permutations", default=50, show_default=True,
+              help="Grouped permutations of the labels (shared by all cells; 0 = skip).")
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
 @click.option("--memory", default="1G", show_default=True, help="Memory budget of the token probe.")
 @user_errors
-def run(out, quiet, folds, permutations, memory, **options):
+def run(out, quiet, folds, permutations, n_boot, memory, **options):
     """The main job: generate (the embedded default when no model is given), both probes, report.md, in OUT.
 
     Rerunning resumes the generation. Exit 75 when interrupted (rerun to resume).
     """
-    from .report.run import run_pipeline
+    from .pipeline import run_pipeline
 
-    result = run_pipeline(out, options, {"folds": folds, "permutations": permutations,
+    result = run_pipeline(out, options, {"folds": folds, "permutations": permutations, "n_boot": n_boot,
                                          "memory_bytes": parse_memory(memory)}, progress=not quiet)
     from .traces.generate import EXIT_INTERRUPTED, format_summary
 
@@ -359,18 +361,20 @@ def probe():
 @click.option("-k", "--last-k", "k", default=10, show_default=True, help="k of the last_k aggregation.")
 @click.option("--folds", default=5, show_default=True)
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
-@click.option("--permutations", default=50, show_default=True, help="Grouped permutations per cell (0 = skip).")
+@click.option("--permutations", default=50, show_default=True,
+              help="Grouped permutations of the labels, shared by all cells (0 = skip).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-C", "C", default=1.0, show_default=True, help="Inverse L2 strength of the logistic probe.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def probe_trajectory_cmd(stores, out_dir, layers, aggregations, k, folds, n_boot, permutations, seed, C, quiet):
     """Trajectory probes for every stored layer x aggregation, with baselines, CIs and nested selection."""
-    from .probes.run import probe_trajectory
+    from .report.outputs import trajectory_outputs
 
-    result = probe_trajectory(stores, out_dir, parse_int_list(layers) if layers else None,
-                              tuple(a.strip() for a in aggregations.split(",") if a.strip()), k, folds, n_boot,
-                              permutations, seed, C, progress=not quiet)
+    result = trajectory_outputs(stores, out_dir, layers=parse_int_list(layers) if layers else None,
+                                aggregations=tuple(a.strip() for a in aggregations.split(",") if a.strip()), k=k,
+                                folds=folds, n_boot=n_boot, permutations=permutations, seed=seed, C=C,
+                                progress=not quiet)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/implicit_value_directions.json, metrics.csv, probe_results.png")
 
@@ -386,9 +390,10 @@ def probe_trajectory_cmd(stores, out_dir, layers, aggregations, k, folds, n_boot
 @user_errors
 def probe_tokens_cmd(stores, out_dir, layer, memory, test_fraction, n_boot, seed):
     """Per-token probe fit out of core (LDA and mass-mean), evaluated on held-out problems by position."""
-    from .probes.run import probe_tokens
+    from .report.outputs import token_outputs
 
-    result = probe_tokens(stores, out_dir, layer, parse_memory(memory), test_fraction, seed, n_boot)
+    result = token_outputs(stores, out_dir, layer=layer, memory_bytes=parse_memory(memory),
+                           test_fraction=test_fraction, seed=seed, n_boot=n_boot)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/implicit_value_directions.json, token_probe.png")
 

@@ -41,12 +41,19 @@ def build_document(store: Store, trajectory: dict | None, token: dict | None, se
                      "x = the aggregate of the trace's activations at that layer",
             "evaluation": f"{trajectory['folds']}-fold cross-validation grouped by problem (stratified where possible); "
                           f"95% CIs from {trajectory['n_boot']} bootstrap resamples of problems",
-            "selection": {k: v for k, v in trajectory["selection"].items() if k != "oof_probability"},
+            "selection": _without_oof(trajectory["selection"]),
             "notes": trajectory["notes"], "cells": cells,
         }
     if token is not None:
         doc["token"] = token
     return doc
+
+
+def _without_oof(selection: dict) -> dict:
+    """The selection without its per-trace out-of-fold probabilities (large, and in metrics of their own)."""
+    out = {k: v for k, v in selection.items() if k != "oof_probability"}
+    out["calibrated"] = {k: v for k, v in selection["calibrated"].items() if k != "oof_probability"}
+    return out
 
 
 def save(doc: dict, path) -> Path:
@@ -81,11 +88,11 @@ def load(path) -> dict:
 
 
 def pick_cell(doc: dict, layer: int | None = None, aggregation: str | None = None) -> dict:
-    """A trajectory cell: the chosen one by default."""
+    """A trajectory cell: by default the one the selection refit on all problems chose (selection.final)."""
     traj = doc.get("trajectory")
     if not traj:
         raise TribunalError("the directions file has no trajectory probes")
-    chosen = traj["selection"]["chosen"]
+    chosen = traj["selection"].get("final") or traj["selection"]["chosen"]  # "chosen": files written before "final"
     layer = chosen["layer"] if layer is None else int(layer)
     aggregation = chosen["aggregation"] if aggregation is None else aggregation
     for cell in traj["cells"]:

@@ -1,0 +1,92 @@
+"""What the evidence allows a reader to say, in words: the headline, the selection, calibration, each cell.
+
+The terminal summary and report.md both speak through these sentences, so they never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .evaluation import calibration_verdict
+
+
+def fmt_ci(m) -> str:
+    return f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+
+
+def is_null(selection: dict) -> bool:
+    """No evidence of a signal: the nested CI covers 0.5, or the family-wise permutation p is not below 0.05."""
+    ci = selection["nested_metrics"]["auroc"]["ci"]
+    p = selection["family_wise"]["p"]
+    return not ci[0] > 0.5 or (not math.isnan(p) and p >= 0.05)
+
+
+def headline(selection: dict) -> str:
+    """The first sentence: a null reads as a null before any number."""
+    nested = selection["nested_metrics"]["auroc"]
+    fw = selection["family_wise"]
+    p = "not computed (--permutations 0)" if math.isnan(fw["p"]) else f"{fw['p']:.3f}"
+    if is_null(selection):
+        why = []
+        if not nested["ci"][0] > 0.5:
+            why.append("its 95% CI covers 0.5")
+        if not math.isnan(fw["p"]) and fw["p"] >= 0.05:
+            floor = 1 / (fw.get("permutations", 0) + 1)
+            why.append(f"the family-wise permutation p is {p}" + (
+                f" ({fw['permutations']} permutations cannot give less: rerun with --permutations 99 or more)"
+                if fw["p"] <= floor + 1e-12 else ""))
+        return (f"No evidence of a signal: the selection procedure's held-out ROC-AUC is {fmt_ci(nested)}, and "
+                f"{' and '.join(why)}.")
+    return (f"The residual stream predicts whether a trace is correct: the selection procedure's held-out ROC-AUC is "
+            f"{fmt_ci(nested)} (nested, problem-grouped CV), family-wise permutation p = {p} (the headline's p: it "
+            f"accounts for the search over all cells).")
+
+
+def selection_sentences(selection: dict) -> list[str]:
+    """Which cells the folds chose, and which cell directions and `score` use, by which rule."""
+    per_fold = selection["chosen_per_fold"]
+    folds = sum(per_fold.values())
+    final = selection["final"]
+    if selection["folds_agree"]:
+        (name,) = per_fold
+        layer, agg = name.split("/")
+        out = [f"All {folds} outer folds chose layer {layer}, `{agg}`."]
+    else:
+        spread = ", ".join(f"{name} in {n} of {folds}" for name, n in per_fold.items())
+        out = [f"The outer folds disagree: they chose {len(per_fold)} different cells ({spread}), so the nested figure "
+               "belongs to the selection procedure, not to any one cell."]
+    out.append(f"Directions and `tribunal score` use layer {final['layer']}, `{final['aggregation']}`: "
+               f"{final['rule']}; {final['folds_won']} of {final['folds']} outer folds chose it.")
+    return out
+
+
+def calibration_sentences(selection: dict) -> list[str]:
+    raw, cal = selection["calibration"], selection["calibrated"]["calibration"]
+    ref = raw["reference"]
+    return [
+        f"Calibration of the nested predictions: Brier {raw['brier']:.3f}, ECE {raw['ece']:.3f}; "
+        f"{calibration_verdict(raw)}. For reference, always predicting 0.5 scores Brier {ref['brier_constant_half']:.3f}, "
+        f"always predicting the base rate {ref['base_rate']:.2f} scores Brier {ref['brier_constant_base_rate']:.3f} "
+        "and ECE 0.",
+        f"After Platt scaling fit on the training folds only: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f}; "
+        f"{calibration_verdict(cal)}.",
+    ]
+
+
+def claims(cell: dict) -> list[str]:
+    """What a reader may and may not claim about one cell, in words."""
+    out = []
+    lost = [n for n, ok in cell["beats"].items() if not ok and n != "permutation"]
+    if not cell["beats"].get("permutation", False):
+        out.append(f"not significant against the grouped permutation null (uncorrected p = {cell['permutation_p']:.3f})")
+    if "length" in lost:
+        out.append("does NOT beat the trace-length baseline (paired AUROC difference CI includes 0): "
+                   "trace length alone does about as well")
+    if "confidence" in lost:
+        out.append("does NOT beat the output-confidence baseline (mean log-prob / entropy)")
+    for other in ("majority", "random_direction"):
+        if other in lost:
+            out.append(f"does not beat the {other.replace('_', ' ')} baseline")
+    if not out:
+        out.append("beats every baseline (paired bootstrap over problems) and the permutation null")
+    return out
