@@ -1,4 +1,4 @@
-"""Store benchmarks: append rate, read/aggregate rate, bytes on disk, chunk shape, compression.
+"""Store benchmarks: append rate, bytes on disk, chunk shape, compression (aggregate reads: bench_aggregate.py).
 
 Disks here are noisy, so every figure is a ratio against baselines run in the
 same process, interleaved, repeated (--rounds, default 3) and reported as
@@ -22,14 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import export_layers_to_npy  # noqa: E402
-
 from tribunal.store import StoreWriter, TraceRecord, open_store  # noqa: E402
-from tribunal.store.reader import reduce_blocks  # noqa: E402
 
 LAYERS = (8, 12, 16, 20)
 D_MODEL = 3584
-AGGS = ("mean", "last", "last_k", "max", "mean_all")
 
 
 def fsync_path(path):
@@ -109,24 +105,6 @@ def bench_arrow(path, n_batches, base):
     return time.perf_counter() - t0
 
 
-def bench_memmap_aggregate(npy_paths, table, offsets, block_rows):
-    """numpy memmap over the same bytes, the same reductions (reduce_blocks)."""
-    t0 = time.perf_counter()
-    for p in npy_paths:
-        mm = np.load(p, mmap_mode="r")
-        blocks = ((0, s, mm[s : s + block_rows]) for s in range(0, mm.shape[0], block_rows))
-        reduce_blocks(blocks, table, offsets, D_MODEL, AGGS, 10)
-    return time.perf_counter() - t0
-
-
-def bench_store_aggregate(path, block_bytes):
-    t0 = time.perf_counter()
-    with open_store(path) as store:
-        for layer in LAYERS:
-            store.aggregate(layer, AGGS, 10, block_bytes)
-    return time.perf_counter() - t0
-
-
 def table_print(title, header, rows):
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -164,10 +142,7 @@ def main():
                 fn, kw = methods[name]
                 path = work / f"append_{r}_{list(methods).index(name)}"
                 times[name].append(fn(path, n_batches, base, **kw))
-                if name.startswith("tribunal StoreWriter(durable=False)") and r == args.rounds - 1:
-                    store_path = path
-                else:
-                    path.unlink()
+                path.unlink()
         rows = []
         for name, ts in times.items():
             limit = statistics.median(times["os.write, fsync per batch" if "per" in name else "os.write, one fsync at the end"])
@@ -175,29 +150,6 @@ def main():
             rows.append((name, f"{nbytes / med / 1e6:.0f}", f"{limit / med:.2f}"))
         table_print("Append (median MB/s; ratio to os.write with the same fsync policy, same run)",
                     ["writer", "MB/s", "x disk limit"], rows)
-
-        # -- aggregate read vs memmap -------------------------------------------------------------
-        with open_store(store_path) as store:
-            table, offsets = store.table, store.trace_offsets
-            npys = export_layers_to_npy(store, LAYERS, work)
-            block_rows = store.block_rows()
-        block_bytes = 64 << 20
-        res = {("cold", "memmap"): [], ("cold", "tribunal"): [], ("warm", "memmap"): [], ("warm", "tribunal"): []}
-        for r in range(args.rounds):
-            for p in npys + [store_path]:
-                drop_cache(p)
-            res[("cold", "memmap")].append(bench_memmap_aggregate(npys, table, offsets, block_rows))
-            res[("cold", "tribunal")].append(bench_store_aggregate(store_path, block_bytes))
-            res[("warm", "memmap")].append(bench_memmap_aggregate(npys, table, offsets, block_rows))
-            res[("warm", "tribunal")].append(bench_store_aggregate(store_path, block_bytes))
-        rows = []
-        for cache in ("cold", "warm"):
-            mm, tb = statistics.median(res[(cache, "memmap")]), statistics.median(res[(cache, "tribunal")])
-            rows.append((cache, f"{nbytes / mm / 1e6:.0f}", f"{nbytes / tb / 1e6:.0f}", f"{mm / tb:.2f}"))
-        table_print("One-pass aggregates (5 aggregations, all layers; median MB/s of stored bytes)",
-                    ["page cache", "numpy memmap", "tribunal Store.aggregate", "tribunal / memmap"], rows)
-        for p in npys:
-            p.unlink()
 
         # -- chunk shape ---------------------------------------------------------------------------
         rows = []

@@ -64,7 +64,7 @@ import time
 from click.testing import CliRunner
 
 from tribunal.cli import main
-from tribunal.cluster.slurm import TASK_SCRIPT, SubmitConfig, write_scripts
+from tribunal.cluster.slurm import TASK_SCRIPT
 
 
 @pytest.mark.parametrize("delay", [0.15, 0.5, 1.0])

@@ -25,7 +25,7 @@ def show_progress_log():
 
 
 def user_errors(func):
-    """Turn TribunalError (and HDF5/OS errors on user paths) into one-line click errors."""
+    """Turn TribunalError into a one-line click error (exit 1); anything else is a bug and keeps its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

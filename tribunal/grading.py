@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-LABELS = ("correct", "incorrect", "unparsed")
-
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[eE][+-]?\d+)?|-?\.\d+"
 # A number as it ends a sentence: optionally a mixed number ("2 1/2") or a fraction ("3/5").
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:\d+\s+\d+\s*/\s*\d+(?!\d|\.\d)|(?:{_NUMBER})(?:\s*/\s*\d+(?!\d|\.\d))?)")

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from ..errors import TribunalError
-from ..store.reader import Store
+from ..store.format import timestamp
+from ..store.reader import Store, overlapping_traces
 
 FORMAT = "tribunal-implicit-value-directions"
 VERSION = 1
 
 
 def provenance(store: Store) -> dict:
-    labels = {name: int((store.labels == name).sum()) for name in ("correct", "incorrect", "unparsed")}
     return {
         "stores": [{"path": str(s.path), "size_bytes": s.size_bytes(), "traces": s.n_traces} for s in store.shards],
         "model": store.model_id, "model_revision": store.attrs.get("model_revision"), "layers": list(store.layers),
         "d_model": store.d_model, "dtype": store.dtype, "schema_version": int(store.attrs["schema_version"]),
-        "tribunal_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "traces": store.n_traces, "labels": labels,
+        "tribunal_version": __version__, "created": timestamp(),
+        "traces": store.n_traces, "labels": store.label_counts(),
         "problems": int(len(np.unique(store.table["problem_id"]))) if store.n_traces else 0,
         "dataset": {"id": store.attrs.get("dataset_id"), "split": store.attrs.get("dataset_split")},
     }
@@ -132,9 +131,9 @@ def score_store(doc: dict, store: Store, out_csv, layer: int | None = None, aggr
                          "relative_position", "logit"])
         for s, first, block in store.iter_blocks(cell["layer"], block_bytes):
             logits = norm * (block.astype(np.float64) @ u) + bias
-            lo, hi = store.trace_offsets[s], store.trace_offsets[s + 1]
             rows = np.arange(first, first + len(block))
-            trace = lo + np.searchsorted(starts[lo:hi], rows, side="right") - 1  # global trace of each row
+            overlap = overlapping_traces(starts, ends, store.trace_offsets, s, first, first + len(block))
+            trace = overlap[np.searchsorted(starts[overlap], rows, side="right") - 1]  # global trace of each row
             local = rows - starts[trace]
             gen = local >= plen[trace]
             n_gen = np.maximum(ends[trace] - starts[trace] - plen[trace], 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import TribunalError
-from ..store.reader import Store
+from ..store.reader import Store, overlapping_traces
 from . import evaluation as ev
 
 N_BINS = 10
@@ -155,9 +155,9 @@ def _generated_rows(store: Store, layer: int, block_bytes: int, use_trace):
     ends = table["token_end"].astype(np.int64)
     gen_start = starts + table["prompt_length"].astype(np.int64)
     for s, first, block in store.iter_blocks(layer, block_bytes):
-        lo, hi = store.trace_offsets[s], store.trace_offsets[s + 1]
         last = first + len(block)
-        local = np.arange(lo, hi)[(starts[lo:hi] < last) & (ends[lo:hi] > first) & use_trace[lo:hi]]
+        local = overlapping_traces(starts, ends, store.trace_offsets, s, first, last)
+        local = local[use_trace[local]]
         if not len(local):
             continue
         pieces, owners, rels = [], [], []

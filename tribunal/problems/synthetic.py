@@ -1,6 +1,6 @@
 """Synthetic GSM8K-style multi-step word problems: the embedded model's training data and default dataset.
 
-Each problem is a short story of 2-4 additions, subtractions and doublings, with a
+Each problem is a short story of 2-3 additions, subtractions and doublings, with a
 GSM8K-format worked answer ending in `#### N`, and the R1-style trace the
 embedded model is trained to produce (`<think>...</think> ... \\boxed{N}`).
 Deterministic in the seed; no imports from the rest of tribunal.

@@ -7,6 +7,7 @@ lives here and nowhere else. This module never imports torch.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import h5py
@@ -22,7 +23,6 @@ TRACES = "traces"
 TRACE_TABLE = "traces/table"
 TRACE_TEXT = "traces/text_utf8"
 COMMIT = "commit"
-SYNTH = "synth"
 PROBLEMS = "problems"
 COMMIT_FIELDS = ("traces", "tokens", "text_bytes", "problems", "commits")
 PROBLEM_DTYPE = np.dtype([("problem_id", "<i8"), ("samples", "<i4")])
@@ -148,9 +148,43 @@ def _plain_attr(value):
     return value.tolist() if isinstance(value, np.ndarray) else as_text(value) if isinstance(value, bytes) else value
 
 
-def trace_id(problem_id: int, sample_index: int) -> int:
-    """Stable across shards and merges: problem id in the high bits, sample index in the low 20."""
-    return (int(problem_id) << 20) | int(sample_index)
+SAMPLE_BITS = 20  # trace_id = problem_id << SAMPLE_BITS | sample_index
+
+
+def trace_id(problem_id, sample_index):
+    """Stable across shards and merges: problem id in the high bits, sample index in the low 20 (ints or arrays)."""
+    if np.ndim(problem_id) or np.ndim(sample_index):
+        return (np.asarray(problem_id, np.int64) << SAMPLE_BITS) | np.asarray(sample_index, np.int64)
+    return (int(problem_id) << SAMPLE_BITS) | int(sample_index)
+
+
+def count_labels(codes) -> dict:
+    """{label name: count} in the format's label order, from stored label codes."""
+    counts = np.bincount(np.asarray(codes, np.int64), minlength=len(LABELS))
+    return {name: int(counts[code]) for code, name in enumerate(LABELS)}
+
+
+def timestamp() -> str:
+    """The one timestamp format of stores, lock files and probe outputs (local time with its offset)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def check_opened(h5file, path, action: str = "read") -> None:
+    """Refuse a file that is not a tribunal store, is of a newer schema, or is damaged, in one line each; the
+    reader and the writer both open through this."""
+    from ..errors import DamagedStoreError, IncompatibleStoreError, StoreError
+
+    attrs = h5file.attrs
+    if as_text(attrs.get("format", "")) != FORMAT_NAME:
+        raise StoreError(f"{path} is an HDF5 file but not a tribunal store" +
+                         ("; choose another path" if action != "read" else ""))
+    version = int(attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION:
+        raise IncompatibleStoreError(f"{path} has store schema {version}, newer than this tribunal can {action} "
+                                     f"(schema {SCHEMA_VERSION}); upgrade tribunal")
+    damage = schema_problems(h5file)
+    if damage:
+        raise DamagedStoreError(path, damage)
 
 
 def layer_name(layer: int) -> str:

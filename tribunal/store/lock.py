@@ -14,10 +14,10 @@ import fcntl
 import json
 import os
 import socket
-import time
 from pathlib import Path
 
 from ..errors import StoreLockedError
+from .format import timestamp
 
 
 def lock_path(store_path) -> Path:
@@ -107,7 +107,7 @@ class WriterLock:
             os.close(fd)
         self._fd = fd
         self.took_over = previous
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": timestamp()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         return self

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
+from tqdm import tqdm
 
 from . import format as fmt
 from .lock import read_holder, writer_is_live
@@ -13,7 +12,6 @@ from .reader import Store
 
 def summarize(store: Store) -> dict:
     """Machine-readable summary; the keys are a contract for `inspect --json`."""
-    labels = Counter(store.labels.tolist())
     size = sum(s.size_bytes() for s in store.shards)
     bytes_per_token = len(store.layers) * store.d_model * fmt.DTYPES[store.dtype][2]
     writers = []
@@ -33,7 +31,7 @@ def summarize(store: Store) -> dict:
         "traces": store.n_traces,
         "tokens": store.n_tokens,
         "generated_tokens": int(store.generated_lengths.sum()) if store.n_traces else 0,
-        "labels": {name: int(labels.get(name, 0)) for name in fmt.LABELS},
+        "labels": store.label_counts(),
         "problems": int(len(np.unique(store.table["problem_id"]))) if store.n_traces else 0,
         "bytes_per_token": bytes_per_token,
         "size_on_disk": size,
@@ -73,7 +71,7 @@ def format_summary(info: dict) -> str:
         ("traces", f"{info['traces']} from {info['problems']} problems: {labels}"),
         ("tokens", f"{info['tokens']} ({info['generated_tokens']} generated)"),
         ("bytes/token", f"{info['bytes_per_token']:,} ({len(info['layers'])} layers x {info['d_model']} x {info['dtype']})"),
-        ("size on disk", f"{_human(info['size_on_disk'])} ({overhead:.3f}x the activation bytes)"),
+        ("size on disk", f"{tqdm.format_sizeof(info['size_on_disk'], 'B', 1024)} ({overhead:.3f}x the activation bytes)"),
         ("committed", f"{info['committed']['traces']} traces, {info['committed']['tokens']} tokens, "
                       f"{info['committed']['commits']} commits"),
         ("writer", writer),
@@ -106,10 +104,3 @@ def format_trace(store: Store, index: int, max_tokens: int = 400, decode=None) -
         lines.append(f"  ... {len(gen) - max_tokens} more")
     return "\n".join(lines)
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"

@@ -87,9 +87,10 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
         labels = t["label"].astype(int)
         for i in np.flatnonzero((labels < 0) | (labels >= len(fmt.LABELS)))[:5]:
             problems.append(f"{where}: trace {i} has label code {labels[i]}, not one of {list(fmt.LABEL_CODES.values())}")
-        expected_ids = (t["problem_id"].astype(np.int64) << 20) | t["sample_index"].astype(np.int64)
+        expected_ids = fmt.trace_id(t["problem_id"], t["sample_index"])
         for i in np.flatnonzero(t["trace_id"] != expected_ids)[:5]:
-            problems.append(f"{where}: trace {i} has trace_id {t['trace_id'][i]}, expected problem_id << 20 | sample_index")
+            problems.append(f"{where}: trace {i} has trace_id {t['trace_id'][i]}, expected "
+                            f"problem_id << {fmt.SAMPLE_BITS} | sample_index")
         _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
         for i in first[counts > 1][:5]:
             problems.append(f"{where}: (problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")

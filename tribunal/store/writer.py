@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import socket
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import DamagedStoreError, IncompatibleStoreError, StoreError
+from ..errors import IncompatibleStoreError, StoreError
 from . import format as fmt
 from .lock import WriterLock
 from .superblock import is_hdf5, repair_after_crash
@@ -234,9 +233,9 @@ class StoreWriter:
         """Problems whose every sample was tried (stored or not), from /problems: resume skips them."""
         return set(self._file[fmt.PROBLEMS][: int(self.committed["problems"])]["problem_id"].tolist())
 
-    def label_counts(self) -> Counter:
-        table = self.committed_table()
-        return Counter(fmt.LABELS[code] for code in table["label"].tolist())
+    def label_counts(self) -> dict:
+        """{label: committed traces} in the format's label order."""
+        return fmt.count_labels(self.committed_table()["label"])
 
     # -- appending -------------------------------------------------------------------------
 
@@ -474,7 +473,7 @@ class StoreWriter:
             "activation_encoding": fmt.DTYPES[ident.dtype][1],
             "resume_identity": json.dumps(ident.extra, sort_keys=True),
             "tribunal_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created": fmt.timestamp(),
             "host": socket.gethostname(),
             "chunk_tokens": self.chunk_tokens,
             "compression": self.compression or "none",
@@ -554,17 +553,7 @@ class StoreWriter:
             ) from None
         f = self._file
         attrs = f.attrs
-        if fmt.as_text(attrs.get("format", "")) != fmt.FORMAT_NAME:
-            raise StoreError(f"{self.path} is an HDF5 file but not a tribunal store; choose another path")
-        version = int(attrs.get("schema_version", -1))
-        if version > fmt.SCHEMA_VERSION:
-            raise IncompatibleStoreError(
-                f"{self.path} has store schema {version}, newer than this tribunal ({__version__}, schema "
-                f"{fmt.SCHEMA_VERSION}); upgrade tribunal"
-            )
-        damage = fmt.schema_problems(f)
-        if damage:
-            raise DamagedStoreError(self.path, damage)
+        fmt.check_opened(f, self.path, action="append to")
         diffs = fmt.StoreIdentity.from_attrs(attrs).differences(self.identity)
         if diffs:
             raise IncompatibleStoreError(
