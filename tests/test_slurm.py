@@ -20,14 +20,16 @@ TASK = str(TASK_SCRIPT)
 
 
 def test_templates_are_filled(tmp_path):
-    cfg = SubmitConfig(run_dir=str(tmp_path / "run"), shards=8, model="org/model", layers="12,16", partition="gpu",
+    cfg = SubmitConfig(run_dir=str(tmp_path / "run"), shards=8, generate={"model": "org/model", "layers": "12,16",
+                                                                         "max_new_tokens": 2048}, partition="gpu",
                        gpus=2, mem="64G", setup=["module load cuda/12", "source ~/venv/bin/activate"], max_requeues=3,
                        generate_args=["--keep-all"])
     gen, probe = write_scripts(cfg)
     text = gen.read_text()
     for line in ("#SBATCH --array=0-7", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --partition=gpu",
                  "#SBATCH --gres=gpu:2", "#SBATCH --mem=64G", "#SBATCH --open-mode=append", "TRIBUNAL_MAX_REQUEUES=3",
-                 "--shard \"$SLURM_ARRAY_TASK_ID/8\"", "--model org/model", "--layers 12,16", "--keep-all"):
+                 "--shard \"$SLURM_ARRAY_TASK_ID/8\"", "--model org/model", "--layers 12,16", "--max-new-tokens 2048",
+                 "--keep-all"):
         assert line in text, line
     assert "@@" not in text and "@@" not in probe.read_text()
     lines = text.splitlines()
@@ -202,3 +204,24 @@ def test_status_table_without_a_queue(tmp_path):
     assert lines[0].split()[:5] == ["shard", "traces", "correct", "incorrect", "unparsed"]
     assert lines[1].split()[:5] == ["0", "3", "3", "0", "0"] and lines[1].split()[8] == "1"
     assert lines[2].split()[:2] == ["1", "0"] and len(lines) == 4
+
+
+def test_submit_takes_every_generate_option_from_the_one_definition(tmp_path):
+    """The generator's options are defined once (GenerateConfig): `generate`, `run` and `slurm submit` all offer
+    each of them, and submit writes the non-default ones into the task command."""
+    from tribunal.traces.settings import GenerateConfig
+
+    flags = {"--" + f.name.replace("_", "-") for f in GenerateConfig.cli_fields()}
+    for command in (["generate"], ["run"], ["slurm", "submit"]):
+        help_text = CliRunner().invoke(main, [*command, "--help"], terminal_width=200).output
+        expected = flags - ({"--shard"} if command == ["slurm", "submit"] else set())
+        missing = [f for f in expected if f not in help_text]
+        assert not missing, (command, missing)
+    run = tmp_path / "r"
+    result = CliRunner().invoke(main, ["slurm", "submit", "--run-dir", str(run), "--temperature", "0.6",
+                                       "--no-chat-template", "--capture-memory", "16G", "--keep-all", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    text = (run / "slurm" / "generate.sbatch").read_text()
+    for part in ("--temperature 0.6", "--no-chat-template", "--capture-memory 16G", "--keep-all", "--seed 3"):
+        assert part in text, part
+    assert "--top-p" not in text  # defaults are left to the task's own defaults

@@ -178,42 +178,36 @@ def load_config_file(ctx, param, value):
     return value
 
 
-def generator_options(func):
-    """The generator's options, shared by `generate` and `run`."""
-    options = [
-        click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file, is_eager=True,
-                     expose_value=False, help="YAML or TOML file with these options' keys; the command line wins."),
-        click.option("--model", default=None, help="Hugging Face id or local path (default: the embedded model)."),
-        click.option("--revision", default=None, help="Model revision on the hub (commit, tag, branch)."),
-        click.option("--dataset", default=None, help="Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems)."),
-        click.option("--split", default="test", show_default=True),
-        click.option("--layers", default=None, help="e.g. 12,16,20 or 10-20 or all (default: the study's middle layers, scaled)."),
-        click.option("--temperature", default=1.0, show_default=True),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--max-new-tokens", default=512, show_default=True),
-        click.option("--samples-per-problem", default=4, show_default=True),
-        click.option("--batch-size", default=16, show_default=True),
-        click.option("--capture-memory", default="8G", show_default=True,
-                     help="Bound on captured activations held at once, device buffer and host copies together; "
-                          "smaller batches when long traces x layers x d_model would exceed it."),
-        click.option("--target-correct", default=50, show_default=True, help="Stop storing correct traces after this many."),
-        click.option("--target-incorrect", default=50, show_default=True, help="Stop storing incorrect traces after this many."),
-        click.option("--max-problems", default=200, show_default=True, help="Try at most this many problems (all shards together)."),
-        click.option("--keep-all", is_flag=True, help="Store every trace, even past the targets."),
-        click.option("--shard", default="0/1", show_default=True, help="i/N: take problems whose index = i (mod N)."),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
-                     help="Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16."),
-        click.option("--compute-dtype", default="auto", show_default=True, help="Model dtype: auto, float32, bfloat16, float16."),
-        click.option("--device-map", default=None, help="auto, cpu, cuda, or a JSON map / .json file (accelerate)."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own code (off by default)."),
-        click.option("--prompt-template", default=None, help="Prompt with {question}; default R1-style for chat models."),
-        click.option("--chat-template/--no-chat-template", default=None, help="Use the tokenizer's chat template (default: if it has one)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
+def generator_options(func, per_shard: bool = True):
+    """The generator's options, derived from GenerateConfig (one definition), plus --config and --quiet.
+    per_shard=False leaves out what the cluster launcher sets per task (--shard)."""
+    from .traces.settings import GenerateConfig
+
+    types = {"int": int, "float": float}
+    options = [click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file,
+                            is_eager=True, expose_value=False,
+                            help="YAML or TOML file with these options' keys; the command line wins.")]
+    for f in GenerateConfig.cli_fields():
+        if f.metadata.get("per_shard") and not per_shard:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kwargs = dict(default=f.default, help=meta["help"], show_default=f.default not in (None, False))
+        if f.type == "bool":
+            options.append(click.option(flag, is_flag=True, help=meta["help"]))
+        elif "secondary" in meta:
+            options.append(click.option(f"{flag}/{meta['secondary']}", default=f.default, help=meta["help"]))
+        elif "choices" in meta:
+            options.append(click.option(flag, type=click.Choice(meta["choices"]), **kwargs))
+        else:
+            options.append(click.option(flag, type=types.get(f.type.split(" ")[0], str), **kwargs))
+    options.append(click.option("--quiet", is_flag=True, help="No progress bar."))
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def cluster_generator_options(func):
+    return generator_options(func, per_shard=False)
 
 
 @main.command()
@@ -287,13 +281,7 @@ def slurm():
 @slurm.command("submit")
 @click.option("--run-dir", required=True, help="Run folder: shards, logs, filled sbatch scripts, probes.")
 @click.option("--shards", default=4, show_default=True, help="Array tasks (one store shard each).")
-@click.option("--model", default=None)
-@click.option("--dataset", default=None)
-@click.option("--split", default="test", show_default=True)
-@click.option("--layers", default=None)
-@click.option("--target-correct", default=50, show_default=True)
-@click.option("--target-incorrect", default=50, show_default=True)
-@click.option("--max-problems", default=200, show_default=True)
+@cluster_generator_options
 @click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Per-task time limit.")
 @click.option("--partition", default=None)
 @click.option("--gpus", default=1, show_default=True, help="GPUs per task (0 for CPU).")
@@ -309,12 +297,17 @@ def slurm():
 @click.option("--probe-arg", "probe_args", multiple=True, help="Extra `tribunal probe trajectory` argument (repeat).")
 @click.option("--submit", "do_submit", is_flag=True, help="Submit both jobs (else only print the commands).")
 @user_errors
-def slurm_submit(run_dir, time_limit, setup, generate_args, probe_args, do_submit, **options):
-    """Fill slurm/generate.sbatch and slurm/probe.sbatch into RUN/slurm/, print the sbatch commands, optionally submit."""
+def slurm_submit(run_dir, shards, time_limit, partition, gpus, cpus, mem, setup, python, max_requeues, probe_time,
+                 probe_memory, generate_args, probe_args, do_submit, quiet, **generate):
+    """Fill slurm/generate.sbatch and slurm/probe.sbatch into RUN/slurm/, print the sbatch commands, optionally submit.
+
+    Every `tribunal generate` option is accepted here and passed to each array task."""
     from .cluster.slurm import SubmitConfig, commands, submit, write_scripts
 
-    cfg = SubmitConfig(run_dir=run_dir, time=time_limit, setup=list(setup), generate_args=list(generate_args),
-                       probe_args=list(probe_args), **options)
+    cfg = SubmitConfig(run_dir=run_dir, shards=shards, generate=generate, time=time_limit, partition=partition,
+                       gpus=gpus, cpus=cpus, mem=mem, setup=list(setup), python=python, max_requeues=max_requeues,
+                       probe_time=probe_time, probe_memory=probe_memory, generate_args=list(generate_args),
+                       probe_args=list(probe_args))
     gen, probe_script = write_scripts(cfg)
     for line in commands(gen, probe_script):
         click.echo(line)

@@ -28,13 +28,7 @@ SIGNAL_LEAD_S = 300  # sbatch --signal=B:USR1@300: the stop signal comes this lo
 class SubmitConfig:
     run_dir: str
     shards: int = 4
-    model: str | None = None
-    dataset: str | None = None
-    split: str = "test"
-    layers: str | None = None
-    target_correct: int = 50
-    target_incorrect: int = 50
-    max_problems: int = 200
+    generate: dict = field(default_factory=dict)  # `tribunal generate` options (GenerateConfig names) for every task
     time: str = "04:00:00"
     partition: str | None = None
     gpus: int = 1
@@ -62,13 +56,13 @@ def _site_lines(cfg: SubmitConfig, gpus: int, mem: str | None) -> str:
 
 
 def generate_arguments(cfg: SubmitConfig) -> list[str]:
-    args = []
-    for flag, value in (("--model", cfg.model), ("--dataset", cfg.dataset), ("--split", cfg.split),
-                        ("--layers", cfg.layers), ("--target-correct", cfg.target_correct),
-                        ("--target-incorrect", cfg.target_incorrect), ("--max-problems", cfg.max_problems)):
-        if value is not None:
-            args += [flag, str(value)]
-    return args + [str(a) for a in cfg.generate_args]
+    """The `tribunal generate` arguments every task gets: the options that differ from their defaults, then extras."""
+    from ..traces.settings import GenerateConfig
+
+    unknown = sorted(set(cfg.generate) - {f.name for f in GenerateConfig.cli_fields()})
+    if unknown:
+        raise TribunalError(f"unknown generate option(s) {unknown}")
+    return GenerateConfig.arguments(cfg.generate) + [str(a) for a in cfg.generate_args]
 
 
 def fill(template: str, values: dict) -> str:
@@ -99,9 +93,9 @@ def time_limit_seconds(text: str) -> int:
 def _local_paths_absolute(cfg: SubmitConfig) -> None:
     """A task runs in another working directory: local model and dataset paths are made absolute here."""
     for name in ("model", "dataset"):
-        value = getattr(cfg, name)
+        value = cfg.generate.get(name)
         if value and Path(value).exists():
-            setattr(cfg, name, str(Path(value).resolve()))
+            cfg.generate[name] = str(Path(value).resolve())
 
 
 def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..config import parse_size
@@ -23,69 +23,13 @@ from ..errors import TribunalError
 from ..grading import grade_with_answer, prompt_opens_thinking
 from ..problems.loading import build_prompt, dataset_identity, load_problems, shard_problems
 from ..store.writer import TraceRecord
+from .settings import GenerateConfig
 from .stop import EXIT_INTERRUPTED, GracefulStop
 from .store_process import WriterProcess
 
 __all__ = ["EXIT_INTERRUPTED", "GenerateConfig", "run_generation", "format_summary"]
 
 log = logging.getLogger("tribunal.generate")
-
-@dataclass
-class GenerateConfig:
-    out: str
-    model: str | None = None
-    revision: str | None = None
-    dataset: str | None = None
-    split: str = "test"
-    layers: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    samples_per_problem: int = 4
-    batch_size: int = 16
-    capture_memory: str = "8G"
-    target_correct: int = 50
-    target_incorrect: int = 50
-    max_problems: int = 200
-    keep_all: bool = False
-    shard: str = "0/1"
-    seed: int = 0
-    dtype: str = "auto"
-    compute_dtype: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    prompt_template: str | None = None
-    chat_template: bool | None = None
-    queue_batches: int = 2
-    durable: bool = True
-    progress: bool = True
-
-    def shard_pair(self) -> tuple[int, int]:
-        try:
-            i, n = (int(x) for x in str(self.shard).split("/"))
-        except ValueError:
-            raise TribunalError(f"--shard {self.shard!r}: use i/N, e.g. 0/4") from None
-        if n < 1 or not 0 <= i < n:
-            raise TribunalError(f"--shard {self.shard!r}: need 0 <= i < N")
-        return i, n
-
-    def validate(self) -> "GenerateConfig":
-        if not self.temperature > 0:
-            raise TribunalError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise TribunalError(f"--top-p must be in (0, 1], got {self.top_p}")
-        for name in ("max_new_tokens", "samples_per_problem", "batch_size", "max_problems"):
-            if getattr(self, name) < 1:
-                raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
-        try:
-            if parse_size(self.capture_memory) <= 0:
-                raise ValueError
-        except ValueError:
-            raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M") from None
-        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
-            raise TribunalError(f"--dtype {self.dtype!r}: choose auto, float16, bfloat16 or float32")
-        self.shard_pair()
-        return self
 
 
 def _store_dtype(requested: str, model) -> str:

@@ -1,0 +1,101 @@
+"""The generator's options, defined once: defaults and help here; the click options of `generate` and `run`,
+the keys of --config files and the arguments that `tribunal slurm submit` writes into its sbatch script are
+all derived from this dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+from ..config import parse_size
+from ..errors import TribunalError
+
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+
+
+def option(default, help: str, **cli):
+    """A field with its command-line help. cli: choices=..., secondary='--no-x' (an on/off pair), cli=False
+    (not a command-line option), per_shard=True (set by the cluster launcher per task, not by the user)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class GenerateConfig:
+    out: str = option(MISSING, "Store file to write (resumed if it exists).", cli=False)
+    model: str | None = option(None, "Hugging Face id or local path (default: the embedded model).")
+    revision: str | None = option(None, "Model revision on the hub (commit, tag, branch).")
+    dataset: str | None = option(None, "Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems).")
+    split: str = option("test", "Dataset split.")
+    layers: str | None = option(None, "e.g. 12,16,20 or 10-20 or all (default: the study's middle layers, scaled).")
+    temperature: float = option(1.0, "Sampling temperature.")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    max_new_tokens: int = option(512, "Generated tokens per trace at most (a trace cut there is `length`).")
+    samples_per_problem: int = option(4, "Traces sampled per problem.")
+    batch_size: int = option(16, "Traces per batch (halved on a CUDA out-of-memory; capped by --capture-memory).")
+    capture_memory: str = option("8G", "Bound on captured activations held at once, device buffer and host copies "
+                                       "together; smaller batches when long traces x layers x d_model would exceed it.")
+    target_correct: int = option(50, "Stop storing correct traces after this many.")
+    target_incorrect: int = option(50, "Stop storing incorrect traces after this many.")
+    max_problems: int = option(200, "Try at most this many problems (all shards together).")
+    keep_all: bool = option(False, "Store every trace, even past the targets.")
+    shard: str = option("0/1", "i/N: take problems whose index = i (mod N).", per_shard=True)
+    seed: int = option(0, "Run seed; each trace's seed derives from (run seed, problem, sample).")
+    dtype: str = option("auto", "Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16.",
+                        choices=DTYPE_CHOICES)
+    compute_dtype: str = option("auto", "Model dtype: auto, float32, bfloat16, float16.")
+    device_map: str | None = option(None, "auto, cpu, cuda, or a JSON map / .json file (accelerate).")
+    trust_remote_code: bool = option(False, "Allow the model repo's own code (off by default).")
+    prompt_template: str | None = option(None, "Prompt with {question}; default R1-style for chat models.")
+    chat_template: bool | None = option(None, "Use the tokenizer's chat template (default: if it has one).",
+                                        secondary="--no-chat-template")
+    queue_batches: int = option(2, "Batches waiting for the store writer at most.", cli=False)
+    durable: bool = option(True, "fsync each commit.", cli=False)
+    progress: bool = option(True, "Show a progress bar.", cli=False)
+
+    @classmethod
+    def cli_fields(cls):
+        """The fields that are command-line options (and --config keys), in declaration order."""
+        return [f for f in fields(cls) if f.metadata.get("cli", True)]
+
+    @classmethod
+    def arguments(cls, values: dict, skip_per_shard: bool = True) -> list[str]:
+        """`tribunal generate` arguments for the options in `values` that differ from their defaults."""
+        args = []
+        for f in cls.cli_fields():
+            if f.name not in values or (skip_per_shard and f.metadata.get("per_shard")):
+                continue
+            value = values[f.name]
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", "bool | None"):
+                args.append(flag if value else f.metadata.get("secondary", ""))
+            else:
+                args += [flag, str(value)]
+        return [a for a in args if a]
+
+    def shard_pair(self) -> tuple[int, int]:
+        try:
+            i, n = (int(x) for x in str(self.shard).split("/"))
+        except ValueError:
+            raise TribunalError(f"--shard {self.shard!r}: use i/N, e.g. 0/4") from None
+        if n < 1 or not 0 <= i < n:
+            raise TribunalError(f"--shard {self.shard!r}: need 0 <= i < N")
+        return i, n
+
+    def validate(self) -> "GenerateConfig":
+        if not self.temperature > 0:
+            raise TribunalError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TribunalError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "samples_per_problem", "batch_size", "max_problems"):
+            if getattr(self, name) < 1:
+                raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
+        try:
+            if parse_size(self.capture_memory) <= 0:
+                raise ValueError
+        except ValueError:
+            raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M") from None
+        if self.dtype not in DTYPE_CHOICES:
+            raise TribunalError(f"--dtype {self.dtype!r}: choose {', '.join(DTYPE_CHOICES)}")
+        self.shard_pair()
+        return self
