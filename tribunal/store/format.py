@@ -65,6 +65,34 @@ TRACE_DTYPE = np.dtype(
 # Root attributes a reader needs to read the file at all; a store missing one is refused as damaged.
 CORE_ATTRS = ("format", "schema_version", "model_id", "layers", "d_model", "dtype", "chunk_tokens")
 
+FORMAT_DOC = "docs/store-format.md in the tribunal repository; read only rows < /commit"
+
+# What `h5dump -H STORE` and HDFView show for each group and dataset.
+DESCRIPTIONS = {
+    "layer": "hidden state leaving decoder layer {layer} (0-based), rows = tokens",
+    TOKENS: "token axis shared by every /activations dataset",
+    f"{TOKENS}/token_id": "vocabulary id of the token",
+    f"{TOKENS}/is_generated": "FALSE for prompt tokens, TRUE for sampled tokens",
+    f"{TOKENS}/logprob": "log-probability of the sampled token (natural log); NaN for prompt tokens",
+    f"{TOKENS}/entropy": "entropy (nats) of the sampling distribution at this token; NaN for prompt tokens",
+    TRACES: "one row per trace in /traces/table; its text is /traces/text_utf8[text_start:text_end]",
+    TRACE_TABLE: "token_start/token_end: rows of /tokens and /activations (end exclusive); the first prompt_length are "
+                 "the prompt; label: outcome graded from the final answer; trace_id = problem_id << 20 | sample_index",
+    TRACE_TEXT: "UTF-8 bytes of the generated texts, concatenated",
+    PROBLEMS: "problems whose every sample was tried (stored or not: a label whose target was met is not stored); "
+              "a resumed run skips them",
+    COMMIT: "committed counts: traces, tokens, text bytes, problems, commits. Rows past these counts are uncommitted "
+            "and are discarded on the next open for append",
+}
+
+
+def activations_description(dtype: str) -> str:
+    encoding = DTYPES[dtype][1]
+    return ("Residual stream leaving each decoder layer, one row per token of /tokens; "
+            f"values are {encoding}" + (" (bfloat16 bit patterns: shift left 16 and read as float32)"
+                                        if dtype == "bfloat16" else ""))
+
+
 # Attributes every store carries at the root; `verify` checks them.
 REQUIRED_ATTRS = (
     "format",

@@ -460,85 +460,54 @@ class StoreWriter:
     def _create(self) -> None:
         """Build the whole structure in STORE.creating (renamed into place once in SWMR mode)."""
         self._file = self._h5_open("w", self._creating_path())
-        f = self._file
-        ident = self.identity
-        attrs = {
-            "format": fmt.FORMAT_NAME,
-            "schema_version": fmt.SCHEMA_VERSION,
-            "model_id": ident.model_id,
-            "model_revision": ident.model_revision,
-            "layers": np.array(ident.layers, np.int32),
-            "d_model": ident.d_model,
-            "dtype": ident.dtype,
-            "activation_encoding": fmt.DTYPES[ident.dtype][1],
-            "resume_identity": json.dumps(ident.extra, sort_keys=True),
-            "tribunal_version": __version__,
-            "created": fmt.timestamp(),
-            "host": socket.gethostname(),
-            "chunk_tokens": self.chunk_tokens,
-            "compression": self.compression or "none",
-            "format_doc": "docs/store-format.md in the tribunal repository; read only rows < /commit",
-            **self._attrs,
-        }
-        for key, value in attrs.items():
-            f.attrs[key] = value
-
-        disk_dtype, encoding, _ = fmt.DTYPES[ident.dtype]
-        acts = f.create_group(fmt.ACTIVATIONS)
-        acts.attrs["description"] = (
-            "Residual stream leaving each decoder layer, one row per token of /tokens; "
-            f"values are {encoding}" + (" (bfloat16 bit patterns: shift left 16 and read as float32)" if ident.dtype == "bfloat16" else "")
-        )
-        for layer in ident.layers:
-            ds = acts.create_dataset(
-                fmt.layer_name(layer),
-                shape=(0, ident.d_model),
-                maxshape=(None, ident.d_model),
-                chunks=(self.chunk_tokens, ident.d_model),
-                dtype=disk_dtype,
-                compression=self.compression,
-            )
-            ds.attrs["layer"] = layer
-            ds.attrs["encoding"] = encoding
-            ds.attrs["dtype"] = ident.dtype
-            ds.attrs["description"] = f"hidden state leaving decoder layer {layer} (0-based), rows = tokens"
-        toks = f.create_group(fmt.TOKENS)
-        toks.attrs["description"] = "token axis shared by every /activations dataset"
-        descriptions = {
-            "token_id": "vocabulary id of the token",
-            "is_generated": "FALSE for prompt tokens, TRUE for sampled tokens",
-            "logprob": "log-probability of the sampled token (natural log); NaN for prompt tokens",
-            "entropy": "entropy (nats) of the sampling distribution at this token; NaN for prompt tokens",
-        }
-        for name, dtype in fmt.TOKEN_ARRAYS.items():
-            ds = toks.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=dtype)
-            ds.attrs["description"] = descriptions[name]
-        traces = f.create_group(fmt.TRACES)
-        traces.attrs["description"] = "one row per trace in /traces/table; its text is /traces/text_utf8[text_start:text_end]"
-        table = f.create_dataset(fmt.TRACE_TABLE, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=fmt.TRACE_DTYPE)
-        table.attrs["description"] = (
-            "token_start/token_end: rows of /tokens and /activations (end exclusive); the first prompt_length are the "
-            "prompt; label: outcome graded from the final answer; trace_id = problem_id << 20 | sample_index"
-        )
-        text = f.create_dataset(fmt.TRACE_TEXT, shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=np.uint8)
-        text.attrs["description"] = "UTF-8 bytes of the generated texts, concatenated"
-        progress = f.create_dataset(fmt.PROBLEMS, shape=(0,), maxshape=(None,), chunks=(4096,), dtype=fmt.PROBLEM_DTYPE)
-        progress.attrs["description"] = (
-            "problems whose every sample was tried (stored or not: a label whose target was met is not stored); "
-            "a resumed run skips them"
-        )
-        commit = f.create_dataset(fmt.COMMIT, data=np.zeros(len(fmt.COMMIT_FIELDS), np.int64))
-        commit.attrs["fields"] = list(fmt.COMMIT_FIELDS)
-        commit.attrs["description"] = (
-            "committed counts: traces, tokens, text bytes, problems, commits. Rows past these counts are uncommitted and "
-            "are discarded on the next open for append"
-        )
+        for key, value in self._root_attrs().items():
+            self._file.attrs[key] = value
+        self._create_activations()
+        self._create_tables()
         for name, data in self._extra_datasets.items():
             value, ds_attrs = data if isinstance(data, tuple) else (data, {})
-            ds = f.create_dataset(name, data=value)
+            ds = self._file.create_dataset(name, data=value)
             for key, item in ds_attrs.items():
                 ds.attrs[key] = item
-        f.flush()
+        self._file.flush()
+
+    def _root_attrs(self) -> dict:
+        ident = self.identity
+        return {
+            "format": fmt.FORMAT_NAME, "schema_version": fmt.SCHEMA_VERSION, "model_id": ident.model_id,
+            "model_revision": ident.model_revision, "layers": np.array(ident.layers, np.int32), "d_model": ident.d_model,
+            "dtype": ident.dtype, "activation_encoding": fmt.DTYPES[ident.dtype][1],
+            "resume_identity": json.dumps(ident.extra, sort_keys=True), "tribunal_version": __version__,
+            "created": fmt.timestamp(), "host": socket.gethostname(), "chunk_tokens": self.chunk_tokens,
+            "compression": self.compression or "none", "format_doc": fmt.FORMAT_DOC, **self._attrs,
+        }
+
+    def _create_activations(self) -> None:
+        ident = self.identity
+        disk_dtype, encoding, _ = fmt.DTYPES[ident.dtype]
+        acts = self._file.create_group(fmt.ACTIVATIONS)
+        acts.attrs["description"] = fmt.activations_description(ident.dtype)
+        for layer in ident.layers:
+            ds = acts.create_dataset(fmt.layer_name(layer), shape=(0, ident.d_model), maxshape=(None, ident.d_model),
+                                     chunks=(self.chunk_tokens, ident.d_model), dtype=disk_dtype,
+                                     compression=self.compression)
+            ds.attrs.update(layer=layer, encoding=encoding, dtype=ident.dtype,
+                            description=fmt.DESCRIPTIONS["layer"].format(layer=layer))
+
+    def _create_tables(self) -> None:
+        """The token arrays, the trace table and text, /problems and /commit, each described for h5dump."""
+        f, describe = self._file, fmt.DESCRIPTIONS
+        f.create_group(fmt.TOKENS).attrs["description"] = describe[fmt.TOKENS]
+        for name, dtype in fmt.TOKEN_ARRAYS.items():
+            ds = f.create_dataset(f"{fmt.TOKENS}/{name}", shape=(0,), maxshape=(None,), chunks=(1 << 16,), dtype=dtype)
+            ds.attrs["description"] = describe[f"{fmt.TOKENS}/{name}"]
+        f.create_group(fmt.TRACES).attrs["description"] = describe[fmt.TRACES]
+        for name, dtype, chunk in ((fmt.TRACE_TABLE, fmt.TRACE_DTYPE, 1024), (fmt.TRACE_TEXT, np.uint8, 1 << 16),
+                                   (fmt.PROBLEMS, fmt.PROBLEM_DTYPE, 4096)):
+            ds = f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype)
+            ds.attrs["description"] = describe[name]
+        commit = f.create_dataset(fmt.COMMIT, data=np.zeros(len(fmt.COMMIT_FIELDS), np.int64))
+        commit.attrs.update(fields=list(fmt.COMMIT_FIELDS), description=describe[fmt.COMMIT])
 
     def _open_existing(self) -> None:
         if not is_hdf5(self.path):
