@@ -35,67 +35,11 @@ def verify_files(specs, check_values: bool = True) -> dict:
 def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[str]:
     """Problems found in one shard's committed part (uncommitted rows are not an error)."""
     where = str(shard.path)
-    problems = []
-    missing = [a for a in fmt.REQUIRED_ATTRS if a not in shard.attrs]
-    if missing:
-        problems.append(f"{where}: missing file attributes {missing}")
-    ident = shard.identity
-    f = shard.file
-    n_traces, n_tokens = shard.n_traces, shard.n_tokens
-    n_text = shard.committed["text_bytes"]
-    for name in [fmt.TRACE_TABLE, fmt.TRACE_TEXT, fmt.PROBLEMS] + [f"{fmt.TOKENS}/{n}" for n in fmt.TOKEN_ARRAYS]:
-        if name not in f:
-            problems.append(f"{where}: dataset /{name} is missing")
-    for layer in ident.layers:
-        name = fmt.activation_path(layer)
-        if name not in f:
-            problems.append(f"{where}: dataset /{name} is missing")
-        elif f[name].shape[1:] != (ident.d_model,):
-            problems.append(f"{where}: /{name} has width {f[name].shape[1:]}, d_model is {ident.d_model}")
-        elif f[name].shape[0] < n_tokens:
-            problems.append(f"{where}: /{name} has {f[name].shape[0]} rows, fewer than the {n_tokens} committed")
+    problems = [f"{where}: {p}" for p in _dataset_problems(shard)]
     if problems:
         return problems
-    for name, need in [(fmt.TRACE_TABLE, n_traces), (fmt.TRACE_TEXT, n_text), (fmt.PROBLEMS, shard.committed["problems"])] + [
-        (f"{fmt.TOKENS}/{n}", n_tokens) for n in fmt.TOKEN_ARRAYS
-    ]:
-        if f[name].shape[0] < need:
-            problems.append(f"{where}: /{name} has {f[name].shape[0]} rows, fewer than the {need} committed")
-    if problems:
-        return problems
-
-    t = shard.table
-    starts, ends = t["token_start"].astype(np.int64), t["token_end"].astype(np.int64)
-    if n_traces:
-        if starts[0] != 0:
-            problems.append(f"{where}: the first trace starts at token {starts[0]}, not 0")
-        gaps = np.flatnonzero(starts[1:] != ends[:-1])
-        for i in gaps[:5]:
-            problems.append(f"{where}: trace {i + 1} starts at {starts[i + 1]} but trace {i} ends at {ends[i]} (not contiguous)")
-        bad = np.flatnonzero(ends <= starts)
-        for i in bad[:5]:
-            problems.append(f"{where}: trace {i} has token range {starts[i]}:{ends[i]} (empty or reversed)")
-        if ends[-1] != n_tokens:
-            problems.append(f"{where}: traces end at token {ends[-1]} but {n_tokens} tokens are committed")
-        tstart, tend = t["text_start"].astype(np.int64), t["text_end"].astype(np.int64)
-        if tstart[0] != 0 or np.any(tstart[1:] != tend[:-1]) or np.any(tend < tstart) or tend[-1] != n_text:
-            problems.append(f"{where}: text offsets are not contiguous within the {n_text} committed bytes")
-        lengths = ends - starts
-        plen = t["prompt_length"].astype(np.int64)
-        for i in np.flatnonzero((plen < 0) | (plen > lengths))[:5]:
-            problems.append(f"{where}: trace {i} has prompt_length {plen[i]} outside its {lengths[i]} tokens")
-        labels = t["label"].astype(int)
-        for i in np.flatnonzero((labels < 0) | (labels >= len(fmt.LABELS)))[:5]:
-            problems.append(f"{where}: trace {i} has label code {labels[i]}, not one of {list(fmt.LABEL_CODES.values())}")
-        expected_ids = fmt.trace_id(t["problem_id"], t["sample_index"])
-        for i in np.flatnonzero(t["trace_id"] != expected_ids)[:5]:
-            problems.append(f"{where}: trace {i} has trace_id {t['trace_id'][i]}, expected "
-                            f"problem_id << {fmt.SAMPLE_BITS} | sample_index")
-        _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
-        for i in first[counts > 1][:5]:
-            problems.append(f"{where}: (problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
-        problems += _check_token_arrays(shard, starts, plen)
-    done = f[fmt.PROBLEMS][: shard.committed["problems"]]["problem_id"]
+    problems += [f"{where}: {p}" for p in _table_problems(shard)]
+    done = shard.file[fmt.PROBLEMS][: shard.committed["problems"]]["problem_id"]
     if len(np.unique(done)) != len(done):
         problems.append(f"{where}: /problems lists a problem more than once")
     if check_values:
@@ -103,21 +47,74 @@ def verify_shard(shard: Shard, check_values: bool = True, block_bytes: int = DEF
     return problems
 
 
+def _dataset_problems(shard: Shard) -> list[str]:
+    """Missing attributes, and datasets of the wrong width or shorter than the commit says."""
+    f, ident, problems = shard.file, shard.identity, []
+    missing = [a for a in fmt.REQUIRED_ATTRS if a not in shard.attrs]
+    if missing:
+        problems.append(f"missing file attributes {missing}")
+    for layer in ident.layers:
+        ds = f[fmt.activation_path(layer)]
+        if ds.shape[1:] != (ident.d_model,):
+            problems.append(f"/{fmt.activation_path(layer)} has width {ds.shape[1:]}, d_model is {ident.d_model}")
+    sizes = [(fmt.TRACE_TABLE, shard.n_traces), (fmt.TRACE_TEXT, shard.committed["text_bytes"]),
+             (fmt.PROBLEMS, shard.committed["problems"])]
+    sizes += [(f"{fmt.TOKENS}/{n}", shard.n_tokens) for n in fmt.TOKEN_ARRAYS]
+    sizes += [(fmt.activation_path(layer), shard.n_tokens) for layer in ident.layers]
+    for name, need in sizes:
+        if f[name].shape[0] < need:
+            problems.append(f"/{name} has {f[name].shape[0]} rows, fewer than the {need} committed")
+    return problems
+
+
+def _table_problems(shard: Shard) -> list[str]:
+    """The trace table against the token axis, the text, the labels, the ids and the token arrays."""
+    t, problems = shard.table, []
+    if not shard.n_traces:
+        return problems
+    n_tokens, n_text = shard.n_tokens, shard.committed["text_bytes"]
+    starts, ends = t["token_start"].astype(np.int64), t["token_end"].astype(np.int64)
+    if starts[0] != 0:
+        problems.append(f"the first trace starts at token {starts[0]}, not 0")
+    for i in np.flatnonzero(starts[1:] != ends[:-1])[:5]:
+        problems.append(f"trace {i + 1} starts at {starts[i + 1]} but trace {i} ends at {ends[i]} (not contiguous)")
+    for i in np.flatnonzero(ends <= starts)[:5]:
+        problems.append(f"trace {i} has token range {starts[i]}:{ends[i]} (empty or reversed)")
+    if ends[-1] != n_tokens:
+        problems.append(f"traces end at token {ends[-1]} but {n_tokens} tokens are committed")
+    tstart, tend = t["text_start"].astype(np.int64), t["text_end"].astype(np.int64)
+    if tstart[0] != 0 or np.any(tstart[1:] != tend[:-1]) or np.any(tend < tstart) or tend[-1] != n_text:
+        problems.append(f"text offsets are not contiguous within the {n_text} committed bytes")
+    lengths, plen = ends - starts, t["prompt_length"].astype(np.int64)
+    for i in np.flatnonzero((plen < 0) | (plen > lengths))[:5]:
+        problems.append(f"trace {i} has prompt_length {plen[i]} outside its {lengths[i]} tokens")
+    labels = t["label"].astype(int)
+    for i in np.flatnonzero((labels < 0) | (labels >= len(fmt.LABELS)))[:5]:
+        problems.append(f"trace {i} has label code {labels[i]}, not one of {list(fmt.LABEL_CODES.values())}")
+    for i in np.flatnonzero(t["trace_id"] != fmt.trace_id(t["problem_id"], t["sample_index"]))[:5]:
+        problems.append(f"trace {i} has trace_id {t['trace_id'][i]}, expected problem_id << {fmt.SAMPLE_BITS} | "
+                        "sample_index")
+    _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
+    for i in first[counts > 1][:5]:
+        problems.append(f"(problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
+    return problems + _check_token_arrays(shard, starts, plen)
+
+
 def _check_token_arrays(shard: Shard, starts, plen) -> list[str]:
-    where, problems = str(shard.path), []
+    problems = []
     is_gen = shard.token_array("is_generated")
     expected = np.ones(shard.n_tokens, bool)
     for s, p in zip(starts.tolist(), plen.tolist()):
         expected[s : s + p] = False
     wrong = np.flatnonzero(is_gen != expected)
     if len(wrong):
-        problems.append(f"{where}: is_generated disagrees with prompt_length at {len(wrong)} tokens (first at {wrong[0]})")
+        problems.append(f"is_generated disagrees with prompt_length at {len(wrong)} tokens (first at {wrong[0]})")
     logprob = shard.token_array("logprob")
     if np.any(logprob[expected] > 1e-4):
-        problems.append(f"{where}: some generated tokens have a log-prob above 0")
+        problems.append("some generated tokens have a log-prob above 0")
     entropy = shard.token_array("entropy")
     if np.any(entropy[expected] < -1e-4):
-        problems.append(f"{where}: some generated tokens have a negative entropy")
+        problems.append("some generated tokens have a negative entropy")
     return problems
 
 
