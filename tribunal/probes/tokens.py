@@ -67,9 +67,24 @@ def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_
     train_trace = graded & ~test_trace
     if len(np.unique(y_trace[test_trace])) < 2 or len(np.unique(y_trace[train_trace])) < 2:
         raise TribunalError("the held-out split has one class on a side; generate more problems")
-    d = store.d_model
-    block = block_bytes_for(memory_bytes, d, 2 if store.dtype != "float32" else 4)
+    block = block_bytes_for(memory_bytes, store.d_model, 2 if store.dtype != "float32" else 4)
+    directions, midpoint, train_tokens = _fit_directions(store, layer, block, train_trace, y_trace, shrinkage)
+    evaluated = _evaluate_directions(store, layer, block, test_trace, y_trace, groups, directions, midpoint, n_boot,
+                                     seed)
+    return {
+        "layer": layer, "method": "streaming class means and pooled covariance (LDA with shrinkage) and mass-mean",
+        "midpoint": midpoint.tolist(), "shrinkage": shrinkage, "position_bins": N_BINS,
+        "relative_position": "token's index among the trace's generated tokens / their count",
+        "train_problems": int(len(np.unique(groups[train_trace]))), "test_problems": int(len(np.unique(groups[test_trace]))),
+        "train_tokens": train_tokens, "test_tokens": evaluated["test_tokens"],
+        "memory_bytes": int(memory_bytes), "block_bytes": int(block), "directions": evaluated["directions"],
+    }
 
+
+def _fit_directions(store: Store, layer: int, block: int, train_trace, y_trace, shrinkage: float):
+    """Pass 1 over the training tokens: exact class sums and the raw scatter -> (LDA and mass-mean directions,
+    the midpoint of the class means, training tokens)."""
+    d = store.d_model
     sums = np.zeros((2, d))
     counts = np.zeros(2)
     scatter = np.zeros((d, d))
@@ -81,20 +96,22 @@ def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_
         counts += [len(lab) - lab.sum(), lab.sum()]
         scatter += x.T @ x  # float32 product per block, float64 accumulation across blocks
     means = sums / counts[:, None]
-    total = counts.sum()
     # pooled within-class covariance from the raw scatter, in place (d x d matrices dominate memory)
     within = scatter
     for c in (0, 1):
         within -= counts[c] * np.outer(means[c], means[c])
-    within /= total - 2
+    within /= counts.sum() - 2
     within[np.diag_indices(d)] += shrinkage * np.trace(within) / d
     lda = np.linalg.solve(within, means[1] - means[0])
     del within, scatter
     mass_mean = means[1] - means[0]
     directions = {"lda": lda / np.linalg.norm(lda), "mass_mean": mass_mean / np.linalg.norm(mass_mean)}
-    midpoint = (means[0] + means[1]) / 2
+    return directions, (means[0] + means[1]) / 2, int(counts.sum())
 
-    # pass 2: held-out projections, aggregated per (trace, position bin) on the fly
+
+def _evaluate_directions(store: Store, layer: int, block: int, test_trace, y_trace, groups, directions: dict,
+                         midpoint, n_boot: int, seed: int) -> dict:
+    """Pass 2 over the held-out tokens: projections, AUROC overall and by position, mean projection curves."""
     n_traces = store.n_traces
     result = {}
     proj_sums = {k: np.zeros((n_traces, N_BINS)) for k in directions}
@@ -138,14 +155,7 @@ def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_
                 mean.append(m), lo.append(m - half), hi.append(m + half)
             curves[name] = {"mean": mean, "lower": lo, "upper": hi}
         result[k] = {"direction": u.tolist(), "auroc": overall, "auroc_by_position": by_bin, "projection_curves": curves}
-    return {
-        "layer": layer, "method": "streaming class means and pooled covariance (LDA with shrinkage) and mass-mean",
-        "midpoint": midpoint.tolist(), "shrinkage": shrinkage, "position_bins": N_BINS,
-        "relative_position": "token's index among the trace's generated tokens / their count",
-        "train_problems": int(len(np.unique(groups[train_trace]))), "test_problems": int(len(np.unique(groups[test_trace]))),
-        "train_tokens": int(total), "test_tokens": int(len(y_tok)), "memory_bytes": int(memory_bytes),
-        "block_bytes": int(block), "directions": result,
-    }
+    return {"directions": result, "test_tokens": int(len(y_tok))}
 
 
 def _generated_rows(store: Store, layer: int, block_bytes: int, use_trace):
