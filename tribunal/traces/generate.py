@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import parse_size
@@ -51,92 +51,130 @@ def run_generation(config: GenerateConfig) -> dict:
         return _run_generation(config, stop)
 
 
+@dataclass
+class _Run:
+    """What a generation run holds while it samples: its problems, the model, and the running counts."""
+
+    config: GenerateConfig
+    stop: GracefulStop
+    mine: list
+    target: dict
+    model: object
+    tokenizer: object
+    layers: list
+    store_dtype: str
+    eos_ids: set
+    prompts: dict = field(default_factory=dict)
+    thinking: dict = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    new_tokens: int = 0
+
+    def prompt(self, problem) -> list[int]:
+        """The problem's prompt ids; grading reads thinking from the rendered prompt (R1 templates end with <think>)."""
+        if problem.problem_id not in self.prompts:
+            ids = build_prompt(self.tokenizer, problem.question, self.config.prompt_template, self.config.chat_template)
+            self.prompts[problem.problem_id] = ids
+            self.thinking[problem.problem_id] = prompt_opens_thinking(
+                self.tokenizer.decode(ids, skip_special_tokens=False))
+        return self.prompts[problem.problem_id]
+
+
 def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
-    import torch
-
-    from .models import decoder_blocks, load_model, model_identity, resolve_layers
-    from .sampling import BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch, trace_seed
-
     config.validate()
+    run = _load(config, stop)
+    if stop():  # stopped while the model loaded: nothing was touched
+        return _summary("interrupted", stop, config, len(run.mine), layers=[], targets_met=False)
+    writes = WriterProcess(_writer_kwargs(run), config.queue_batches)
+    held = writes.open()
+    status, started = "done", time.time()
+    try:  # from here on the writer process is told to close the store, whatever happens
+        status = _sample_all(run, held, writes, started)
+    finally:
+        held = writes.finish()
+    return _summary(status, stop, config, len(run.mine), layers=run.layers,
+                    targets_met=_targets_met(Counter(held["labels"]), run.target), held=held,
+                    seconds=time.time() - started, new_tokens=run.new_tokens)
+
+
+def _load(config: GenerateConfig, stop: GracefulStop) -> _Run:
+    """The shard's problems and the model (the slow part: a stop signal meanwhile is honoured after it)."""
+    from .models import decoder_blocks, load_model, resolve_layers
+
     shard, num_shards = config.shard_pair()
-    problems = load_problems(config.dataset, config.split)
-    mine = shard_problems(problems, shard, num_shards, config.max_problems)
+    mine = shard_problems(load_problems(config.dataset, config.split), shard, num_shards, config.max_problems)
     target = {"correct": math.ceil(config.target_correct / num_shards),
               "incorrect": math.ceil(config.target_incorrect / num_shards)}
     model, tokenizer = load_model(config.model, revision=config.revision, compute_dtype=config.compute_dtype,
                                   device_map=config.device_map, trust_remote_code=config.trust_remote_code)
-    if stop():  # stopped while the model loaded: nothing was touched
-        return _summary("interrupted", stop, config, len(mine), layers=[], targets_met=False)
-    blocks = decoder_blocks(model)
-    layers = resolve_layers(config.layers, len(blocks))
-    store_dtype = _store_dtype(config.dtype, model)
-    d_model = int(model.config.hidden_size)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
-    # Grading reads thinking from the rendered prompt (R1-Distill templates end it with <think>\n); the store says so.
-    sample_prompt = build_prompt(tokenizer, mine[0].question, config.prompt_template, config.chat_template) if mine else []
-    settings["prompt_opens_thinking"] = prompt_opens_thinking(tokenizer.decode(sample_prompt, skip_special_tokens=False))
-    settings.update(layers_resolved=layers, store_dtype=store_dtype, targets_per_shard=target,
-                    compute_dtype_resolved=str(model.dtype).replace("torch.", ""))
-    resume_identity = {k: settings[k] for k in ("dataset", "split", "temperature", "top_p", "max_new_tokens",
-                                                "samples_per_problem", "seed", "shard", "prompt_template",
-                                                "chat_template", "max_problems", "keep_all")}
-    resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
-    model_id, revision = model_identity(model, config.model)
-    writer_kwargs = dict(
-        path=config.out, model_id=model_id, model_revision=revision,
-        layers=layers, d_model=d_model, dtype=store_dtype, generation_settings=settings,
-        dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
-        seed=config.seed, resume_identity=resume_identity, durable=config.durable,
-        description="Per-token residual-stream activations of chain-of-thought traces sampled by tribunal generate.",
-    )
     eos_ids = {tokenizer.eos_token_id}
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
     eos_ids.discard(None)
+    return _Run(config=config, stop=stop, mine=mine, target=target, model=model, tokenizer=tokenizer,
+                layers=resolve_layers(config.layers, len(decoder_blocks(model))),
+                store_dtype=_store_dtype(config.dtype, model), eos_ids=eos_ids)
+
+
+def _writer_kwargs(run: _Run) -> dict:
+    """The store this run writes: identity (model, layers, settings that must match to resume) and provenance."""
+    from .models import model_identity
+
+    config = run.config
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
+    if run.mine:  # the store records whether the prompt opens thinking (grading reads it per prompt)
+        run.prompt(run.mine[0])
+    settings["prompt_opens_thinking"] = bool(run.mine) and run.thinking[run.mine[0].problem_id]
+    settings.update(layers_resolved=run.layers, store_dtype=run.store_dtype, targets_per_shard=run.target,
+                    compute_dtype_resolved=str(run.model.dtype).replace("torch.", ""))
+    resume_identity = {k: settings[k] for k in ("split", "temperature", "top_p", "max_new_tokens",
+                                                "samples_per_problem", "seed", "shard", "prompt_template",
+                                                "chat_template", "max_problems", "keep_all")}
+    resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
+    model_id, revision = model_identity(run.model, config.model)
+    return dict(
+        path=config.out, model_id=model_id, model_revision=revision, layers=run.layers,
+        d_model=int(run.model.config.hidden_size), dtype=run.store_dtype, generation_settings=settings,
+        dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
+        seed=config.seed, resume_identity=resume_identity, durable=config.durable,
+        description="Per-token residual-stream activations of chain-of-thought traces sampled by tribunal generate.",
+    )
+
+
+def _sample_all(run: _Run, held: dict, writes: WriterProcess, started: float) -> str:
+    """Sample, grade and hand over batches until the targets are met, the pairs run out or a stop comes."""
+    import torch
+
+    from .models import decoder_blocks
+    from .sampling import BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch, trace_seed
+
+    config = run.config
+    budget = CaptureBudget(parse_size(config.capture_memory), len(run.layers), int(run.model.config.hidden_size),
+                           run.store_dtype, config.max_new_tokens, config.queue_batches)
+    capture = BlockCapture(decoder_blocks(run.model), run.layers, max_bytes=budget.batch_bytes)
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
-    writes = WriterProcess(writer_kwargs, config.queue_batches)
-    held = writes.open()
-    capture = bar = None
-    status, batch_size, new_tokens = "done", config.batch_size, 0
-    started = time.time()
-    try:  # from here on the writer process is told to close the store, whatever happens
-        capture_budget = CaptureBudget(parse_size(config.capture_memory), len(layers), d_model, store_dtype,
-                                       config.max_new_tokens, config.queue_batches)
-        capture = BlockCapture(blocks, layers, max_bytes=capture_budget.batch_bytes)
-        counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
-        if held["n_traces"] or tried:
-            log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
-                     ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), len(tried),
-                     f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
-        todo = [p for p in mine if p.problem_id not in tried]
-        pairs = [(p, s) for p in todo for s in range(config.samples_per_problem)
-                 if (p.problem_id, s) not in done_pairs]
-        last_pair = {p.problem_id: (p.problem_id, config.samples_per_problem - 1) for p in todo}
-        prompts, thinking = {}, {}
-        bar = _progress(config, len(mine), len(tried))
-        i = 0
+    run.counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
+    if held["n_traces"] or tried:
+        log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
+                 ", ".join(f"{k} {v}" for k, v in sorted(run.counts.items())), len(tried),
+                 f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
+    todo = [p for p in run.mine if p.problem_id not in tried]
+    pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
+    bar = _progress(config, len(run.mine), len(tried))
+    batch_size, i = config.batch_size, 0
+    try:
         while i < len(pairs):
-            if _targets_met(counts, target) and not config.keep_all:
-                break
-            if stop():
-                status = "interrupted"
-                break
+            if _targets_met(run.counts, run.target) and not config.keep_all:
+                return "done"
+            if run.stop():
+                return "interrupted"
             chunk = pairs[i : i + batch_size]
-            for p, _ in chunk:
-                if p.problem_id not in prompts:
-                    prompts[p.problem_id] = build_prompt(tokenizer, p.question, config.prompt_template,
-                                                         config.chat_template)
-                    thinking[p.problem_id] = prompt_opens_thinking(
-                        tokenizer.decode(prompts[p.problem_id], skip_special_tokens=False))
-            chunk = chunk[: capture_budget.traces_per_batch([len(prompts[p.problem_id]) for p, _ in chunk])]
+            chunk = chunk[: budget.traces_per_batch([len(run.prompt(p)) for p, _ in chunk])]
             seeds = [trace_seed(config.seed, p.problem_id, s) for p, s in chunk]
             try:
-                sampled = sample_batch(
-                    model, capture, [prompts[p.problem_id] for p, _ in chunk], seeds, sampling, eos_ids,
-                    tokenizer.pad_token_id, store_dtype, should_stop=stop)
+                sampled = sample_batch(run.model, capture, [run.prompt(p) for p, _ in chunk], seeds, sampling,
+                                       run.eos_ids, run.tokenizer.pad_token_id, run.store_dtype, should_stop=run.stop)
             except Interrupted:
-                status = "interrupted"
-                break
+                return "interrupted"
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise TribunalError("out of memory with --batch-size 1: use a smaller --max-new-tokens, "
@@ -146,38 +184,35 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                 capture.release()
                 torch.cuda.empty_cache()
                 continue
-            records, finished_problems = [], []
-            for (p, s), t, seed in zip(chunk, sampled, seeds):
-                text = tokenizer.decode([x for x in t.generated_ids if x not in eos_ids], skip_special_tokens=False)
-                label, predicted = grade_with_answer(text, p.gold, finished=t.finished,
-                                                     thinking=thinking[p.problem_id])
-                new_tokens += len(t.generated_ids)
-                keep = config.keep_all or label not in target or counts[label] < target[label]
-                if keep:
-                    counts[label] += 1
-                    records.append(TraceRecord(
-                        problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
-                        prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
-                        predicted=predicted, gold=p.gold,
-                        finish_reason="stop" if t.finished else "length", logprobs=t.logprobs,
-                        entropies=t.entropies, seed=seed))
-                if (p.problem_id, s) == last_pair[p.problem_id]:
-                    finished_problems.append((p.problem_id, config.samples_per_problem))
+            records, finished_problems = _grade(run, chunk, sampled, seeds)
             writes.put(records, finished_problems, sampled[0].ready)
             i += len(chunk)
-            tried.update(pid for pid, _ in finished_problems)
             bar.update(len(finished_problems))
-            bar.set_postfix_str(_postfix(counts, new_tokens, started, config.out))
+            bar.set_postfix_str(_postfix(run.counts, run.new_tokens, started, config.out))
+        return "done"
     finally:
-        if capture is not None:
-            capture.remove()
-        if bar is not None:
-            bar.close()
-        held = writes.finish()
-    seconds = time.time() - started
-    return _summary(status, stop, config, len(mine), layers=layers,
-                    targets_met=_targets_met(Counter(held["labels"]), target), held=held, seconds=seconds,
-                    new_tokens=new_tokens)
+        capture.remove()
+        bar.close()
+
+
+def _grade(run: _Run, chunk, sampled, seeds) -> tuple[list, list]:
+    """Grade a sampled batch: the records to store (a label past its target is not stored, unless --keep-all),
+    and the problems whose last sample this batch held."""
+    config, records, finished_problems = run.config, [], []
+    for (p, s), t, seed in zip(chunk, sampled, seeds):
+        text = run.tokenizer.decode([x for x in t.generated_ids if x not in run.eos_ids], skip_special_tokens=False)
+        label, predicted = grade_with_answer(text, p.gold, finished=t.finished, thinking=run.thinking[p.problem_id])
+        run.new_tokens += len(t.generated_ids)
+        if config.keep_all or label not in run.target or run.counts[label] < run.target[label]:
+            run.counts[label] += 1
+            records.append(TraceRecord(
+                problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
+                prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
+                predicted=predicted, gold=p.gold, finish_reason="stop" if t.finished else "length",
+                logprobs=t.logprobs, entropies=t.entropies, seed=seed))
+        if s == config.samples_per_problem - 1:
+            finished_problems.append((p.problem_id, config.samples_per_problem))
+    return records, finished_problems
 
 
 def _summary(status, stop, config, problems_in_shard, layers, targets_met, held=None, seconds=0.0, new_tokens=0):
