@@ -235,21 +235,48 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
                  should_stop=lambda: False) -> list[SampledTrace]:
     """Sample one continuation per prompt. capture=None samples without capturing (the benchmark's baseline)."""
     device = model.get_input_embeddings().weight.device
+    ids, mask, width = _left_padded(prompts, pad_id, device)
+    if capture is not None:  # drops what an interrupted batch left
+        capture.start(len(prompts), width + settings.max_new_tokens, _STORAGE_DTYPES[store_dtype], device)
+    gen, logps, ents, lengths, finished = _decode(model, capture, ids, mask, seeds, settings, eos_ids, should_stop)
+    words, ready, reused = (None, _no_wait, False) if capture is None else _host_words(capture, store_dtype)
+    traces = []
+    for i, p in enumerate(prompts):
+        n = lengths[i]
+        start = width - len(p)
+        if words is None:
+            acts = np.zeros((0, len(p) + n, 0), np.float16)
+        else:  # a view of this batch's pinned host copy (kept alive by it), or a copy out of the reused buffer
+            acts = words[:, i, start : width + n]
+            acts = acts.copy() if reused else acts
+        traces.append(SampledTrace(
+            prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=acts,
+            logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]), ready=ready,
+        ))
+    return traces
+
+
+def _left_padded(prompts, pad_id: int, device):
+    """(ids, attention mask, width): the prompts left-padded to one width, on the device."""
     batch, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return ids.to(device), mask.to(device), width
+
+
+def _decode(model, capture, ids, mask, seeds, settings: SamplingSettings, eos_ids, should_stop):
+    """The decode loop with the KV cache: per-trace generators, temperature and top-p, each sampled token's
+    log-prob and the entropy of its distribution; every fed token's states go through the capture hooks.
+    Returns (tokens, log-probs, entropies, lengths, finished) on the host."""
+    device, batch = ids.device, len(ids)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     eos = torch.tensor(sorted(eos_ids), device=device)
-    if capture is not None:  # drops what an interrupted batch left
-        capture.start(batch, width + settings.max_new_tokens, _STORAGE_DTYPES[store_dtype], device)
     cache_arg = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     past, logits = _cache_of(out), out.logits[:, -1]
     tokens, logps, ents = [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -282,41 +309,26 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
             break
         out = model(**feed)
         past, logits = _cache_of(out), out.logits[:, -1]
-    gen = torch.stack(tokens, dim=1).cpu()
-    logps = torch.stack(logps, dim=1).cpu().numpy()
-    ents = torch.stack(ents, dim=1).cpu().numpy()
-    lengths = lengths.cpu().tolist()
-    finished = finished.cpu().tolist()
-    words, ready, reused = None, _no_wait, False
-    if capture is not None:
-        hidden = capture.take()  # (layers, batch, positions, d_model) in the storage dtype
-        if store_dtype == "bfloat16":
-            hidden = hidden.view(torch.int16)  # numpy has no bfloat16: the store keeps its 16-bit words
-        if hidden.is_cuda:
-            # Asynchronous copy into pinned memory: the next batch starts on the GPU while this one
-            # travels; the batch is handed to the store writer only after this event (store_process.py).
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            stream = torch.cuda.current_stream(hidden.device)
-            host.copy_(hidden, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-            hidden, ready = host, event.synchronize
-        else:
-            reused = True  # the capture buffer itself, which the next batch overwrites
-        words = hidden.numpy()
-        if store_dtype == "bfloat16":
-            words = words.view(np.uint16)
-    traces = []
-    for i, p in enumerate(prompts):
-        n = lengths[i]
-        start = width - len(p)
-        if words is None:
-            acts = np.zeros((0, len(p) + n, 0), np.float16)
-        else:  # a view of this batch's pinned host copy (kept alive by it), or a copy out of the reused buffer
-            acts = words[:, i, start : width + n]
-            acts = acts.copy() if reused else acts
-        traces.append(SampledTrace(
-            prompt_ids=list(p), generated_ids=gen[i, :n].tolist(), activations=acts,
-            logprobs=logps[i, :n].copy(), entropies=ents[i, :n].copy(), finished=bool(finished[i]), ready=ready,
-        ))
-    return traces
+    return (torch.stack(tokens, dim=1).cpu(), torch.stack(logps, dim=1).cpu().numpy(),
+            torch.stack(ents, dim=1).cpu().numpy(), lengths.cpu().tolist(), finished.cpu().tolist())
+
+
+def _host_words(capture: BlockCapture, store_dtype: str):
+    """(words, ready, reused): the batch's captured states as storage words on the host. On a GPU, an
+    asynchronous copy into pinned memory (the next batch starts while this one travels; `ready` waits for it);
+    on a CPU, the capture buffer itself (`reused`: the next batch overwrites it, so traces copy their part)."""
+    hidden = capture.take()  # (layers, batch, positions, d_model) in the storage dtype
+    if store_dtype == "bfloat16":
+        hidden = hidden.view(torch.int16)  # numpy has no bfloat16: the store keeps its 16-bit words
+    ready, reused = _no_wait, False
+    if hidden.is_cuda:
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        stream = torch.cuda.current_stream(hidden.device)
+        host.copy_(hidden, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        hidden, ready = host, event.synchronize
+    else:
+        reused = True
+    words = hidden.numpy()
+    return (words.view(np.uint16) if store_dtype == "bfloat16" else words), ready, reused
