@@ -58,6 +58,25 @@ def teacher_forced_states(model, blocks, token_ids, layers) -> dict:
 
 
 @pytest.fixture
+def good_store(tmp_path):
+    """A small, valid store of six deterministic traces (make_record 0..5)."""
+    from tribunal.store import StoreWriter
+
+    path = tmp_path / "good.h5"
+    with StoreWriter(path, **writer_kwargs()) as w:
+        w.append([make_record(i) for i in range(6)])
+    return path
+
+
+def synth_store(path, **settings):
+    """A synthetic store with a planted truth (tribunal synth), without a progress bar."""
+    from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
+
+    write_synthetic_store(path, SynthSettings(**settings), progress=False)
+    return path
+
+
+@pytest.fixture
 def python_env():
     """Environment for subprocesses that import tribunal from this checkout."""
     env = dict(os.environ)

@@ -67,14 +67,6 @@ def documented_names():
     return attrs, datasets
 
 
-@pytest.fixture
-def good_store(tmp_path):
-    path = tmp_path / "good.h5"
-    with StoreWriter(path, **writer_kwargs()) as w:
-        w.append([make_record(i) for i in range(6)])
-    return path
-
-
 def _mutations():
     attrs, datasets = documented_names()
     assert "layers" in attrs and "d_model" in attrs and "traces/table" in datasets, (attrs, datasets)

@@ -7,22 +7,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import synth_store
 from tribunal.cli import main
 from tribunal.errors import TribunalError
 from tribunal.probes import directions as dirs
-from tribunal.report.outputs import token_outputs, trajectory_outputs
 from tribunal.probes.trajectory import load_trajectory_data, make_probe, ungrouped_auroc
+from tribunal.report.outputs import token_outputs, trajectory_outputs
 from tribunal.store import open_store
-from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
 
 FAST = dict(n_boot=300, permutations=20, progress=False)
 
 
 def synth(path, **kw):
-    settings = dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120), signal=0.8)
-    settings.update(kw)
-    write_synthetic_store(path, SynthSettings(**settings), progress=False)
-    return path
+    return synth_store(path, **{**dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120),
+                                       signal=0.8), **kw})
 
 
 def planted(path):

@@ -7,16 +7,14 @@ import pytest
 from tribunal.probes import verdict
 from tribunal.report.markdown import write_report
 from tribunal.report.outputs import token_outputs, trajectory_outputs
-from tribunal.traces.synthetic import SynthSettings, write_synthetic_store
+from conftest import synth_store
 
 FAST = dict(n_boot=200, permutations=19, progress=False)
 
 
 def synth(path, **kw):
-    settings = dict(traces=240, problems=60, layers=(2, 4), d_model=24, tokens_per_trace=(40, 100), signal=0.8)
-    settings.update(kw)
-    write_synthetic_store(path, SynthSettings(**settings), progress=False)
-    return path
+    return synth_store(path, **{**dict(traces=240, problems=60, layers=(2, 4), d_model=24, tokens_per_trace=(40, 100),
+                                       signal=0.8), **kw})
 
 
 def report_of(tmp_path, store, **options):

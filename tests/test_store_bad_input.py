@@ -24,11 +24,8 @@ def one_line_error(args, needle):
 
 
 @pytest.fixture
-def store(tmp_path):
-    path = tmp_path / "good.h5"
-    with StoreWriter(path, **writer_kwargs()) as w:
-        w.append([make_record(i) for i in range(6)])
-    return path
+def store(good_store):
+    return good_store
 
 
 def test_missing_path(tmp_path):

@@ -31,10 +31,10 @@ def headline(selection: dict) -> str:
         if not nested["ci"][0] > 0.5:
             why.append("its 95% CI covers 0.5")
         if not math.isnan(fw["p"]) and fw["p"] >= 0.05:
-            floor = 1 / (fw.get("permutations", 0) + 1)
+            n = fw.get("permutations")
+            at_floor = n is not None and fw["p"] <= 1 / (n + 1) + 1e-12
             why.append(f"the family-wise permutation p is {p}" + (
-                f" ({fw['permutations']} permutations cannot give less: rerun with --permutations 99 or more)"
-                if fw["p"] <= floor + 1e-12 else ""))
+                f" ({n} permutations cannot give less: rerun with --permutations 99 or more)" if at_floor else ""))
         return (f"No evidence of a signal: the selection procedure's held-out ROC-AUC is {fmt_ci(nested)}, and "
                 f"{' and '.join(why)}.")
     return (f"The residual stream predicts whether a trace is correct: the selection procedure's held-out ROC-AUC is "
