@@ -99,6 +99,7 @@ TABLE = [
     ("The answer is 2.5E2.", "250"),
     ("\\boxed{3:30}", "3:30"),
     ("The answer is 10:45", "10:45"),
+    ("Step 2: 42", "42"),  # a colon and a space: a label, not a time
 ]
 
 

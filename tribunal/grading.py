@@ -18,7 +18,7 @@ from fractions import Fraction
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[eE][+-]?\d+)?|-?\.\d+"
 # A number as it ends a sentence: optionally a mixed number ("2 1/2") or a fraction ("3/5").
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:\d+\s+\d+\s*/\s*\d+(?!\d|\.\d)|(?:{_NUMBER})(?:\s*/\s*\d+(?!\d|\.\d))?)")
-_TIME = re.compile(r"(?<![\d.])\d{1,2}\s*:\s*\d{2}(?!\d)")  # 3:30 is a time (or a ratio), not a number
+_TIME = re.compile(r"(?<![\d.])\d{1,2}:\d{2}(?!\d)")  # 3:30 is a time (or a ratio), not a number; "6: 42" is 42
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\(?\s*([+-]?\d+)\s*\)?")
 _MIXED = re.compile(r"(?<![\d.,/])(-?\d+)\s*\(?\s*(\d+)\s*\)?\s*/\s*\(?\s*(\d+)\s*\)?(?![\d.])")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
