@@ -225,8 +225,8 @@ def deep_model(tmp_path_factory):
 
 def test_capture_memory_bounds_peak_host_memory(tmp_path, deep_model, small_problems, python_env):
     """8 traces of 150 new tokens: a 24 MB capture rectangle in one batch, held several times over while it
-    travels to the writer. A 40 MB budget takes two traces a batch and keeps the run's peak within it."""
-    budget, runs = 40 << 20, {}
+    travels to the writer. A 24 MB budget takes one trace a batch and keeps the run's peak within it."""
+    budget, runs = 24 << 20, {}
     for name, limit, new in (("floor", "64G", 4), ("bounded", str(budget), 150), ("unbounded", "64G", 150)):
         done = subprocess.run([sys.executable, "-c", CAPTURE_PEAK, str(tmp_path / f"{name}.h5"), str(deep_model),
                                str(small_problems), limit, str(new)], env=python_env, capture_output=True, text=True,

@@ -150,14 +150,16 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
     result = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
     assert result.exit_code == 0, result.output
     for name in ("store.h5", "implicit_value_directions.json", "metrics.csv", "probe_results.png", "token_probe.png",
-                 "report.md"):
+                 "report.md", "chunks.csv", "chunk_metrics.json", "chunk_probe.png", "early_exit.png"):
         assert (run / name).stat().st_size > 0, name
     report = (run / "report.md").read_text()
     assert "![probe results](probe_results.png)" in report and "![token probe](token_probe.png)" in report
     assert "The selection procedure (nested problem-grouped CV" in report and "## Calibration" in report
     first = next(line for line in report.splitlines()[1:] if line.strip())
     assert first.startswith(("**No evidence of a signal", "**The residual stream predicts")), first
+    assert "## Does the model know mid-thought? Chunk probes and early exit" in report and "### Early exit" in report
     doc = dirs.load(run)
+    assert "chunk" in doc and "early_exit" in doc["chunk"]
     assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
     again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
     assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice

@@ -167,7 +167,7 @@ def test_array_preempt_requeue_resume_merge_probe(slurm, tmp_path, monkeypatch):
         return "restart 1" in log
 
     _wait(restarted, 120, "task 0 to restart", slurm)
-    _wait(lambda: not slurm.task_states(gen) and not slurm.task_states(probe), 300, "the array and the probe job", slurm)
+    _wait(lambda: not slurm.task_states(gen) and not slurm.task_states(probe), 900, "the array and the probe job", slurm)
 
     log0 = (run / "logs" / "generate_0.log").read_text()
     assert "received USR1, forwarding" in log0 and "requeueing" in log0

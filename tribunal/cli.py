@@ -139,10 +139,14 @@ def verify(stores, no_values):
 @click.option("--signal-layers", default=None, help="Layers carrying the signal (default: the middle half).")
 @click.option("--length-confound", default=0.0, show_default=True, help="0..1: how much trace length decides the label.")
 @click.option("--problem-leak", default=0.0, show_default=True, help="0..1: how much the problem decides the label.")
+@click.option("--chunk-signal", type=float, default=None,
+              help="Write reasoning chunks with intermediate answers instead; the ideal chunk-end probe's AUROC.")
+@click.option("--chunk-position-confound", default=0.0, show_default=True,
+              help="0..1: how much a chunk's position decides whether its answer is right.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def synth(out, traces, problems, layers, d_model, tokens_per_trace, dtype, seed, signal, signal_layers,
-          length_confound, problem_leak, quiet):
+          length_confound, problem_leak, chunk_signal, chunk_position_confound, quiet):
     """Write a store of synthetic traces with a planted truth to OUT (resumes an interrupted OUT)."""
     from .traces.synthetic import SynthSettings, write_synthetic_store
 
@@ -150,7 +154,8 @@ def synth(out, traces, problems, layers, d_model, tokens_per_trace, dtype, seed,
         traces=traces, problems=problems, layers=tuple(parse_int_list(layers)), d_model=d_model,
         tokens_per_trace=parse_range(tokens_per_trace), dtype=dtype, seed=seed, signal=signal,
         signal_layers=tuple(parse_int_list(signal_layers)) if signal_layers else None,
-        length_confound=length_confound, problem_leak=problem_leak,
+        length_confound=length_confound, problem_leak=problem_leak, chunk_signal=chunk_signal,
+        chunk_position_confound=chunk_position_confound,
     )
     result = write_synthetic_store(out, settings, progress=not quiet)
     click.echo(f"wrote {out}: {result['traces']} traces, {result['tokens']} tokens"
@@ -253,6 +258,7 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
         sys.exit(EXIT_INTERRUPTED)
     click.echo(result["trajectory"])
     click.echo(result["tokens"])
+    click.echo(result["chunks"])
     click.echo(f"report: {out}/report.md")
 
 
@@ -389,6 +395,40 @@ def probe_tokens_cmd(stores, out_dir, layer, memory, test_fraction, n_boot, seed
                            test_fraction=test_fraction, seed=seed, n_boot=n_boot)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/implicit_value_directions.json, token_probe.png")
+
+
+@probe.command("chunks")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output folder.")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (path or hub id) to find chunk ends in the stored tokens; default: the store's model.")
+@click.option("--cues", default=None, help="Comma list of reflection cues that open a chunk (default: wait, hmm, ...).")
+@click.option("--chunk-regex", default=None, help="An extra regex; a chunk also ends where it matches.")
+@click.option("--folds", default=5, show_default=True)
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
+@click.option("--permutations", default=50, show_default=True, help="Grouped permutations shared by all layers.")
+@click.option("--margin", default=0.02, show_default=True,
+              help="Early exit: accuracy the exit rule may lose against the full traces.")
+@click.option("--memory", default="1G", show_default=True, help="Memory budget of the store pass.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@user_errors
+def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, folds, n_boot, permutations, margin, memory, seed,
+                     quiet):
+    """Probe every reasoning chunk's end for whether its intermediate answer is right; simulate early exit."""
+    from .chunks import DEFAULT_CUES, cue_pattern
+    from .report.outputs import chunk_outputs
+    from .store import open_store
+    from .traces.models import piece_decoder
+
+    with open_store(stores) as store:
+        model_id = store.model_id
+    pattern = cue_pattern(tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES, chunk_regex)
+    result = chunk_outputs(stores, out_dir, piece_decoder(model_id, tokenizer), folds=folds, n_boot=n_boot,
+                           permutations=permutations, seed=seed, margin=margin, pattern=pattern,
+                           memory_bytes=parse_memory(memory), progress=not quiet)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/chunks.csv, chunk_metrics.json, chunk_probe.png, early_exit.png")
 
 
 @main.command()

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from .report.markdown import write_report
-from .report.outputs import token_outputs, trajectory_outputs
+from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
 from .traces.generate import GenerateConfig, format_summary, run_generation
+from .traces.models import piece_decoder
 
 STORE_NAME = "store.h5"
 
@@ -34,6 +35,14 @@ def run_pipeline(run_dir, generate_options: dict, probe_options: dict | None = N
     tok = token_outputs(store, run, layer=traj["result"]["selection"]["final"]["layer"],
                         memory_bytes=probe_options.get("memory_bytes", 1 << 30), seed=probe_options.get("seed", 0),
                         n_boot=probe_options.get("token_bootstrap", 500))
-    result.update(trajectory=traj["summary"], tokens=tok["summary"])
-    write_report(run / "report.md", format_summary(gen), traj, tok, time.time() - started)
+    from .store import open_store
+
+    with open_store(store) as opened:
+        decoder = piece_decoder(opened.model_id)
+    chunks = chunk_outputs(store, run, decoder, folds=probe_options.get("folds", 5),
+                           n_boot=probe_options.get("n_boot", 1000), permutations=probe_options.get("permutations", 50),
+                           seed=probe_options.get("seed", 0), memory_bytes=probe_options.get("memory_bytes", 1 << 30),
+                           progress=progress)
+    result.update(trajectory=traj["summary"], tokens=tok["summary"], chunks=chunks["summary"])
+    write_report(run / "report.md", format_summary(gen), traj, tok, time.time() - started, chunks)
     return result

@@ -7,6 +7,7 @@ results are returned; the report draws them (tribunal/report/), so probes never 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,88 @@ def probe_tokens(stores, out_dir, layer: int | None = None, memory_bytes: int = 
     return {"document": doc, "token": token, "summary": summarize_tokens(token)}
 
 
+def probe_chunks(stores, out_dir, decode_pieces, folds: int = 5, n_boot: int = 1000, permutations: int = 50,
+                 seed: int = 0, C: float = 1.0, margin: float = 0.02, pattern=None, memory_bytes: int = 1 << 30,
+                 progress: bool = True) -> dict:
+    """Chunk probes and early exit: chunks.csv, chunk_metrics.json and the `chunk` section of the directions file."""
+    from .chunk_probe import evaluate_chunk_probe, load_chunks
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_store(stores) as store:
+        data = load_chunks(store, decode_pieces, pattern, progress)
+        block = max(1 << 20, min(DEFAULT_BLOCK_BYTES, memory_bytes // 4))
+        result = evaluate_chunk_probe(store, data, folds, seed, n_boot, permutations, C, margin, block, progress)
+        doc = _merge(out, dirs.build_document(store, None, None, {"chunk_folds": folds}), "chunk")
+    final = result["selection"]["final"]
+    layer = next(c for c in result["layers"] if c["layer"] == final["layer"])
+    doc["chunk"] = {"probe": "StandardScaler + L2 LogisticRegression on the residual at each chunk's last token",
+                    "selection": {k: v for k, v in result["selection"].items()},
+                    "direction": {k: layer[k] for k in ("layer", "direction", "weight_norm", "bias", "scaler_mean",
+                                                        "scaler_scale")},
+                    "layers": result["layers"], "baselines": result["baselines"],
+                    "early_exit": {k: v for k, v in result["early_exit"].items() if k != "curves"}}
+    dirs.save(doc, out / DIRECTIONS_FILE)
+    write_chunks_csv(data, result, out / "chunks.csv")
+    headline = _chunk_headline(result)
+    (out / "chunk_metrics.json").write_text(json.dumps(headline, indent=1))
+    return {"document": doc, "result": result, "data": data, "metrics": headline,
+            "summary": summarize_chunks(result)}
+
+
+def _chunk_headline(result: dict) -> dict:
+    sel, exit_ = result["selection"], result["early_exit"]
+    probe = exit_["rules"]["probe"]
+    return {"layer": sel["final"]["layer"], "auroc": sel["nested_metrics"]["auroc"]["value"],
+            "auroc_ci": sel["nested_metrics"]["auroc"]["ci"], "family_wise_p": sel["family_wise"]["p"],
+            "chunks": result["chunks"], "traces": result["traces"], "problems": result["problems"],
+            "brier": sel["calibration"]["brier"], "ece": sel["calibration"]["ece"],
+            "early_exit": {"accuracy": probe["accuracy"], "accuracy_ci": probe["accuracy_ci"],
+                           "full_accuracy": probe["full_accuracy"], "tokens_saved": probe["tokens_saved"],
+                           "tokens_saved_ci": probe["tokens_saved_ci"], "margin": exit_["margin"],
+                           "thresholds_per_fold": probe["chosen_per_fold"], "verdict": exit_["verdict"],
+                           "baselines": {n: {"accuracy": r["accuracy"], "tokens_saved": r["tokens_saved"]}
+                                         for n, r in exit_["rules"].items() if n != "probe"}}}
+
+
+def write_chunks_csv(data, result: dict, path) -> None:
+    prob = result["oof_probability"]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["trace", "problem_id", "chunk", "token_start", "token_end", "answer", "label", "oof_probability"])
+        for j in range(len(data.y)):
+            w.writerow([int(data.trace[j]), int(data.problem[j]), int(data.index[j]), int(data.token_start[j]),
+                        int(data.token_end[j]), data.answer[j], "correct" if data.y[j] else "incorrect",
+                        f"{prob[j]:.4f}"])
+
+
+def summarize_chunks(result: dict) -> str:
+    sel, exit_ = result["selection"], result["early_exit"]
+    probe, full = exit_["rules"]["probe"], exit_["full"]
+    lines = [
+        verdict.headline(sel).replace("whether a trace is correct", "whether an intermediate answer is correct"),
+        f"chunks: {result['chunks']} intermediate answers ({result['positive_rate']:.0%} correct) in {result['traces']} "
+        f"traces of {result['problems']} problems; {result['folds']}-fold CV grouped by problem",
+        *verdict.selection_sentences(sel),
+        "baselines on the same folds (AUROC): " + ", ".join(
+            f"{n} {b['auroc']['value']:.3f}" for n, b in result["baselines"].items()),
+        "; ".join(f"does NOT beat the {n.replace('_', ' ')} baseline" for n, ok in result["beats"].items() if not ok)
+        or "beats every baseline (paired bootstrap over problems)",
+        f"early exit (threshold chosen on training folds, accuracy margin {exit_['margin']:.2f}): accuracy "
+        f"{probe['accuracy']:.3f} {_ci(probe['accuracy_ci'])} vs {full['accuracy']:.3f} for the full traces, tokens saved "
+        f"{probe['tokens_saved']:.1%} {_ci(probe['tokens_saved_ci'], pct=True)}",
+        "other exit rules: " + "; ".join(
+            f"{n.replace('_', ' ')}: accuracy {r['accuracy']:.3f}, tokens saved {r['tokens_saved']:.1%}"
+            for n, r in exit_["rules"].items() if n != "probe"),
+        exit_["verdict"],
+    ]
+    return "\n".join(lines)
+
+
+def _ci(ci, pct: bool = False) -> str:
+    return f"[{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _merge(out: Path, doc: dict, part: str) -> dict:
     """Keep the other probe's section when both write into one folder (the same stores only)."""
     path = out / DIRECTIONS_FILE
@@ -60,7 +143,7 @@ def _merge(out: Path, doc: dict, part: str) -> dict:
     old = dirs.load(path)
     same = [s["path"] for s in old["provenance"]["stores"]] == [s["path"] for s in doc["provenance"]["stores"]]
     if same:
-        for key in ("trajectory", "token"):
+        for key in ("trajectory", "token", "chunk"):
             if key != part and key in old:
                 doc[key] = old[key]
         doc["settings"] = {**old.get("settings", {}), **doc["settings"]}

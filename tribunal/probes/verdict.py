@@ -49,8 +49,8 @@ def selection_sentences(selection: dict) -> list[str]:
     final = selection["final"]
     if selection["folds_agree"]:
         (name,) = per_fold
-        layer, agg = name.split("/")
-        out = [f"All {folds} outer folds chose layer {layer}, `{agg}`."]
+        layer, _, agg = name.partition("/")
+        out = [f"All {folds} outer folds chose layer {layer}" + (f", `{agg}`." if agg else ".")]
     else:
         spread = ", ".join(f"{name} in {n} of {folds}" for name, n in per_fold.items())
         out = [f"The outer folds disagree: they chose {len(per_fold)} different cells ({spread}), so the nested figure "

@@ -7,10 +7,11 @@ from pathlib import Path
 from ..probes import verdict
 from ..probes.run import DIRECTIONS_FILE
 from ..probes.verdict import fmt_ci
-from .outputs import TOKEN_FIGURE, TRAJECTORY_FIGURE
+from .outputs import CHUNK_FIGURE, EXIT_FIGURE, TOKEN_FIGURE, TRAJECTORY_FIGURE
 
 
-def write_report(path, generation_summary: str, traj: dict, tok: dict, seconds: float) -> None:
+def write_report(path, generation_summary: str, traj: dict, tok: dict, seconds: float,
+                 chunks: dict | None = None) -> None:
     doc = traj["document"]
     prov = doc["provenance"]
     result = traj["result"]
@@ -77,12 +78,48 @@ def write_report(path, generation_summary: str, traj: dict, tok: dict, seconds: 
         "Left: held-out token ROC-AUC by relative position in the generated trace (bands: 95% CIs from resampling "
         "problems). Right: the mean projection of correct and incorrect traces' tokens on each direction, by "
         "position (bands: 95% CI of the mean over held-out traces, mean +- 1.96 standard errors).",
+    ]
+    if chunks is not None:
+        lines += chunk_section(chunks)
+    lines += [
         "",
         "## Files",
         "",
         "- `store.h5`: the activation store (`tribunal inspect store.h5`)",
         f"- `{DIRECTIONS_FILE}`: directions, metrics with CIs, baselines and provenance (`tribunal score`)",
         "- `metrics.csv`: every cell and baseline, one metric per row",
+        "- `chunks.csv`, `chunk_metrics.json`: every chunk with its answer, label and held-out probability; the "
+        "chunk probe's headline and early exit",
         "",
     ]
     Path(path).write_text("\n".join(lines))
+
+
+def chunk_section(chunks: dict) -> list[str]:
+    """Does the model know mid-thought, and the early exit that would follow from it."""
+    result, m = chunks["result"], chunks["metrics"]
+    exit_ = result["early_exit"]
+    probe = exit_["rules"]["probe"]
+    return [
+        "",
+        "## Does the model know mid-thought? Chunk probes and early exit",
+        "",
+        "```",
+        chunks["summary"],
+        "```",
+        "",
+        f"![chunk probe]({CHUNK_FIGURE})",
+        "",
+        "### Early exit",
+        "",
+        f"Stopping each trace at its first chunk whose held-out probe probability reaches a threshold chosen on the "
+        f"training folds only (the largest token saving with training accuracy no worse than the full traces' minus "
+        f"{exit_['margin']:.2f}): accuracy {probe['accuracy']:.3f} [{probe['accuracy_ci'][0]:.3f}, "
+        f"{probe['accuracy_ci'][1]:.3f}] against {exit_['full']['accuracy']:.3f} for the full traces, "
+        f"{m['early_exit']['tokens_saved']:.1%} of generated tokens saved [{probe['tokens_saved_ci'][0]:.1%}, "
+        f"{probe['tokens_saved_ci'][1]:.1%}] (95% CIs over problems). The same procedure driven by output confidence, "
+        "stopping at the first intermediate answer, and stopping at a fixed fraction of tokens ran on the same traces: "
+        f"{exit_['verdict']}.",
+        "",
+        f"![early exit]({EXIT_FIGURE})",
+    ]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..probes.run import probe_tokens, probe_trajectory
-from .plots import probe_results, token_probe
+from ..probes.run import probe_chunks, probe_tokens, probe_trajectory
+from .plots import chunk_probe, early_exit, probe_results, token_probe
 
 TRAJECTORY_FIGURE = "probe_results.png"
 TOKEN_FIGURE = "token_probe.png"
+CHUNK_FIGURE = "chunk_probe.png"
+EXIT_FIGURE = "early_exit.png"
 
 
 def trajectory_outputs(stores, out_dir, **options) -> dict:
@@ -25,4 +27,12 @@ def token_outputs(stores, out_dir, **options) -> dict:
     """probe_tokens, then its figure (AUROC by position, projection curves)."""
     done = probe_tokens(stores, out_dir, **options)
     token_probe(done["token"], Path(out_dir) / TOKEN_FIGURE)
+    return done
+
+
+def chunk_outputs(stores, out_dir, decode_pieces, **options) -> dict:
+    """probe_chunks, then its figures (AUROC by layer beside baselines with a reliability diagram; early exit)."""
+    done = probe_chunks(stores, out_dir, decode_pieces, **options)
+    chunk_probe(done["result"], Path(out_dir) / CHUNK_FIGURE)
+    early_exit(done["result"], Path(out_dir) / EXIT_FIGURE)
     return done

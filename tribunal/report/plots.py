@@ -114,3 +114,77 @@ def token_probe(token: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def chunk_probe(result: dict, path) -> None:
+    """Chunk-end probe AUROC by layer with CIs beside its baselines; reliability diagram of the nested predictions."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    ax = axes[0][0]
+    layers = np.array([c["layer"] for c in result["layers"]], float)
+    _errorbars(ax, layers, [c["metrics"]["auroc"] for c in result["layers"]], "tab:blue", "o",
+               "probe (grouped CV)", 0.0, line=True)
+    right = layers.max() + 1.0
+    styles = {"position": ("tab:orange", "s"), "tokens_so_far": ("tab:brown", "D"), "confidence": ("tab:green", "^"),
+              "equals_final": ("tab:purple", "v")}
+    nested = result["selection"]["nested_metrics"]["auroc"]
+    _errorbars(ax, np.array([right]), [nested], "black", "*", "selection procedure (nested)", 0.0)
+    for j, (name, b) in enumerate(result["baselines"].items()):
+        color, marker = styles.get(name, ("gray", "x"))
+        _errorbars(ax, np.array([right]), [b["auroc"]], color, marker, name.replace("_", " "), 0.15 * (j + 1))
+    _chance(ax, label=True)
+    ax.set_xticks(list(layers) + [right])
+    ax.set_xticklabels([str(int(x)) for x in layers] + ["nested /\nbaselines"], fontsize=7)
+    ax.set_ylim(0.2, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("chunk ROC-AUC (95% CI)")
+    ax.set_title("does the chunk end know its answer is right?", fontsize=9)
+    ax.legend(fontsize=6, loc="lower left")
+    ax = axes[0][1]
+    cal = result["selection"]["calibration"]
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
+    curve = cal["reliability_curve"]
+    ax.plot([b["mean_predicted"] for b in curve], [b["fraction_correct"] for b in curve], "o-", color="tab:blue",
+            label=f"nested predictions (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
+    ax.axhline(cal["reference"]["base_rate"], color="black", lw=0.6, ls="--",
+               label=f"base rate {cal['reference']['base_rate']:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted P(intermediate answer correct)")
+    ax.set_ylabel("fraction correct")
+    ax.set_title("reliability diagram", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def early_exit(result: dict, path) -> None:
+    """Accuracy against tokens used for each exit rule over its settings, the full-trace point, and each rule's
+    nested headline point with its 95% CIs."""
+    exit_ = result["early_exit"]
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    styles = {"probe": ("tab:blue", "o"), "confidence": ("tab:green", "^"), "fixed_fraction": ("tab:orange", "s"),
+              "first_answer": ("tab:purple", "v")}
+    for name, curve in exit_["curves"].items():
+        color, marker = styles[name]
+        ax.plot([c["tokens_used"] for c in curve], [c["accuracy"] for c in curve], "-", color=color, alpha=0.5,
+                lw=1, label=f"{name.replace('_', ' ')} rule, every setting")
+    for name, r in exit_["rules"].items():
+        color, marker = styles[name]
+        used = 1 - r["tokens_saved"]
+        ax.errorbar([used], [r["accuracy"]],
+                    xerr=[[used - (1 - r["tokens_saved_ci"][1])], [(1 - r["tokens_saved_ci"][0]) - used]],
+                    yerr=[[r["accuracy"] - r["accuracy_ci"][0]], [r["accuracy_ci"][1] - r["accuracy"]]],
+                    fmt=marker, color=color, ms=7, capsize=2, label=f"{name.replace('_', ' ')}: nested choice")
+    full = exit_["full"]["accuracy"]
+    ax.plot([1.0], [full], "k*", ms=12, label=f"full traces (accuracy {full:.3f})")
+    ax.axhline(full - exit_["margin"], color="gray", lw=0.8, ls=":", label=f"full accuracy - margin {exit_['margin']}")
+    ax.set_xlabel("generated tokens used (fraction of the full traces')")
+    ax.set_ylabel("accuracy over traces")
+    ax.set_xlim(0, 1.05)
+    ax.set_title("early exit: stop at the first confident chunk\n(thresholds chosen on training folds; 95% CIs "
+                 "over problems)", fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

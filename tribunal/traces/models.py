@@ -162,3 +162,33 @@ def local_fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
                 fh.seek(offset)
                 digest.update(fh.read(sample_bytes))
     return "local:" + digest.hexdigest()[:16]
+
+
+def piece_decoder(model_id: str, tokenizer: str | None = None):
+    """decode(token_ids) -> each token decoded alone, with .prefix(token_ids, n) -> the first n decoded together:
+    what the chunk probe needs to find a chunk's last token. The store's model's tokenizer (the embedded one,
+    a local path, or `tokenizer` given explicitly); synthetic stores spell one character per token."""
+    from .synthetic import SYNTH_MODEL_ID
+
+    if tokenizer is None and model_id == SYNTH_MODEL_ID:
+        def chars(ids):
+            return [chr(int(i)) for i in ids]
+
+        chars.prefix = lambda ids, n: "".join(chr(int(i)) for i in ids[:n])
+        return chars
+    source = tokenizer or (str(EMBEDDED_MODEL) if model_id == EMBEDDED_MODEL_ID else model_id)
+    if tokenizer is None and not Path(source).exists():
+        raise TribunalError(f"the store's model {model_id!r} is not on this machine: give its tokenizer with --tokenizer "
+                            "(a local path, or a hub id where the network allows)")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise TribunalError(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from None
+
+    def pieces(ids):
+        return [tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+    pieces.prefix = lambda ids, n: tok.decode([int(i) for i in ids[:n]], skip_special_tokens=False)
+    return pieces

@@ -52,6 +52,9 @@ class SynthSettings:
     problem_scale: float = 1.0
     trace_scale: float = 1.0
     batch_tokens: int = 8192
+    chunk_signal: float | None = None
+    chunks_per_trace: tuple = (2, 6)
+    chunk_position_confound: float = 0.0
 
     def validate(self) -> "SynthSettings":
         if self.traces < 1 or self.problems < 1 or self.traces % self.problems:
@@ -66,6 +69,10 @@ class SynthSettings:
         for name in ("length_confound", "problem_leak"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise TribunalError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.chunk_signal is not None and not 0.5 <= self.chunk_signal < 1.0:
+            raise TribunalError(f"--chunk-signal is an AUROC in [0.5, 1), got {self.chunk_signal}")
+        if not 0.0 <= self.chunk_position_confound <= 1.0:
+            raise TribunalError(f"--chunk-position-confound must be in [0, 1], got {self.chunk_position_confound}")
         if self.d_model < 4:
             raise TribunalError(f"--d-model must be at least 4, got {self.d_model}")
         self.layers = tuple(int(x) for x in self.layers)
@@ -107,6 +114,8 @@ class SynthWorld:
         self.problem_component = comp
 
     def trace(self, index: int) -> TraceRecord:
+        if self.s.chunk_signal is not None:
+            return self.chunk_trace(index)
         s = self.s
         problem, sample = divmod(index, s.samples_per_problem)
         rng = np.random.default_rng([s.seed, 1, index])
@@ -148,6 +157,60 @@ class SynthWorld:
             entropies=rng.exponential(1.0, n_gen),
             seed=int(s.seed),
         )
+
+
+    def chunk_trace(self, index: int) -> TraceRecord:
+        """A trace of reasoning chunks that each state an intermediate answer (text in the R1 style, one token per
+        character: token id = code point). Each chunk's last token carries c * w in the signal layers, with
+        c ~ N(+-delta_c/2, 1) by whether its answer is right, so the ideal probe on chunk ends has AUROC
+        --chunk-signal. With --chunk-position-confound the answer is more often right late in the trace, and
+        position is readable off v (as in every synth store): a position-only signal."""
+        s = self.s
+        problem, sample = divmod(index, s.samples_per_problem)
+        rng = np.random.default_rng([s.seed, 2, index])
+        gold = int(rng.integers(10, 500))
+        k = int(rng.integers(s.chunks_per_trace[0], s.chunks_per_trace[1] + 1))
+        labels, parts, answers = [], [], []
+        for j in range(k):
+            relative = (j + 1) / k
+            p_right = 0.5 + s.chunk_position_confound * (relative - 0.5)
+            right = bool(rng.random() < p_right)
+            labels.append(right)
+            answer = gold if right else gold + int(rng.integers(1, 9))
+            answers.append(answer)
+            parts.append(CHUNK_PHRASES[j % len(CHUNK_PHRASES)].format(a=answer))
+        final = answers[-1]
+        text = "".join(parts) + f"</think>\n\nThe answer is \\boxed{{{final}}}."
+        labels.append(labels[-1])
+        prompt_ids = [ord("?")] * s.prompt_tokens
+        token_ids = prompt_ids + [ord(ch) for ch in text]
+        n_tokens, prompt = len(token_ids), s.prompt_tokens
+        acts = rng.standard_normal((len(s.layers), n_tokens, s.d_model), dtype=np.float32)
+        acts += rng.standard_normal((len(s.layers), 1, s.d_model), dtype=np.float32) * s.trace_scale
+        for u in (self.direction, self.position_direction):
+            acts -= (acts @ u)[..., None] * u
+        acts += (np.arange(n_tokens, dtype=np.float32) / POSITION_SCALE)[None, :, None] * self.position_direction
+        delta = float(np.sqrt(2.0) * NormalDist().inv_cdf(s.chunk_signal))
+        ends, pos = [], 0
+        for part in parts + [text[len("".join(parts)):]]:
+            ends.append(pos + len(part.rstrip()) - 1)
+            pos += len(part)
+        for end, right in zip(ends, labels):
+            latent = (delta / 2.0) * (1 if right else -1) + rng.standard_normal()
+            for i, layer in enumerate(s.layers):
+                if layer in s.signal_layers:
+                    acts[i, prompt + end] += latent * self.direction
+        n_gen = n_tokens - prompt
+        return TraceRecord(
+            problem_id=problem, sample_index=sample, token_ids=np.array(token_ids), prompt_length=prompt,
+            activations=acts, label="correct" if labels[-1] else "incorrect", text=text, predicted=str(final),
+            gold=str(gold), finish_reason="stop", logprobs=-rng.exponential(0.5, n_gen),
+            entropies=rng.exponential(1.0, n_gen), seed=int(s.seed))
+
+
+CHUNK_PHRASES = ("So far the total is {a}.\n\n", "Wait, let me check: it comes to {a}.\n\n",
+                 "Hmm, adding again gives {a}.\n\n", "Alternatively, counting the other way: {a}.\n\n",
+                 "Let me verify once more: {a}.\n\n", "So it should be {a}.\n\n")
 
 
 def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -> dict:

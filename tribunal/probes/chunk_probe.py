@@ -1,0 +1,265 @@
+"""Chunk probes: does the residual stream at the end of each reasoning chunk know whether that chunk's
+intermediate answer is right? And how many tokens would stopping on it save?
+
+Chunks and their answers come from tribunal/chunks.py, located in the stored tokens with the model's
+tokenizer. Features: each chunk's last-token residual, per stored layer, gathered in one sequential pass
+over each layer dataset (one layer's features in memory at a time). Per layer: the logistic probe on
+problem-grouped folds, bootstrap CIs over problems, one permutation null shared by all layers (so the
+best layer gets a family-wise p), and for each outer fold the inner-CV score that nested selection uses.
+Baselines on the same folds: the chunk's position (index, relative), tokens so far, output confidence over
+the chunk (mean log-prob, entropy), and whether its answer equals the trace's final answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from ..chunks import intermediate_answers, token_ends
+from ..errors import TribunalError
+from ..grading import answers_match
+from ..store.reader import DEFAULT_BLOCK_BYTES, Store, overlapping_traces
+from . import early_exit as ee
+from . import evaluation as ev
+from .trajectory import FoldFits, cv_predict, direction_of, make_probe
+
+BASELINES = ("position", "tokens_so_far", "confidence", "equals_final")
+
+
+@dataclass
+class ChunkData:
+    """One row per answering chunk (in trace order), and per-trace facts for early exit."""
+
+    trace: np.ndarray  # global trace index in the store
+    problem: np.ndarray
+    index: np.ndarray  # chunk index within its trace
+    token_start: np.ndarray  # generated-token range of the chunk [start, end]
+    token_end: np.ndarray
+    answer: list
+    y: np.ndarray  # 1 = the intermediate answer is correct
+    baselines: dict = field(default_factory=dict)  # name -> (n, k) features
+    confidence: np.ndarray | None = None  # exp(mean log-prob) over the chunk: the confidence exit rule's score
+    traces: np.ndarray | None = None  # the store traces the early exit runs over
+    trace_correct: np.ndarray | None = None
+    trace_tokens: np.ndarray | None = None
+    trace_problem: np.ndarray | None = None
+
+
+def load_chunks(store: Store, decode_pieces, pattern=None, progress: bool = False) -> ChunkData:
+    """Segment every trace's text, grade each chunk's answer and locate its last token.
+
+    decode_pieces(token_ids) -> list of each token decoded alone (the model's tokenizer), and, for byte-level
+    tokenizers whose pieces do not spell the text, decode_pieces.prefix(token_ids, n) -> the first n decoded.
+    """
+    rows = {k: [] for k in ("trace", "problem", "index", "start", "end", "answer", "y", "final", "n_gen", "lp", "ent")}
+    per_trace = {"trace": [], "correct": [], "tokens": [], "problem": []}
+    for i in tqdm(range(store.n_traces), desc="chunks", disable=not progress):
+        t = store.trace(i)
+        gen_ids = [int(x) for x in t.token_ids[t.prompt_length :]]
+        if not gen_ids:
+            continue
+        per_trace["trace"].append(i)
+        per_trace["correct"].append(t.label == "correct")
+        per_trace["tokens"].append(len(gen_ids))
+        per_trace["problem"].append(t.problem_id)
+        chunks = intermediate_answers(t.text, t.gold)
+        if not chunks:
+            continue
+        content_ends = [c.start + len(t.text[c.start : c.end].rstrip()) for c in chunks]
+        prefix = getattr(decode_pieces, "prefix", None)
+        ends = token_ends(decode_pieces(gen_ids), t.text, content_ends,
+                          decode_prefix=(lambda n, ids=gen_ids: prefix(ids, n)) if prefix else None)
+        logprob = t.logprobs[t.prompt_length :]
+        entropy = t.entropies[t.prompt_length :]
+        start = 0
+        for k, (chunk, end) in enumerate(zip(chunks, ends)):
+            end = max(end, start)
+            rows["trace"].append(i)
+            rows["problem"].append(t.problem_id)
+            rows["index"].append(k)
+            rows["start"].append(start)
+            rows["end"].append(end)
+            rows["answer"].append(chunk.answer)
+            rows["y"].append(chunk.label == "correct")
+            rows["final"].append(bool(t.predicted) and answers_match(chunk.answer, t.predicted))
+            rows["n_gen"].append(len(gen_ids))
+            rows["lp"].append(float(np.nanmean(logprob[start : end + 1])))
+            rows["ent"].append(float(np.nanmean(entropy[start : end + 1])))
+            start = end + 1
+    if not rows["trace"]:
+        raise TribunalError("no trace states an intermediate answer: nothing for a chunk probe to learn")
+    trace_ids, counts = np.unique(rows["trace"], return_counts=True)
+    n_chunks = counts[np.searchsorted(trace_ids, rows["trace"])]
+    index = np.array(rows["index"])
+    end = np.array(rows["end"], np.int64)
+    lp = np.nan_to_num(np.array(rows["lp"]), nan=0.0)
+    ent = np.nan_to_num(np.array(rows["ent"]), nan=0.0)
+    return ChunkData(
+        trace=np.array(rows["trace"]), problem=np.array(rows["problem"], np.int64), index=index,
+        token_start=np.array(rows["start"], np.int64), token_end=end, answer=rows["answer"],
+        y=np.array(rows["y"], int),
+        baselines={"position": np.column_stack([index, (index + 1) / n_chunks, (end + 1) / np.array(rows["n_gen"])]),
+                   "tokens_so_far": np.log1p(end + 1.0)[:, None], "confidence": np.column_stack([lp, ent]),
+                   "equals_final": np.array(rows["final"], float)[:, None]},
+        confidence=np.exp(lp), traces=np.array(per_trace["trace"]), trace_correct=np.array(per_trace["correct"]),
+        trace_tokens=np.array(per_trace["tokens"], float), trace_problem=np.array(per_trace["problem"], np.int64))
+
+
+def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+    """(chunks, d_model) float32: the residual at each chunk's last token, from one sequential pass over a layer."""
+    table = store.table
+    starts, ends = table["token_start"].astype(np.int64), table["token_end"].astype(np.int64)
+    rows = starts[data.trace] + table["prompt_length"][data.trace].astype(np.int64) + data.token_end
+    shard_of = store.shard_of_trace[data.trace]
+    out = np.empty((len(data.trace), store.d_model), np.float32)
+    for s, first, block in store.iter_blocks(layer, block_bytes):
+        stop = first + len(block)
+        if not len(overlapping_traces(starts, ends, store.trace_offsets, s, first, stop)):
+            continue
+        mine = np.flatnonzero((shard_of == s) & (rows >= first) & (rows < stop))
+        out[mine] = block[rows[mine] - first]
+    return out
+
+
+def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: int = 0, n_boot: int = 1000,
+                         permutations: int = 50, C: float = 1.0, margin: float = ee.DEFAULT_MARGIN,
+                         block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> dict:
+    """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit."""
+    y, groups = data.y, data.problem
+    outer = ev.grouped_folds(y, groups, folds, seed)
+    inner = [ev.grouped_folds(y[tr], groups[tr], max(2, min(folds - 1, len(np.unique(groups[tr])))), seed + 1)
+             for tr, _ in outer]
+    base = {name: cv_predict(make_probe, X, y, outer) for name, X in data.baselines.items()}
+    rng = np.random.default_rng(seed + 7)
+    perms = [ev.permute_problems(y, groups, rng) for _ in range(permutations)]
+    layers = []
+    for layer in tqdm(list(store.layers), desc="chunk probe layers", disable=not progress):
+        X = chunk_features(store, layer, data, block_bytes)
+        fits = FoldFits(X, outer, C)
+        prob = fits.predict(y)
+        inner_prob = [FoldFits(X[tr], inner[k], C).predict(y[tr]) for k, (tr, _) in enumerate(outer)]
+        layers.append({
+            "layer": int(layer), "oof_probability": prob,
+            "metrics": ev.bootstrap(y, {"probe": prob}, groups, n_boot, seed)["probe"],
+            "inner_auroc": [ev.fast_metrics(y[tr], p)["auroc"] for (tr, _), p in zip(outer, inner_prob)],
+            "inner_probability": inner_prob,
+            "null": [ev.fast_metrics(perm, fits.predict(perm))["auroc"] for perm in perms],
+            **direction_of(make_probe(C).fit(X, y)),
+        })
+    null = np.array([c["null"] for c in layers]).T if permutations else np.zeros((0, len(layers)))
+    for j, c in enumerate(layers):
+        c["permutation_p"] = ev.permutation_pvalue(c["metrics"]["auroc"]["value"], null[:, j]) if permutations \
+            else float("nan")
+    nested, inner_for_exit, chosen = np.zeros(len(y)), [], []
+    for k, (tr, te) in enumerate(outer):
+        best = max(range(len(layers)), key=lambda j: layers[j]["inner_auroc"][k])
+        chosen.append(layers[best]["layer"])
+        nested[te] = layers[best]["oof_probability"][te]
+        inner_for_exit.append((tr, layers[best]["inner_probability"][k]))
+    final = max(layers, key=lambda c: c["metrics"]["auroc"]["value"])
+    boot = ev.bootstrap(y, {"probe": nested, **base}, groups, n_boot, seed, paired_with="probe")
+    paired = boot.pop("paired_auroc_difference")
+    per_fold = {}
+    for layer in chosen:
+        per_fold[str(layer)] = per_fold.get(str(layer), 0) + 1
+    best_observed = final["metrics"]["auroc"]["value"]
+    selection = {
+        "method": f"nested problem-grouped CV over layers: {folds} outer folds, each choosing the layer by inner "
+                  "grouped CV on its training problems only",
+        "chosen_per_fold": dict(sorted(per_fold.items(), key=lambda kv: -kv[1])), "folds_agree": len(per_fold) == 1,
+        "nested_metrics": boot["probe"],
+        "family_wise": {"method": "max-statistic permutation test over layers", "permutations": permutations,
+                        "p": ev.permutation_pvalue(best_observed, null.max(axis=1)) if permutations else float("nan")},
+        "final": {"layer": final["layer"], "aggregation": "chunk_end", "folds_won": per_fold.get(str(final["layer"]), 0),
+                  "folds": folds, "rule": "the selection refit on all problems: the layer with the highest "
+                                          "problem-grouped CV ROC-AUC over every chunk"},
+        "calibration": ev.calibration(y, nested),
+    }
+    result = {
+        "chunks": int(len(y)), "traces": int(len(np.unique(data.trace))), "problems": int(len(np.unique(groups))),
+        "positive_rate": float(y.mean()), "folds": folds, "n_boot": n_boot,
+        "layers": [{k: v for k, v in c.items() if k not in ("inner_probability", "null", "oof_probability")}
+                   for c in layers],
+        "selection": selection, "baselines": {n: boot[n] for n in base},
+        "auroc_minus_baseline": paired, "beats": {n: bool(d["ci"][0] > 0) for n, d in paired.items()},
+        "oof_probability": nested.tolist(), "labels": y.tolist(),
+    }
+    result["early_exit"] = early_exit_evaluation(data, nested, inner_for_exit, outer, margin, n_boot, seed)
+    return result
+
+
+def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin: float, n_boot: int,
+                          seed: int) -> dict:
+    """Curves over thresholds and the nested headline for the probe rule and its baselines, on the same traces."""
+    position = {t: j for j, t in enumerate(data.traces)}
+    case = ee.ExitCase(chunk_trace=np.array([position[t] for t in data.trace]), chunk_tokens=data.token_end + 1.0,
+                       chunk_correct=data.y, trace_correct=data.trace_correct, trace_tokens=data.trace_tokens,
+                       trace_group=data.trace_problem)
+    test_problems = [np.unique(data.problem[te]) for _, te in outer]
+    trace_folds = []
+    for k, problems in enumerate(test_problems):  # a problem without answering chunks joins fold 0's test side
+        test = np.flatnonzero(np.isin(case.trace_group, problems)) if k else np.flatnonzero(
+            np.isin(case.trace_group, problems) | ~np.isin(case.trace_group, data.problem))
+        trace_folds.append((np.setdiff1d(np.arange(len(case.trace_group)), test), test))
+    full = ee.summary(case.trace_correct, case.trace_tokens, case.trace_tokens)
+
+    def threshold_setting(score_for_train):
+        def choose(train_case, k):
+            return ee.choose_threshold(train_case, score_for_train(k), margin)
+
+        def apply(tau, test):
+            correct, tokens = case.threshold_rule(score_all, tau)
+            return correct[test], tokens[test]
+        return choose, apply
+
+    rules = {}
+    # the probe: nested outer probabilities to act on, inner-CV probabilities of each fold's training chunks to choose
+    inner_score = {}
+    for k, (tr, prob) in enumerate(inner_for_exit):
+        score = np.full(len(data.y), np.nan)
+        score[tr] = prob
+        train_traces = trace_folds[k][0]
+        inner_score[k] = score[np.isin(case.chunk_trace, train_traces)]
+    score_all = np.asarray(nested)
+    choose, apply = threshold_setting(lambda k: np.nan_to_num(inner_score[k], nan=-1.0))
+    rules["probe"] = (score_all, ee.nested_outcome(case, trace_folds, choose, apply))
+    confidence = data.confidence
+    conf_choose = lambda train_case, k: ee.choose_threshold(  # noqa: E731
+        train_case, confidence[np.isin(case.chunk_trace, trace_folds[k][0])], margin)
+
+    def conf_apply(tau, test):
+        correct, tokens = case.threshold_rule(confidence, tau)
+        return correct[test], tokens[test]
+    rules["confidence"] = (confidence, ee.nested_outcome(case, trace_folds, conf_choose, conf_apply))
+
+    def fraction_apply(f, test):
+        correct, tokens = case.fraction_rule(f)
+        return correct[test], tokens[test]
+    rules["fixed_fraction"] = (None, ee.nested_outcome(case, trace_folds,
+                                                       lambda train_case, k: ee.choose_fraction(train_case, margin),
+                                                       fraction_apply))
+    first = case.first_answer_rule()
+    out = {"margin": margin, "full": {**full, "accuracy": float(np.mean(case.trace_correct))},
+           "traces": int(len(case.trace_correct)), "rules": {}, "curves": {}}
+    for name, (score, (correct, tokens, chosen)) in rules.items():
+        out["rules"][name] = {**ee.bootstrap_summary(correct, tokens, case.trace_tokens, case.trace_correct,
+                                                     case.trace_group, n_boot, seed), "chosen_per_fold": chosen}
+    out["rules"]["first_answer"] = {**ee.bootstrap_summary(*first, case.trace_tokens, case.trace_correct,
+                                                           case.trace_group, n_boot, seed), "chosen_per_fold": []}
+    for name, score in (("probe", score_all), ("confidence", confidence)):
+        out["curves"][name] = [{"threshold": tau, **ee.summary(*case.threshold_rule(score, tau), case.trace_tokens)}
+                               for tau in ee.THRESHOLDS]
+    out["curves"]["fixed_fraction"] = [{"fraction": f, **ee.summary(*case.fraction_rule(f), case.trace_tokens)}
+                                       for f in ee.FRACTIONS]
+    probe = out["rules"]["probe"]
+    others = {n: r for n, r in out["rules"].items() if n != "probe"}
+    ok = lambda r: r["accuracy_change"] >= -margin  # noqa: E731
+    better = [n for n, r in others.items() if ok(r) and r["tokens_saved"] >= probe["tokens_saved"]]
+    out["probe_beats"] = {n: bool(ok(probe) and (not ok(r) or probe["tokens_saved"] > r["tokens_saved"]))
+                          for n, r in others.items()}
+    out["verdict"] = (f"the probe rule does not beat: {', '.join(better)}" if better else
+                      "the probe rule saves more tokens than every baseline rule within the accuracy margin"
+                      if ok(probe) else "the probe rule loses more accuracy than the margin allows")
+    return out
