@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .grading import THINK_CLOSE, THINK_OPEN, answers_match, extract_answer
+from .grading import THINK_CLOSE, THINK_OPEN, answer_is_correct, canonical_answer, extract_answer_text, is_plain_number
 
 DEFAULT_CUES = ("wait", "but wait", "alternatively", "double-check", "double check", "let me check", "let me verify",
                 "let me double-check", "let me recheck", "let me re-check", "verify", "to verify", "hmm", "hold on",
@@ -52,9 +52,10 @@ def split_chunks(text: str, pattern: re.Pattern | None = None) -> list[Chunk]:
 
 
 def chunk_answer(text: str) -> str | None:
-    """The answer a chunk states: the grading module's extraction on the chunk, thinking markers removed."""
+    """The answer a chunk states, as written: the grading module's extraction on the chunk, thinking markers
+    removed."""
     clean = text.replace(THINK_OPEN, " ").replace(THINK_CLOSE, " ")
-    return extract_answer(clean, finished=True)
+    return extract_answer_text(clean, finished=True)
 
 
 def intermediate_answers(text: str, gold: str, pattern: re.Pattern | None = None) -> list[Chunk]:
@@ -63,10 +64,11 @@ def intermediate_answers(text: str, gold: str, pattern: re.Pattern | None = None
     out, start = [], None
     for chunk in split_chunks(text, pattern):
         start = chunk.start if start is None else start
-        answer = chunk_answer(text[chunk.start : chunk.end])
-        if answer is None:
+        raw = chunk_answer(text[chunk.start : chunk.end])
+        answer = canonical_answer(raw) if is_plain_number(gold) else (raw.strip() if raw else None)
+        if not answer:
             continue
-        label = "correct" if answers_match(answer, gold) else "incorrect"
+        label = "correct" if answer_is_correct(raw, gold) else "incorrect"
         out.append(Chunk(start, chunk.end, answer, label))
         start = None
     return out

@@ -1,6 +1,8 @@
 """Grade a chain-of-thought trace by its final answer. Stands alone: imports nothing from tribunal.
 
 extract_answer(text) finds the final answer the way a careful reader would.
+Golds that are plain numbers (GSM8K) are compared numerically; LaTeX golds (MATH,
+AIME: fractions, radicals, intervals, expressions) with Hugging Face's math-verify.
 Thinking first: when the prompt opened thinking (R1-Distill chat templates end
 the prompt with `<think>\n`, so the text holds `</think>` but no `<think>`) or
 the text has `<think>`, only what follows the last `</think>` can answer; a
@@ -134,8 +136,8 @@ def answer_region(text: str, thinking: bool = False) -> str | None:
     return text
 
 
-def extract_answer(text: str, finished: bool = True, thinking: bool = False) -> str | None:
-    """The final answer as a canonical number string ("1234", "0.5", "-3"), or None when there is none.
+def extract_answer_text(text: str, finished: bool = True, thinking: bool = False) -> str | None:
+    """The final answer as written (a \\boxed{} body, the text after "the answer is", ...), or None.
 
     thinking: the prompt opened thinking (see prompt_opens_thinking). An answer then counts only after
     `</think>`; a trace with no `</think>` (cut at the token limit mid-thought) has none. finished=False (the
@@ -147,7 +149,11 @@ def extract_answer(text: str, finished: bool = True, thinking: bool = False) -> 
     region = answer_region(text, thinking)
     if region is None:
         return None
-    raw = _answer_in(region, allow_last_number=finished)
+    return _answer_in(region, allow_last_number=finished)
+
+
+def canonical_answer(raw: str | None) -> str | None:
+    """A written answer as a canonical number string ("1234", "0.5", "-3"), else its text without LaTeX markup."""
     if raw is None:
         return None
     value = _to_number(raw)
@@ -157,14 +163,53 @@ def extract_answer(text: str, finished: bool = True, thinking: bool = False) -> 
     return cleaned or None
 
 
+def extract_answer(text: str, finished: bool = True, thinking: bool = False) -> str | None:
+    """The final answer, canonical (see extract_answer_text for which text counts and canonical_answer for the form)."""
+    return canonical_answer(extract_answer_text(text, finished, thinking))
+
+
+_PLAIN_NUMBER = re.compile(r"\s*-?\s*[$€£]?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*%?\s*")
+
+
+def is_plain_number(gold: str) -> bool:
+    """GSM8K-style golds (numbers) are compared numerically; anything else (LaTeX) by math-verify."""
+    return bool(_PLAIN_NUMBER.fullmatch(str(gold)))
+
+
+def latex_equal(raw: str, gold: str) -> bool:
+    """Hugging Face's math-verify on a LaTeX answer and gold: fractions, radicals, intervals, expressions."""
+    from math_verify import parse, verify
+
+    wrap = lambda s: s if "$" in s or "\\boxed" in s else f"${s}$"  # noqa: E731
+    try:
+        return bool(verify(parse(wrap(str(gold))), parse(wrap(str(raw)))))
+    except Exception:  # math-verify gives up on some inputs (timeouts, unparsable): not a match
+        return False
+
+
+def answer_is_correct(raw: str | None, gold: str) -> bool:
+    """A written answer against the gold: numerically for plain-number golds, by math-verify otherwise."""
+    if raw is None:
+        return False
+    if is_plain_number(gold):
+        return answers_match(canonical_answer(raw), gold)
+    return latex_equal(raw, gold)
+
+
 def parse_gold(answer: str) -> str:
-    """Gold number from a GSM8K answer field (the `#### N` line), canonical."""
+    """Gold from an answer field: a GSM8K `#### N` line (canonical number), a plain number, or, for MATH/AIME-style
+    answers, the LaTeX as given (a \\boxed{} body when the field is a worked solution)."""
     m = _HASHES.findall(answer or "")
-    raw = m[-1] if m else answer
-    value = _to_number(raw)
-    if value is None:
-        raise ValueError(f"no gold number in {answer[-80:]!r}: GSM8K answers end with '#### N'")
-    return _canonical(value)
+    if m or is_plain_number(str(answer)):
+        value = _to_number(m[-1] if m else str(answer))
+        if value is None:
+            raise ValueError(f"no gold number in {str(answer)[-80:]!r}: GSM8K answers end with '#### N'")
+        return _canonical(value)
+    boxed = [b for b in _boxed_contents(str(answer)) if b.strip()]
+    latex = (boxed[-1] if boxed else str(answer)).strip()
+    if not latex:
+        raise ValueError("empty answer: give the gold answer ('#### N', a number, or LaTeX such as \\frac{1}{2})")
+    return latex
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
@@ -177,11 +222,13 @@ def answers_match(predicted: str | None, gold: str) -> bool:
 
 
 def grade_with_answer(text: str, gold: str, finished: bool = True, thinking: bool = False) -> tuple[str, str | None]:
-    """(label, extracted answer), parsing the text once."""
-    predicted = extract_answer(text, finished=finished, thinking=thinking)
-    if predicted is None:
+    """(label, extracted answer), parsing the text once. The answer is canonical for plain-number golds
+    (GSM8K) and as written for LaTeX golds (MATH, AIME), which math-verify compares."""
+    raw = extract_answer_text(text, finished=finished, thinking=thinking)
+    predicted = canonical_answer(raw) if is_plain_number(gold) else (raw.strip() if raw else None)
+    if not predicted:
         return "unparsed", None
-    return ("correct" if answers_match(predicted, gold) else "incorrect"), predicted
+    return ("correct" if answer_is_correct(raw, gold) else "incorrect"), predicted
 
 
 def grade(text: str, gold: str, finished: bool = True, thinking: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""Problems: GSM8K from the hub or a local file (question / answer with `#### N`), and their prompts."""
+"""Problems: GSM8K from the hub or a local file (question / answer with `#### N`), MATH/AIME-style local files
+(problem / answer in LaTeX), and their prompts."""
 
 from __future__ import annotations
 
@@ -82,16 +83,20 @@ def load_problems(source: str | None = None, split: str = "test") -> list[Proble
     rows = _read_rows(str(source or EMBEDDED_PROBLEMS), split)
     if not rows:
         raise TribunalError(f"dataset {source} split {split} has no rows")
-    missing = [k for k in ("question", "answer") if k not in rows[0]]
-    if missing:
+    question = next((k for k in ("question", "problem") if k in rows[0]), None)
+    if question is None or not any(k in rows[0] for k in ("answer", "solution")):
         raise TribunalError(
-            f"dataset {source} rows lack field(s) {missing}; it has {sorted(rows[0])}. tribunal expects GSM8K's "
-            "'question' and 'answer' (ending in '#### N')"
+            f"dataset {source} rows lack a question or an answer field; it has {sorted(rows[0])}. tribunal reads "
+            "GSM8K's 'question' and 'answer' (ending in '#### N'), or MATH/AIME-style 'problem' and 'answer' "
+            "(LaTeX) or 'solution' (with a \\boxed{} answer)"
         )
     problems = []
     for i, row in enumerate(rows):
         try:
-            problems.append(Problem(i, row["question"], parse_gold(row["answer"])))
+            answer = row.get("answer") if row.get("answer") not in (None, "") else row.get("solution")
+            if answer is None:
+                raise ValueError("the row has neither an answer nor a solution")
+            problems.append(Problem(i, row[question], parse_gold(str(answer))))
         except ValueError as exc:
             raise TribunalError(f"dataset {source} row {i}: {exc}") from None
     return problems
