@@ -148,7 +148,7 @@ def test_dataset_without_fields_and_store_of_another_model(tmp_path, tiny_model,
     bad.write_text(json.dumps({"prompt": "x", "solution": "y"}) + "\n")
     result = CliRunner().invoke(main, ["generate", "--out", str(tmp_path / "x.h5"), "--model", str(tiny_model),
                                        "--dataset", str(bad), "--quiet"])
-    assert result.exit_code == 1 and "lack field(s) ['question', 'answer']" in result.output
+    assert result.exit_code == 1 and "rows lack a question or an answer field" in result.output
     run_generation(cfg(tmp_path, tiny_model, small_problems, max_problems=1))
     result = CliRunner().invoke(main, ["generate", "--out", str(tmp_path / "g.h5"), "--dataset", str(small_problems),
                                        "--quiet"])  # the embedded model, not the tiny one
