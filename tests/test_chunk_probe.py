@@ -74,3 +74,23 @@ def test_cli_outputs(tmp_path):
 def test_synth_chunk_signal_is_validated(tmp_path):
     r = CliRunner().invoke(main, ["synth", str(tmp_path / "x.h5"), "--chunk-signal", "1.5", "--quiet"])
     assert r.exit_code == 1 and "--chunk-signal is an AUROC" in r.output
+
+
+def test_score_chunk_ends_with_the_chunk_direction(tmp_path):
+    """The online monitor reproduces the probe: scoring the same store with the saved chunk direction gives logits
+    whose ranking matches the labels as well as the fitted probe does on its own training data."""
+    import csv
+
+    from tribunal.probes.evaluation import auroc
+
+    path = chunk_store(tmp_path / "s.h5", traces=120, problems=40)
+    out = tmp_path / "out"
+    run(path, out)
+    r = CliRunner().invoke(main, ["score", str(out), str(path), "--chunks", "--out", str(tmp_path / "c.csv")])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert len(rows) == len((out / "chunks.csv").read_text().splitlines()) - 1
+    y = [row["label"] == "correct" for row in rows]
+    assert auroc(y, [float(row["logit"]) for row in rows]) > 0.8
+    r = CliRunner().invoke(main, ["score", str(tmp_path / "nowhere"), str(path), "--chunks", "--out", "x.csv"])
+    assert r.exit_code == 1

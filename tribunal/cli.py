@@ -434,17 +434,27 @@ def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, folds, n_boo
 @main.command()
 @click.argument("directions")
 @click.argument("stores", nargs=-1, required=True)
-@click.option("--out", "out_csv", required=True, help="CSV of per-token logits.")
+@click.option("--out", "out_csv", required=True, help="CSV of per-token (or, with --chunks, per-chunk) logits.")
 @click.option("--layer", type=int, default=None, help="Cell layer (default: the chosen cell).")
 @click.option("--aggregation", default=None, help="Cell aggregation (default: the chosen cell).")
+@click.option("--chunks", "chunk_ends", is_flag=True, help="Score each reasoning chunk's end with the chunk direction.")
+@click.option("--tokenizer", default=None, help="With --chunks: tokenizer to find chunk ends (default: the store's model).")
 @user_errors
-def score(directions, stores, out_csv, layer, aggregation):
-    """Project stored traces onto saved DIRECTIONS (a .json or its folder): per-token probe logits to a CSV."""
+def score(directions, stores, out_csv, layer, aggregation, chunk_ends, tokenizer):
+    """Project stored traces onto saved DIRECTIONS (a .json or its folder): per-token probe logits to a CSV, or
+    with --chunks the chunk direction's logit at every chunk end (the online monitor)."""
     from .probes import directions as dirs
     from .store import open_store
 
     doc = dirs.load(directions)
     with open_store(stores) as store:
+        if chunk_ends:
+            from .probes.chunk_probe import score_chunk_ends
+            from .traces.models import piece_decoder
+
+            result = score_chunk_ends(doc, store, piece_decoder(store.model_id, tokenizer), out_csv)
+            click.echo(f"scored {result['chunks']} chunk ends at layer {result['layer']} (chunk direction): {out_csv}")
+            return
         result = dirs.score_store(doc, store, out_csv, layer, aggregation)
     click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
 

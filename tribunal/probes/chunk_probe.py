@@ -263,3 +263,32 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
                       "the probe rule saves more tokens than every baseline rule within the accuracy margin"
                       if ok(probe) else "the probe rule loses more accuracy than the margin allows")
     return out
+
+
+def score_chunk_ends(doc: dict, store: Store, decode_pieces, out_csv, pattern=None,
+                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
+    """The online monitor: every chunk end of the stored traces scored with the saved chunk direction
+    (logit = weight_norm * (u . x) + bias; probability = its sigmoid), written to a CSV."""
+    import csv
+
+    chunk = doc.get("chunk")
+    if not chunk:
+        raise TribunalError("the directions file has no chunk probe; run `tribunal probe chunks` first")
+    d = chunk["direction"]
+    if len(d["direction"]) != store.d_model:
+        raise TribunalError(f"the chunk direction has d_model {len(d['direction'])}, the store {store.d_model}: "
+                            "it comes from another model")
+    if d["layer"] not in store.layers:
+        raise TribunalError(f"the chunk direction is for layer {d['layer']}, which the store lacks "
+                            f"(it has {list(store.layers)})")
+    data = load_chunks(store, decode_pieces, pattern)
+    X = chunk_features(store, d["layer"], data, block_bytes)
+    logits = float(d["weight_norm"]) * (X.astype(np.float64) @ np.asarray(d["direction"])) + float(d["bias"])
+    with open(out_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["trace", "problem_id", "chunk", "token_end", "answer", "label", "logit", "probability"])
+        for j in range(len(data.y)):
+            w.writerow([int(data.trace[j]), int(data.problem[j]), int(data.index[j]), int(data.token_end[j]),
+                        data.answer[j], "correct" if data.y[j] else "incorrect", f"{logits[j]:.6g}",
+                        f"{1 / (1 + np.exp(-logits[j])):.4f}"])
+    return {"layer": d["layer"], "chunks": int(len(data.y)), "csv": str(out_csv), "logits": logits}
