@@ -20,7 +20,8 @@ from tqdm import tqdm
 from ..chunks import intermediate_answers, token_ends
 from ..errors import TribunalError
 from ..grading import answers_match
-from ..store.reader import DEFAULT_BLOCK_BYTES, Store, overlapping_traces
+from ..store.format import decode_activations
+from ..store.reader import DEFAULT_BLOCK_BYTES, Store
 from . import early_exit as ee
 from . import evaluation as ev
 from .trajectory import FoldFits, cv_predict, direction_of, make_probe
@@ -108,18 +109,33 @@ def load_chunks(store: Store, decode_pieces, pattern=None, progress: bool = Fals
 
 
 def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
-    """(chunks, d_model) float32: the residual at each chunk's last token, from one sequential pass over a layer."""
+    """(chunks, d_model) float32: the residual at each chunk's last token of one layer.
+
+    Only those rows are read (Shard.read_scattered), in file order, so the pass costs about what a memmap gather
+    of the same rows does, not a read of the whole layer; block_bytes bounds each batch."""
     table = store.table
-    starts, ends = table["token_start"].astype(np.int64), table["token_end"].astype(np.int64)
-    rows = starts[data.trace] + table["prompt_length"][data.trace].astype(np.int64) + data.token_end
+    rows = (table["token_start"][data.trace].astype(np.int64) + table["prompt_length"][data.trace].astype(np.int64)
+            + data.token_end)
     shard_of = store.shard_of_trace[data.trace]
     out = np.empty((len(data.trace), store.d_model), np.float32)
-    for s, first, block in store.iter_blocks(layer, block_bytes):
-        stop = first + len(block)
-        if not len(overlapping_traces(starts, ends, store.trace_offsets, s, first, stop)):
+    per_read = max(1, block_bytes // (store.d_model * 4))
+    for s, shard in enumerate(store.shards):
+        mine = np.flatnonzero(shard_of == s)
+        if not len(mine):
             continue
-        mine = np.flatnonzero((shard_of == s) & (rows >= first) & (rows < stop))
-        out[mine] = block[rows[mine] - first]
+        wanted = rows[mine]
+        ordered = bool(np.all(np.diff(wanted) > 0))  # chunk ends come in file order: usually nothing to sort
+        if not ordered:
+            wanted, where = np.unique(wanted, return_inverse=True)
+        values = None if ordered else np.empty((len(wanted), store.d_model), np.float32)
+        for lo in range(0, len(wanted), per_read):
+            words = decode_activations(shard.read_scattered(layer, wanted[lo : lo + per_read]), store.dtype)
+            if ordered:
+                out[mine[lo : lo + per_read]] = words
+            else:
+                values[lo : lo + per_read] = words
+        if not ordered:
+            out[mine] = values[where]
     return out
 
 

@@ -118,6 +118,31 @@ class Shard:
             ds.read_direct(out, np.s_[start:end], np.s_[0 : end - start])
         return out
 
+    def read_scattered(self, layer: int, rows) -> np.ndarray:
+        """Stored words of the given committed rows (sorted, distinct) of a layer, e.g. one token per chunk end.
+
+        Uncompressed stores (the default) are read like a memmap: each HDF5 chunk's address comes from the chunk
+        index and only the wanted rows are touched. HDF5's own selection of thousands of single rows measured 15x
+        slower than a memmap gather. Compressed stores fall back to HDF5 reads."""
+        rows = np.asarray(rows, np.int64)
+        ds = self.dataset(layer)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_tokens):
+            raise StoreError(f"rows outside the committed 0:{self.n_tokens} of {self.path}")
+        out = np.empty((len(rows), ds.shape[1]), ds.dtype)
+        if ds.compression is not None or ds.chunks is None or not len(rows):
+            for lo in range(0, len(rows), 4096):
+                out[lo : lo + 4096] = ds[rows[lo : lo + 4096]]
+            return out
+        chunk_rows, width = ds.chunks[0], ds.shape[1]
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+        which = rows // chunk_rows
+        for chunk in np.unique(which):
+            info = ds.id.get_chunk_info_by_coord((int(chunk) * chunk_rows, 0))
+            block = np.frombuffer(mapped, ds.dtype, count=chunk_rows * width, offset=info.byte_offset)
+            pick = np.flatnonzero(which == chunk)
+            out[pick] = block.reshape(chunk_rows, width)[rows[pick] - chunk * chunk_rows]
+        return out
+
     def text(self, row) -> str:
         return self.file[fmt.TRACE_TEXT][int(row["text_start"]) : int(row["text_end"])].tobytes().decode("utf-8", "replace")
 
