@@ -6,7 +6,7 @@ first second exits with the resumable code (75) like any later one.
 
 import sys
 
-RESUMABLE_COMMANDS = ("generate", "run")
+RESUMABLE_COMMANDS = ("generate", "run", "capture")
 
 
 def main():

@@ -263,6 +263,31 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
 
 
 @main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, help="Store to write (an interrupted capture resumes).")
+@click.option("--layers", default=None, help="Layers to capture: 4,8,12-15 or all (default: the source's layers).")
+@click.option("--model", default=None, help="The model that sampled the traces (default: the store's, when local).")
+@click.option("--capture-memory", default="2G", show_default=True, help="Activations per forward batch at most.")
+@click.option("--compute-dtype", default="auto", show_default=True)
+@click.option("--device-map", default=None)
+@click.option("--quiet", is_flag=True)
+@user_errors
+def capture(sources, out, layers, model, capture_memory, compute_dtype, device_map, quiet):
+    """Re-forward the stored traces of SOURCES through the model (teacher forcing) into a new store with the same
+    traces, labels and tokens and the requested layers: add layers without resampling. Exit 75 when interrupted."""
+    from .traces.capture import capture_store
+    from .traces.stop import EXIT_INTERRUPTED
+
+    show_progress_log()
+    result = capture_store(sources, out, model=model, layers=layers, capture_memory=capture_memory,
+                           compute_dtype=compute_dtype, device_map=device_map, progress=not quiet)
+    click.echo(f"{result['status']}: {out}: {result['traces']} traces, {result['tokens']} tokens, "
+               f"layers {result['layers']}")
+    if result["status"] != "done":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="Merged store file to write (an interrupted merge resumes).")
 @click.option("--memory", default="256M", show_default=True, help="Memory for the traces copied in one batch, e.g. 1G.")
