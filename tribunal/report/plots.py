@@ -56,24 +56,29 @@ def probe_results(trajectory: dict, path) -> None:
     ax.set_xlabel("held-out probe logit")
     ax.set_ylabel("traces")
     ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
-    for cal, color, label in ((sel["calibration"], "tab:blue", "nested predictions"),
-                              (sel["calibrated"]["calibration"], "tab:purple", "after Platt scaling")):
-        curve = cal["reliability_curve"]
-        ax.plot([b["mean_predicted"] for b in curve], [b["fraction_correct"] for b in curve], "o-", color=color,
-                label=f"{label} (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
-    base = sel["calibration"]["reference"]["base_rate"]
-    ax.axhline(base, color="black", lw=0.6, ls="--", label=f"base rate {base:.2f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("mean predicted P(correct)")
-    ax.set_ylabel("fraction correct")
-    ax.set_title("reliability diagram", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left")
+    _reliability(axes[0][-1], [(sel["calibration"], "tab:blue", "nested predictions"),
+                               (sel["calibrated"]["calibration"], "tab:purple", "after Platt scaling")],
+                 "mean predicted P(correct)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _reliability(ax, curves, xlabel: str) -> None:
+    """Reliability diagram: fraction correct against mean prediction per bin, the diagonal and the base rate."""
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
+    for cal, color, label in curves:
+        curve = cal["reliability_curve"]
+        ax.plot([b["mean_predicted"] for b in curve], [b["fraction_correct"] for b in curve], "o-", color=color,
+                label=f"{label} (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
+    base = curves[0][0]["reference"]["base_rate"]
+    ax.axhline(base, color="black", lw=0.6, ls="--", label=f"base rate {base:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction correct")
+    ax.set_title("reliability diagram", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
 
 
 def _errorbars(ax, x, values, color, marker, label, offset, line=False) -> None:
@@ -139,20 +144,8 @@ def chunk_probe(result: dict, path) -> None:
     ax.set_ylabel("chunk ROC-AUC (95% CI)")
     ax.set_title("does the chunk end know its answer is right?", fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
-    ax = axes[0][1]
-    cal = result["selection"]["calibration"]
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
-    curve = cal["reliability_curve"]
-    ax.plot([b["mean_predicted"] for b in curve], [b["fraction_correct"] for b in curve], "o-", color="tab:blue",
-            label=f"nested predictions (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
-    ax.axhline(cal["reference"]["base_rate"], color="black", lw=0.6, ls="--",
-               label=f"base rate {cal['reference']['base_rate']:.2f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("predicted P(intermediate answer correct)")
-    ax.set_ylabel("fraction correct")
-    ax.set_title("reliability diagram", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left")
+    _reliability(axes[0][1], [(result["selection"]["calibration"], "tab:blue", "nested predictions")],
+                 "predicted P(intermediate answer correct)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
