@@ -221,41 +221,35 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
         trace_folds.append((np.setdiff1d(np.arange(len(case.trace_group)), test), test))
     full = ee.summary(case.trace_correct, case.trace_tokens, case.trace_tokens)
 
-    def threshold_setting(score_for_train):
+    def train_chunks(k):
+        return np.isin(case.chunk_trace, trace_folds[k][0])
+
+    def nested_threshold(train_score, act_score):
+        """Each fold's threshold chosen on its training traces' train_score(k), then acted on with act_score."""
         def choose(train_case, k):
-            return ee.choose_threshold(train_case, score_for_train(k), margin)
+            return ee.choose_threshold(train_case, train_score(k), margin)
 
         def apply(tau, test):
-            correct, tokens = case.threshold_rule(score_all, tau)
+            correct, tokens = case.threshold_rule(act_score, tau)
             return correct[test], tokens[test]
-        return choose, apply
-
-    rules = {}
-    # the probe: nested outer probabilities to act on, inner-CV probabilities of each fold's training chunks to choose
-    inner_score = {}
-    for k, (tr, prob) in enumerate(inner_for_exit):
-        score = np.full(len(data.y), np.nan)
-        score[tr] = prob
-        train_traces = trace_folds[k][0]
-        inner_score[k] = score[np.isin(case.chunk_trace, train_traces)]
-    score_all = np.asarray(nested)
-    choose, apply = threshold_setting(lambda k: np.nan_to_num(inner_score[k], nan=-1.0))
-    rules["probe"] = (score_all, ee.nested_outcome(case, trace_folds, choose, apply))
-    confidence = data.confidence
-    conf_choose = lambda train_case, k: ee.choose_threshold(  # noqa: E731
-        train_case, confidence[np.isin(case.chunk_trace, trace_folds[k][0])], margin)
-
-    def conf_apply(tau, test):
-        correct, tokens = case.threshold_rule(confidence, tau)
-        return correct[test], tokens[test]
-    rules["confidence"] = (confidence, ee.nested_outcome(case, trace_folds, conf_choose, conf_apply))
+        return ee.nested_outcome(case, trace_folds, choose, apply)
 
     def fraction_apply(f, test):
         correct, tokens = case.fraction_rule(f)
         return correct[test], tokens[test]
-    rules["fixed_fraction"] = (None, ee.nested_outcome(case, trace_folds,
-                                                       lambda train_case, k: ee.choose_fraction(train_case, margin),
-                                                       fraction_apply))
+
+    # the probe acts on the nested (outer) probabilities and chooses on inner-CV ones, which never saw the test fold
+    inner = np.full((len(outer), len(data.y)), -1.0)
+    for k, (tr, prob) in enumerate(inner_for_exit):
+        inner[k, tr] = prob
+    score_all, confidence = np.asarray(nested), data.confidence
+    rules = {
+        "probe": (score_all, nested_threshold(lambda k: inner[k][train_chunks(k)], score_all)),
+        "confidence": (confidence, nested_threshold(lambda k: confidence[train_chunks(k)], confidence)),
+        "fixed_fraction": (None, ee.nested_outcome(case, trace_folds,
+                                                   lambda train_case, k: ee.choose_fraction(train_case, margin),
+                                                   fraction_apply)),
+    }
     first = case.first_answer_rule()
     out = {"margin": margin, "full": {**full, "accuracy": float(np.mean(case.trace_correct))},
            "traces": int(len(case.trace_correct)), "rules": {}, "curves": {}}

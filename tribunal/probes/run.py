@@ -69,7 +69,7 @@ def probe_chunks(stores, out_dir, decode_pieces, folds: int = 5, n_boot: int = 1
     final = result["selection"]["final"]
     layer = next(c for c in result["layers"] if c["layer"] == final["layer"])
     doc["chunk"] = {"probe": "StandardScaler + L2 LogisticRegression on the residual at each chunk's last token",
-                    "selection": {k: v for k, v in result["selection"].items()},
+                    "selection": result["selection"],
                     "direction": {k: layer[k] for k in ("layer", "direction", "weight_norm", "bias", "scaler_mean",
                                                         "scaler_scale")},
                     "layers": result["layers"], "baselines": result["baselines"],

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from ..errors import DamagedStoreError, IncompatibleStoreError, StoreError
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "tribunal-activation-store"
 
@@ -200,8 +202,6 @@ def timestamp() -> str:
 def check_opened(h5file, path, action: str = "read") -> None:
     """Refuse a file that is not a tribunal store, is of a newer schema, or is damaged, in one line each; the
     reader and the writer both open through this."""
-    from ..errors import DamagedStoreError, IncompatibleStoreError, StoreError
-
     attrs = h5file.attrs
     if as_text(attrs.get("format", "")) != FORMAT_NAME:
         raise StoreError(f"{path} is an HDF5 file but not a tribunal store" +

@@ -68,7 +68,7 @@ def merge_stores(shards, out, progress: bool = True, memory_bytes: int = DEFAULT
                     batch, batch_tokens = [], 0
             writer.append(batch)
             have = writer.problems_done()
-            problems = sorted(p for p in set().union(*(_problems_done(s) for s in store.shards)) if p[0] not in have)
+            problems = sorted(p for p in store.problems_done() if p[0] not in have)
             if problems:
                 writer.append([], problems_done=problems)
             return {"out": str(out), "traces": writer.n_traces, "tokens": writer.n_tokens, "shards": len(sources)}
@@ -86,8 +86,3 @@ def _record(store, i: int) -> TraceRecord:
         activations=words, label=t.label, text=t.text, predicted=t.predicted, gold=t.gold,
         finish_reason=t.finish_reason, logprobs=t.logprobs[gen], entropies=t.entropies[gen], seed=int(row["seed"]),
     )
-
-
-def _problems_done(shard) -> set:
-    rows = shard.file[fmt.PROBLEMS][: shard.committed["problems"]]
-    return {(int(p), int(s)) for p, s in zip(rows["problem_id"], rows["samples"])}

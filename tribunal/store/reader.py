@@ -231,6 +231,14 @@ class Store:
     def n_tokens(self) -> int:
         return sum(s.n_tokens for s in self.shards)
 
+    def problems_done(self) -> set:
+        """(problem_id, samples) of every problem whose samples were all tried, over all shards (/problems)."""
+        out = set()
+        for shard in self.shards:
+            rows = shard.file[fmt.PROBLEMS][: shard.committed["problems"]]
+            out |= {(int(p), int(s)) for p, s in zip(rows["problem_id"], rows["samples"])}
+        return out
+
     def label_counts(self) -> dict:
         """{label: traces} in the format's label order."""
         return fmt.count_labels(self.table["label"])

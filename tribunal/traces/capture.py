@@ -79,7 +79,7 @@ def capture_store(sources, out, model: str | None = None, layers=None, capture_m
                 hooks.remove()
             if status == "done":
                 held = writer.problems_done()
-                finished = sorted(p for p in _problems_done(src) if p[0] not in held)
+                finished = sorted(p for p in src.problems_done() if p[0] not in held)
                 if finished:
                     writer.append([], problems_done=finished)
             return {"status": status, "traces": writer.n_traces, "tokens": writer.n_tokens, "layers": targets,
@@ -149,11 +149,8 @@ def _forward(net, hooks: _Hooks, traces, seeds, device, temperature: float) -> l
         ids[r, : t.n_tokens] = torch.as_tensor(t.token_ids.astype(np.int64))
         mask[r, : t.n_tokens] = 1
     with torch.no_grad():
-        hidden = net.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state \
-            if hasattr(net, "model") and hasattr(net, "lm_head") else None
-        if hidden is None:
-            out = net(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            hidden = out.hidden_states[-1]
+        # the decoder stack alone (transformers' get_decoder): the LM head runs below on slices of positions
+        hidden = net.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         head = net.get_output_embeddings()
         records = []
         for r, (t, seed) in enumerate(zip(traces, seeds)):
@@ -175,13 +172,3 @@ def _forward(net, hooks: _Hooks, traces, seeds, device, temperature: float) -> l
                 finish_reason=t.finish_reason, logprobs=logprobs, entropies=entropies,
                 seed=seed))
     return records
-
-
-def _problems_done(src) -> set:
-    from ..store import format as fmt
-
-    out = set()
-    for shard in src.shards:
-        rows = shard.file[fmt.PROBLEMS][: shard.committed["problems"]]
-        out |= {(int(p), int(s)) for p, s in zip(rows["problem_id"], rows["samples"])}
-    return out
