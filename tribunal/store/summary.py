@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from tqdm import tqdm
 
@@ -43,11 +45,26 @@ def summarize(store: Store) -> dict:
         "dataset": {"id": attrs.get("dataset_id"), "split": attrs.get("dataset_split")},
         "seed": attrs.get("seed"),
         "generation_settings": attrs.get("generation_settings"),
+        "sampled_by": sampled_by(attrs.get("generation_settings")),
         "tribunal_version": attrs.get("tribunal_version"),
         "created": attrs.get("created"),
         "host": attrs.get("host"),
         "chunk_tokens": attrs.get("chunk_tokens"),
     }
+
+
+def sampled_by(settings) -> str:
+    """Which engine sampled the traces and how they were captured, from the store's generation settings."""
+    settings = json.loads(settings) if isinstance(settings, (str, bytes)) else dict(settings or {})
+    if settings.get("engine", "hf") == "hf":
+        how = "tribunal's hf engine, captured while decoding"
+    else:
+        how = f"vLLM {settings.get('vllm_version', '?')}, captured by teacher forcing"
+    if settings.get("captured_by", "").startswith("tribunal capture"):
+        how += "; re-captured by tribunal capture"
+    if settings.get("per_trace_seeds") is False:
+        how += "; per-trace seeds not honoured (vLLM on CPU): reproducible as a run only"
+    return how
 
 
 def format_summary(info: dict) -> str:
@@ -67,6 +84,7 @@ def format_summary(info: dict) -> str:
         ("schema", f"v{info['schema_version']} (tribunal {info['tribunal_version']})"),
         ("model", f"{info['model']} @ {info['model_revision']}"),
         ("layers", f"{info['layers']}  (d_model {info['d_model']}, {info['dtype']})"),
+        ("sampled by", info["sampled_by"]),
         ("dataset", f"{info['dataset']['id']} [{info['dataset']['split']}], seed {info['seed']}"),
         ("traces", f"{info['traces']} from {info['problems']} problems: {labels}"),
         ("tokens", f"{info['tokens']} ({info['generated_tokens']} generated)"),

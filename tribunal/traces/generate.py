@@ -67,7 +67,11 @@ class _Run:
     prompts: dict = field(default_factory=dict)
     thinking: dict = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
+    remaining: Counter = field(default_factory=Counter)
     new_tokens: int = 0
+    vllm: object = None  # --engine vllm: the vLLM engine that samples (the model above captures)
+    per_trace_seeds: bool = True
+    notes: dict = field(default_factory=dict)  # what the engine measured, for the summary
 
     def prompt(self, problem) -> list[int]:
         """The problem's prompt ids; grading reads thinking from the rendered prompt (R1 templates end with <think>)."""
@@ -88,12 +92,17 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
     held = writes.open()
     status, started = "done", time.time()
     try:  # from here on the writer process is told to close the store, whatever happens
-        status = _sample_all(run, held, writes, started)
+        if config.engine == "vllm":
+            from .vllm_engine import sample_with_vllm
+
+            status = sample_with_vllm(run, held, writes, started)
+        else:
+            status = _sample_all(run, held, writes, started)
     finally:
         held = writes.finish()
-    return _summary(status, stop, config, len(run.mine), layers=run.layers,
-                    targets_met=_targets_met(Counter(held["labels"]), run.target), held=held,
-                    seconds=time.time() - started, new_tokens=run.new_tokens)
+    return {**_summary(status, stop, config, len(run.mine), layers=run.layers,
+                       targets_met=targets_met(Counter(held["labels"]), run.target), held=held,
+                       seconds=time.time() - started, new_tokens=run.new_tokens), **run.notes}
 
 
 def _load(config: GenerateConfig, stop: GracefulStop) -> _Run:
@@ -110,9 +119,19 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Run:
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
     eos_ids.discard(None)
-    return _Run(config=config, stop=stop, mine=mine, target=target, model=model, tokenizer=tokenizer,
-                layers=resolve_layers(config.layers, len(decoder_blocks(model))),
-                store_dtype=_store_dtype(config.dtype, model), eos_ids=eos_ids)
+    run = _Run(config=config, stop=stop, mine=mine, target=target, model=model, tokenizer=tokenizer,
+               layers=resolve_layers(config.layers, len(decoder_blocks(model))),
+               store_dtype=_store_dtype(config.dtype, model), eos_ids=eos_ids)
+    if config.engine == "vllm" and not stop():
+        from .vllm_engine import needs_cpu_build, start_engine
+
+        positions = getattr(model.config, "max_position_embeddings", None) or math.inf
+        longest = max((len(run.prompt(p)) for p in mine), default=1)
+        # the longest sequence rounded up to a power of two (runs of like settings share an engine in a process)
+        need = 1 << (longest + config.max_new_tokens - 1).bit_length()
+        run.vllm = start_engine(config, model, tokenizer, int(min(positions, need)))
+        run.per_trace_seeds = not needs_cpu_build()
+    return run
 
 
 def _writer_kwargs(run: _Run) -> dict:
@@ -121,15 +140,23 @@ def _writer_kwargs(run: _Run) -> dict:
 
     config = run.config
     settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
+    if config.engine == "hf":
+        del settings["vllm_memory"]
     if run.mine:  # the store records whether the prompt opens thinking (grading reads it per prompt)
         run.prompt(run.mine[0])
     settings["prompt_opens_thinking"] = bool(run.mine) and run.thinking[run.mine[0].problem_id]
     settings.update(layers_resolved=run.layers, store_dtype=run.store_dtype, targets_per_shard=run.target,
-                    compute_dtype_resolved=str(run.model.dtype).replace("torch.", ""))
+                    compute_dtype_resolved=str(run.model.dtype).replace("torch.", ""), per_trace_seeds=run.per_trace_seeds)
+    if config.engine == "vllm":
+        import vllm
+
+        settings.update(vllm_version=vllm.__version__, captured_by="teacher forcing (transformers)")
     resume_identity = {k: settings[k] for k in ("split", "temperature", "top_p", "max_new_tokens",
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
     resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
+    if config.engine != "hf":  # an hf store's identity is as it was before engines, so those stores still resume
+        resume_identity["engine"] = config.engine
     model_id, revision = model_identity(run.model, config.model)
     return dict(
         path=config.out, model_id=model_id, model_revision=revision, layers=run.layers,
@@ -152,18 +179,12 @@ def _sample_all(run: _Run, held: dict, writes: WriterProcess, started: float) ->
                            run.store_dtype, config.max_new_tokens, config.queue_batches)
     capture = BlockCapture(decoder_blocks(run.model), run.layers, max_bytes=budget.batch_bytes)
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
-    run.counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
-    if held["n_traces"] or tried:
-        log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
-                 ", ".join(f"{k} {v}" for k, v in sorted(run.counts.items())), len(tried),
-                 f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
-    todo = [p for p in run.mine if p.problem_id not in tried]
-    pairs = [(p, s) for p in todo for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
-    bar = _progress(config, len(run.mine), len(tried))
+    pairs = pairs_to_sample(run, held)
+    bar = progress_bar(config, len(run.mine), len(held["problems_done"]))
     batch_size, i = config.batch_size, 0
     try:
         while i < len(pairs):
-            if _targets_met(run.counts, run.target) and not config.keep_all:
+            if targets_met(run.counts, run.target) and not config.keep_all:
                 return "done"
             if run.stop():
                 return "interrupted"
@@ -184,20 +205,35 @@ def _sample_all(run: _Run, held: dict, writes: WriterProcess, started: float) ->
                 capture.release()
                 torch.cuda.empty_cache()
                 continue
-            records, finished_problems = _grade(run, chunk, sampled, seeds)
+            records, finished_problems = grade(run, chunk, sampled, seeds)
             writes.put(records, finished_problems, sampled[0].ready)
             i += len(chunk)
             bar.update(len(finished_problems))
-            bar.set_postfix_str(_postfix(run.counts, run.new_tokens, started, config.out))
+            bar.set_postfix_str(postfix(run.counts, run.new_tokens, started, config.out))
         return "done"
     finally:
         capture.remove()
         bar.close()
 
 
-def _grade(run: _Run, chunk, sampled, seeds) -> tuple[list, list]:
-    """Grade a sampled batch: the records to store (a label past its target is not stored, unless --keep-all),
-    and the problems whose last sample this batch held."""
+def pairs_to_sample(run: _Run, held: dict) -> list:
+    """The (problem, sample) pairs still to sample: the shard's problems not done, samples not stored. Counts
+    each problem's pairs (run.remaining), so a problem is marked done once its last pair is graded, in any order."""
+    config = run.config
+    run.counts, tried, done_pairs = Counter(held["labels"]), set(held["problems_done"]), held["done_keys"]
+    if held["n_traces"] or tried:
+        log.info("resuming %s: %d traces committed (%s), %d problems done%s", config.out, held["n_traces"],
+                 ", ".join(f"{k} {v}" for k, v in sorted(run.counts.items())), len(tried),
+                 f"; repaired: {'; '.join(held['repairs'])}" if held["repairs"] else "")
+    pairs = [(p, s) for p in run.mine if p.problem_id not in tried
+             for s in range(config.samples_per_problem) if (p.problem_id, s) not in done_pairs]
+    run.remaining = Counter(p.problem_id for p, _ in pairs)
+    return pairs
+
+
+def grade(run: _Run, chunk, sampled, seeds) -> tuple[list, list]:
+    """Grade sampled traces: the records to store (a label past its target is not stored, unless --keep-all),
+    and the problems whose last pair this batch held."""
     config, records, finished_problems = run.config, [], []
     for (p, s), t, seed in zip(chunk, sampled, seeds):
         text = run.tokenizer.decode([x for x in t.generated_ids if x not in run.eos_ids], skip_special_tokens=False)
@@ -210,7 +246,8 @@ def _grade(run: _Run, chunk, sampled, seeds) -> tuple[list, list]:
                 prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
                 predicted=predicted, gold=p.gold, finish_reason="stop" if t.finished else "length",
                 logprobs=t.logprobs, entropies=t.entropies, seed=seed))
-        if s == config.samples_per_problem - 1:
+        run.remaining[p.problem_id] -= 1
+        if not run.remaining[p.problem_id]:
             finished_problems.append((p.problem_id, config.samples_per_problem))
     return records, finished_problems
 
@@ -228,18 +265,18 @@ def _summary(status, stop, config, problems_in_shard, layers, targets_met, held=
     }
 
 
-def _targets_met(counts: Counter, target: dict) -> bool:
+def targets_met(counts: Counter, target: dict) -> bool:
     return all(counts[label] >= n for label, n in target.items())
 
 
-def _progress(config, total, initial):
+def progress_bar(config, total, initial):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"generate {config.shard}", unit="problem",
                 disable=not config.progress, dynamic_ncols=True)
 
 
-def _postfix(counts, new_tokens, started, store_path) -> str:
+def postfix(counts, new_tokens, started, store_path) -> str:
     rate = new_tokens / max(time.time() - started, 1e-9)
     try:
         size = Path(store_path).stat().st_size / 1e6

@@ -10,6 +10,7 @@ from ..config import parse_size
 from ..errors import TribunalError
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+ENGINE_CHOICES = ("hf", "vllm")
 
 
 def option(default, help: str, **cli):
@@ -22,6 +23,12 @@ def option(default, help: str, **cli):
 class GenerateConfig:
     out: str = option(MISSING, "Store file to write (resumed if it exists).", cli=False)
     model: str | None = option(None, "Hugging Face id or local path (default: the embedded model).")
+    engine: str = option("hf", "Sampler: hf (tribunal's decode loop, captures while it decodes; runs anywhere) or "
+                               "vllm (vLLM samples, then one teacher-forced forward captures; pip install "
+                               "'tribunal[vllm]').", choices=ENGINE_CHOICES)
+    vllm_memory: float = option(0.5, "--engine vllm: the fraction of the GPU's memory vLLM takes (its "
+                                     "gpu_memory_utilization; on a CPU, of the RAM); the model that captures "
+                                     "uses the rest.")
     revision: str | None = option(None, "Model revision on the hub (commit, tag, branch).")
     dataset: str | None = option(None, "Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems).")
     split: str = option("test", "Dataset split.")
@@ -95,6 +102,10 @@ class GenerateConfig:
                 raise ValueError
         except ValueError:
             raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M") from None
+        if self.engine not in ENGINE_CHOICES:
+            raise TribunalError(f"--engine {self.engine!r}: choose {', '.join(ENGINE_CHOICES)}")
+        if not 0 < self.vllm_memory < 1:
+            raise TribunalError(f"--vllm-memory must be a fraction in (0, 1), got {self.vllm_memory}")
         if self.dtype not in DTYPE_CHOICES:
             raise TribunalError(f"--dtype {self.dtype!r}: choose {', '.join(DTYPE_CHOICES)}")
         self.shard_pair()

