@@ -65,3 +65,34 @@ def test_capture_refuses_another_model(hf_store, tiny_model, tmp_path):
     r = CliRunner().invoke(main, ["capture", str(hf_store), "--out", str(tmp_path / "x.h5"), "--model", str(other)])
     assert r.exit_code == 1 and "the model is not the store's (model_revision: store has 'local:" in r.output, r.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_teacher_forcing_halves_its_token_budget_on_out_of_memory(hf_store, tiny_model, caplog):
+    """No GPU here: a real torch.OutOfMemoryError from the model while a forward batch holds over 2 traces;
+    the budget halves until batches fit, and every trace comes back, in order, as an unhindered forward gives it."""
+    import torch
+
+    from tribunal.traces.models import decoder_blocks, load_model
+    from tribunal.traces.teacher_forcing import TeacherForcer
+
+    net, _ = load_model(str(tiny_model), compute_dtype="float32")
+    with open_store(hf_store) as store:
+        sequences = [(store.trace(i).token_ids, store.trace(i).prompt_length) for i in range(store.n_traces)]
+    roomy = TeacherForcer(net, decoder_blocks(net), [1, 3], 1.0, "float32", budget_tokens=10**6)
+    expected = roomy.forward(sequences)
+    roomy.remove()
+
+    def too_big(module, inputs):
+        if inputs[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected: a batch above 2 traces)")
+
+    guard = net.model.layers[0].register_forward_pre_hook(too_big)
+    tight = TeacherForcer(net, decoder_blocks(net), [1, 3], 1.0, "float32", budget_tokens=10**6)
+    with caplog.at_level("WARNING"):
+        got = tight.forward(sequences)
+    guard.remove()
+    tight.remove()
+    assert "halving its token budget" in caplog.text and tight.budget_tokens < 10**6
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b.activations, a.activations, atol=1e-5)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)

@@ -464,3 +464,13 @@ def test_a_script_without_a_main_guard_can_generate(tmp_path, tiny_model, small_
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=python_env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["RUN", "done", "2"]
+
+
+def test_engine_vllm_without_vllm_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm fails here as on a machine without it
+    out = tmp_path / "v.h5"
+    result = CliRunner().invoke(main, ["generate", "--engine", "vllm", "--out", str(out), "--quiet"])
+    assert result.exit_code == 1 and "pip install 'tribunal[vllm]'" in result.output and "--engine hf" in result.output
+    assert not out.exists()  # refused before the store was touched
+    bad = CliRunner().invoke(main, ["generate", "--engine", "vllm", "--vllm-memory", "1.5", "--out", str(out)])
+    assert bad.exit_code != 0 and "--vllm-memory must be a fraction" in bad.output

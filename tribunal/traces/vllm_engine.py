@@ -68,7 +68,8 @@ def start_engine(config, model, tokenizer, max_model_len: int):
     _ENGINE = None
     try:
         llm = vllm.LLM(
-            model=key[0], revision=config.revision, tokenizer=key[0], dtype=dtype, seed=config.seed,
+            model=key[0], revision=config.revision, tokenizer=key[0], tokenizer_revision=config.revision,
+            dtype=dtype, seed=config.seed,
             gpu_memory_utilization=config.vllm_memory, max_model_len=max_model_len,
             trust_remote_code=config.trust_remote_code, logprobs_mode="raw_logprobs",
             **({"distributed_executor_backend": "uni"} if on_cpu else {}))
