@@ -107,25 +107,29 @@ def tribunal_run(engine, out: Path, args, model) -> tuple[float, int]:
     config = GenerateConfig(out=str(out), model=model, engine=engine, vllm_memory=args.vllm_memory,
                             layers=args.layers, max_new_tokens=args.max_new_tokens, max_problems=args.problems,
                             samples_per_problem=args.samples, keep_all=True, batch_size=args.batch_size,
+                            capture_memory=args.capture_memory,
                             progress=False, durable=False)
     t0 = time.perf_counter()
     summary = run_generation(config)
     return time.perf_counter() - t0, summary["new_tokens"]
 
 
-def plain_forward(model_path, store_path, budget_tokens: int) -> tuple[float, int]:
+def plain_forward(model_path, store_path, capture_memory: str) -> tuple[float, int]:
     """The same traces forwarded in the same length-sorted batches, no hooks, no log-prob slicing, no store."""
     import torch
 
     from tribunal.store import open_store
     from tribunal.traces.models import load_model
-    from tribunal.traces.teacher_forcing import length_batches
+    from tribunal.traces.teacher_forcing import forcer_for, length_batches
 
     t0 = time.perf_counter()  # like capture: the model's load and the store's reading on the clock
     net, _ = load_model(model_path)
     device = net.get_input_embeddings().weight.device
     with open_store(store_path) as store:
         traces = [store.trace(i).token_ids for i in range(store.n_traces)]
+        sizing = forcer_for(net, list(store.layers), 1.0, store.dtype, capture_memory)  # capture's batch budget
+    budget_tokens = sizing.budget_tokens
+    sizing.remove()
     with torch.no_grad():
         for batch in length_batches([len(t) for t in traces], budget_tokens):
             width = max(len(traces[i]) for i in batch)
@@ -150,7 +154,7 @@ def main():
     ap.add_argument("--layers", default=None, help="layers the tribunal paths capture (default: 3 middle layers)")
     ap.add_argument("--vllm-memory", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=16, help="the hf engine's batch")
-    ap.add_argument("--capture-memory", default="2G")
+    ap.add_argument("--capture-memory", default="auto")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the hf engine (slow at 7B)")
     args = ap.parse_args()
     args.max_new_tokens = args.max_new_tokens or (128 if args.shape == "embedded" else 1024)
@@ -200,14 +204,9 @@ def main():
                 f"tokens, layers {args.layers}, medians of {args.rounds} rounds (vLLM start-up {startup:.0f} s, once)",
                 ["path", "tokens/s", "x plain vLLM", "peak GPU GiB"], rows)
 
-    from tribunal.config import parse_size
-    from tribunal.store import open_store
     from tribunal.traces.capture import capture_store
-    from tribunal.traces.teacher_forcing import tokens_per_batch
 
     source = work / "vllm.h5"
-    with open_store(source) as store:
-        budget = tokens_per_batch(parse_size(args.capture_memory), len(store.layers), store.d_model)
     capture_rates, plain_rates = [], []
     for r in range(args.rounds):
         out = work / "captured.h5"
@@ -215,7 +214,7 @@ def main():
         t0 = time.perf_counter()
         done = capture_store(source, out, model=model, capture_memory=args.capture_memory, progress=False)
         capture_rates.append(done["tokens"] / (time.perf_counter() - t0))
-        seconds, tokens = plain_forward(model, source, budget)
+        seconds, tokens = plain_forward(model, source, args.capture_memory)
         plain_rates.append(tokens / seconds)
     capture, plain = statistics.median(capture_rates), statistics.median(plain_rates)
     table_print(f"tribunal capture of that store ({done['tokens']} tokens, layers {args.layers}), medians of "

@@ -267,7 +267,9 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
 @click.option("--out", required=True, help="Store to write (an interrupted capture resumes).")
 @click.option("--layers", default=None, help="Layers to capture: 4,8,12-15 or all (default: the source's layers).")
 @click.option("--model", default=None, help="The model that sampled the traces (default: the store's, when local).")
-@click.option("--capture-memory", default="2G", show_default=True, help="Activations per forward batch at most.")
+@click.option("--capture-memory", default="auto", show_default=True,
+              help="Memory of a forward batch at most (its activations and working set), e.g. 4G; auto: half of the "
+                   "device's free memory, 2G on a CPU.")
 @click.option("--compute-dtype", default="auto", show_default=True)
 @click.option("--device-map", default=None)
 @click.option("--quiet", is_flag=True)

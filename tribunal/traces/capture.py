@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import logging
 
-from ..config import parse_size
 from ..errors import TribunalError
 from ..store import open_store
 from ..store.writer import StoreWriter, TraceRecord
 from .stop import GracefulStop
-from .teacher_forcing import TeacherForcer, tokens_per_batch
+from .teacher_forcing import forcer_for
 
 log = logging.getLogger("tribunal.capture")
 
 
-def capture_store(sources, out, model: str | None = None, layers=None, capture_memory: str = "2G",
+def capture_store(sources, out, model: str | None = None, layers=None, capture_memory: str = "auto",
                   compute_dtype: str = "auto", device_map: str | None = None, progress: bool = True) -> dict:
     """Write `out`: the traces of `sources` with activations of `layers` re-captured by `model` (default: the
     store's own model when it is on this machine). Returns {'status', 'traces', 'tokens', 'layers'}."""
@@ -48,8 +47,7 @@ def capture_store(sources, out, model: str | None = None, layers=None, capture_m
             seed=int(src.attrs.get("seed", 0)),
             resume_identity={"captured_from": sorted(str(s.path.resolve()) for s in src.shards)},
             description="Per-token residual-stream activations re-captured by teacher forcing (tribunal capture).")
-        forcer = TeacherForcer(net, blocks, targets, temperature, src.dtype,
-                               tokens_per_batch(parse_size(capture_memory), len(targets), src.d_model))
+        forcer = forcer_for(net, targets, temperature, src.dtype, capture_memory)
         status = "done"
         with writer:
             done = writer.done_keys()

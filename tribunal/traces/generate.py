@@ -175,7 +175,7 @@ def _sample_all(run: _Run, held: dict, writes: WriterProcess, started: float) ->
     from .sampling import BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch, trace_seed
 
     config = run.config
-    budget = CaptureBudget(parse_size(config.capture_memory), len(run.layers), int(run.model.config.hidden_size),
+    budget = CaptureBudget(parse_size("8G" if config.capture_memory == "auto" else config.capture_memory), len(run.layers), int(run.model.config.hidden_size),
                            run.store_dtype, config.max_new_tokens, config.queue_batches)
     capture = BlockCapture(decoder_blocks(run.model), run.layers, max_bytes=budget.batch_bytes)
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)

@@ -38,8 +38,10 @@ class GenerateConfig:
     max_new_tokens: int = option(512, "Generated tokens per trace at most (a trace cut there is `length`).")
     samples_per_problem: int = option(4, "Traces sampled per problem.")
     batch_size: int = option(16, "Traces per batch (halved on a CUDA out-of-memory; capped by --capture-memory).")
-    capture_memory: str = option("8G", "Bound on captured activations held at once, device buffer and host copies "
-                                       "together; smaller batches when long traces x layers x d_model would exceed it.")
+    capture_memory: str = option("auto", "Bound on captured activations held at once (hf: device buffer and host copies "
+                                         "together; vllm: the teacher-forced forward's batch), e.g. 8G; smaller batches "
+                                         "when long traces x layers x d_model would exceed it. auto: 8G for hf; for "
+                                         "vllm half of the capture device's free memory once vLLM started (CPU: 2G).")
     target_correct: int = option(50, "Stop storing correct traces after this many.")
     target_incorrect: int = option(50, "Stop storing incorrect traces after this many.")
     max_problems: int = option(200, "Try at most this many problems (all shards together).")
@@ -98,10 +100,10 @@ class GenerateConfig:
             if getattr(self, name) < 1:
                 raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
         try:
-            if parse_size(self.capture_memory) <= 0:
+            if self.capture_memory != "auto" and parse_size(self.capture_memory) <= 0:
                 raise ValueError
         except ValueError:
-            raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M") from None
+            raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M, or auto") from None
         if self.engine not in ENGINE_CHOICES:
             raise TribunalError(f"--engine {self.engine!r}: choose {', '.join(ENGINE_CHOICES)}")
         if not 0 < self.vllm_memory < 1:

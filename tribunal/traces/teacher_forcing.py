@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import TribunalError
 
 log = logging.getLogger("tribunal.capture")
-LOGIT_SLICE = 256  # positions whose vocabulary-wide logits are materialized at once
+LOGIT_SLICE = 512  # positions whose vocabulary-wide logits are materialized at once
 
 
 @dataclass
@@ -35,10 +35,37 @@ class ForcedTrace:
     raw_logprobs: np.ndarray
 
 
-def tokens_per_batch(capture_memory_bytes: int, layers: int, d_model: int) -> int:
-    """Tokens per forward batch: the captured float32 states (layers x d_model a token), the hidden states
-    the forward itself holds and the host copies, within the byte budget."""
-    return max(1, capture_memory_bytes // max(layers * d_model * 4 * 4, 1))
+def tokens_per_batch(capture_memory_bytes: int, layers: int, model_config, compute_bytes: int, store_bytes: int) -> int:
+    """Tokens per forward batch within the byte budget: per token, the hooked states and their stacked copy
+    (compute dtype) and the store's words on device and host, plus the forward's own working set (the MLP's
+    intermediate activations and a few residual-width tensors)."""
+    d_model = int(model_config.hidden_size)
+    inner = int(getattr(model_config, "intermediate_size", None) or 4 * d_model)
+    per_token = layers * d_model * (2 * compute_bytes + 2 * store_bytes) + (2 * inner + 6 * d_model) * compute_bytes
+    return max(1, capture_memory_bytes // per_token)
+
+
+def device_budget_bytes(device) -> int:
+    """--capture-memory auto for a teacher-forced capture: half of what the device has free (on a GPU shared with
+    vLLM, what vLLM left), 2G on a CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] // 2)
+    return 2 << 30
+
+
+def forcer_for(net, layers, temperature: float, store_dtype: str, capture_memory: str) -> "TeacherForcer":
+    """A TeacherForcer on `net`'s decoder blocks with its token budget from --capture-memory (a size, or auto)."""
+    from ..config import parse_size
+    from .models import decoder_blocks
+
+    device = net.get_input_embeddings().weight.device
+    budget = device_budget_bytes(device) if capture_memory == "auto" else parse_size(capture_memory)
+    compute_bytes = net.get_input_embeddings().weight.element_size()
+    store_bytes = 4 if store_dtype == "float32" else 2
+    return TeacherForcer(net, decoder_blocks(net), layers, temperature, store_dtype,
+                         tokens_per_batch(budget, len(layers), net.config, compute_bytes, store_bytes))
 
 
 def length_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
@@ -118,25 +145,43 @@ class TeacherForcer:
             # the decoder stack alone (transformers' get_decoder): the LM head runs below on slices of positions
             hidden = self.net.get_decoder()(input_ids=ids.to(self.device),
                                             attention_mask=mask.to(self.device)).last_hidden_state
-            head = self.net.get_output_embeddings()
-            out = []
-            for r, (token_ids, p) in enumerate(sequences):
-                n = len(token_ids)
-                logprobs, entropies, raw = (np.zeros(n - p, np.float32) for _ in range(3))
-                for lo in range(max(p, 1), n, LOGIT_SLICE):  # position q-1 predicts token q
-                    hi = min(n, lo + LOGIT_SLICE)
-                    logits = head(hidden[r, lo - 1 : hi - 1]).float()
-                    target = ids[r, lo:hi].to(logits.device)[:, None]
-                    raw[lo - p : hi - p] = (logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).cpu().numpy()
-                    logp = torch.log_softmax(logits / max(self.temperature, 1e-6), dim=-1)
-                    logprobs[lo - p : hi - p] = logp.gather(1, target)[:, 0].cpu().numpy()
-                    entropies[lo - p : hi - p] = (-(logp.exp() * logp).sum(-1)).cpu().numpy()
-                if p == 0 and n:  # a trace without prompt: its first token has no prediction
-                    logprobs[0] = entropies[0] = raw[0] = np.nan
-                states = torch.stack([self._seen[layer][r, :n] for layer in self.layers])
-                out.append(ForcedTrace(_store_words(states, self.store_dtype), logprobs, entropies, raw))
+            logprobs, entropies, raw = self._scores(hidden, ids, sequences)
+            # every layer's states of the whole batch to the host at once, in the store's words
+            states = _store_words(torch.stack([self._seen[layer] for layer in self.layers]), self.store_dtype)
         self._seen.clear()
+        out, start = [], 0
+        for r, (token_ids, p) in enumerate(sequences):
+            n = len(token_ids)
+            stop = start + n - p
+            out.append(ForcedTrace(states[:, r, :n], logprobs[start:stop], entropies[start:stop], raw[start:stop]))
+            start = stop
         return out
+
+    def _scores(self, hidden, ids, sequences):
+        """Log-probs (at the run's temperature and raw) of each generated token and the entropy at its position,
+        flat over the batch's traces in order, the LM head run LOGIT_SLICE positions at a time."""
+        import torch
+
+        rows, cols = [], []  # position q-1 of row r predicts token q
+        for r, (token_ids, p) in enumerate(sequences):
+            q = np.arange(p, len(token_ids))
+            rows.append(np.full(len(q), r))
+            cols.append(q)
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        total = len(rows)
+        logprobs, entropies, raw = (np.full(total, np.nan, np.float32) for _ in range(3))
+        predicted = np.flatnonzero(cols > 0)  # a trace without prompt: its first token has no prediction
+        head = self.net.get_output_embeddings()
+        for lo in range(0, len(predicted), LOGIT_SLICE):
+            at = predicted[lo : lo + LOGIT_SLICE]
+            r, c = torch.as_tensor(rows[at]), torch.as_tensor(cols[at])
+            logits = head(hidden[r.to(hidden.device), (c - 1).to(hidden.device)]).float()
+            target = ids[r, c].to(logits.device)[:, None]
+            raw[at] = (logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).cpu().numpy()
+            logp = torch.log_softmax(logits / max(self.temperature, 1e-6), dim=-1)
+            logprobs[at] = logp.gather(1, target)[:, 0].cpu().numpy()
+            entropies[at] = (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+        return logprobs, entropies, raw
 
 
 def _store_words(states, store_dtype: str) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 vLLM does not expose per-layer residuals while it generates, so the work splits in two. vLLM's engine is fed
 (problem, sample) requests continuously, a bounded number in flight so its scheduler stays full while long and
-short traces finish at their own pace; finished traces gather until they make a capture group, which a worker
-thread pushes through teacher_forcing.py (hooks at the target layers; log-probs and entropies from that
+short traces finish at their own pace; finished traces gather until they make a capture group (see
+_time_to_capture), which a worker thread pushes through teacher_forcing.py (hooks at the target layers; log-probs and entropies from that
 forward's logits, as the hf engine stores them), grades and hands to the store's writer process, while vLLM
 samples on. The prompt ids, temperature, top-p, stop tokens and max new tokens are the hf engine's.
 
@@ -21,12 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ..config import parse_size
 from ..errors import TribunalError
 from .sampling import SampledTrace, trace_seed
 
@@ -86,14 +84,11 @@ def start_engine(config, model, tokenizer, max_model_len: int):
 def sample_with_vllm(run, held: dict, writes, started: float) -> str:
     """Sample, capture, grade and hand over traces until the targets are met, the pairs run out or a stop comes."""
     from .generate import grade, pairs_to_sample, postfix, progress_bar, targets_met
-    from .models import decoder_blocks
-    from .teacher_forcing import TeacherForcer, tokens_per_batch
+    from .teacher_forcing import forcer_for
 
     config, llm = run.config, run.vllm
     engine = llm.llm_engine
-    forcer = TeacherForcer(run.model, decoder_blocks(run.model), run.layers, config.temperature, run.store_dtype,
-                           tokens_per_batch(parse_size(config.capture_memory), len(run.layers),
-                                            int(run.model.config.hidden_size)))
+    forcer = forcer_for(run.model, run.layers, config.temperature, run.store_dtype, config.capture_memory)
     pairs = pairs_to_sample(run, held)
     cap = IN_FLIGHT_PER_SEQ * int(engine.vllm_config.scheduler_config.max_num_seqs)
     gap = run.notes.setdefault("vllm_logprob_gap", {"max": 0.0, "sum": 0.0, "tokens": 0})
@@ -123,7 +118,7 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
             capturing.result()  # one group captures at a time: memory stays bounded; its error surfaces here
         capturing = worker.submit(capture_and_hand_over, done) if done else None
 
-    status, i, group_tokens, waiting_tokens = "done", 0, 4 * forcer.budget_tokens, 0
+    status, i, waiting_tokens = "done", 0, 0
     try:
         while True:
             if run.stop():
@@ -150,7 +145,8 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
                     problem, sample = in_flight.pop(out.request_id)
                     finished.append((problem, sample, _done(run, problem, sample, out)))
                     waiting_tokens += len(finished[-1][2].prompt_ids) + len(finished[-1][2].generated_ids)
-            if finished and (not in_flight or waiting_tokens >= group_tokens):
+            if finished and _time_to_capture(waiting_tokens, forcer.budget_tokens, bool(in_flight),
+                                             capturing is None or capturing.done()):
                 hand_over(finished)
                 finished, waiting_tokens = [], 0
         if status == "done" and finished:
@@ -165,6 +161,13 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
     if gap["tokens"]:
         _judge_gap(gap, str(run.model.dtype).replace("torch.", ""))
     return status
+
+
+def _time_to_capture(waiting_tokens: int, budget_tokens: int, sampling: bool, worker_idle: bool) -> bool:
+    """Hand the finished traces to the capture worker: once they fill a forward batch (waiting for the worker
+    if it is busy: back-pressure), when the worker is idle and they fill a quarter of one (small batches run
+    a forward inefficiently and take the GPU from vLLM), or when nothing is left sampling."""
+    return not sampling or waiting_tokens >= budget_tokens or (worker_idle and 4 * waiting_tokens >= budget_tokens)
 
 
 class _Done:
