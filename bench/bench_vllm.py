@@ -13,8 +13,8 @@
    tokens per second, against the plain way to forward the same tokens: the same length-sorted batches
    through `model(input_ids, attention_mask)` with no hooks, no log-prob slicing and no store.
 
-On a GPU there are no weights to download: --shape builds a random-init Qwen2 (bf16) and a word-level
-tokenizer of its vocabulary size in a temporary folder. Random weights rarely emit EOS, so every trace runs
+On a GPU there are no weights to download: --shape builds a random-init Qwen2 (bf16, vocabulary 151,936)
+in a temporary folder, with the embedded model's tokenizer for the prompts. Random weights rarely emit EOS, so every trace runs
 to --max-new-tokens on every path (plain vLLM is also given ignore_eos).
 """
 
@@ -41,30 +41,33 @@ SHAPES = {  # Qwen2 shapes (DeepSeek-R1-Distill-Qwen-1.5B and -7B)
                  num_key_value_heads=2),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),  # a dry run of the GPU path on a CPU
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                 num_key_value_heads=1),  # a dry run of the GPU path on a CPU (head_dim 64: vLLM CPU needs it)
 }
 VOCAB = 151936
 
 
 def random_qwen2(shape: str, folder: Path) -> Path:
-    """A random-init Qwen2 of `shape` saved with a word-level tokenizer of its vocabulary (no download)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """A random-init Qwen2 of `shape` (bf16) saved beside the embedded model's tokenizer (no download). Ids past
+    the tokenizer's vocabulary decode to nothing, which only leaves the random model's traces unparsed."""
+    import shutil
 
-    vocab = {f"w{i}": i for i in range(VOCAB - 3)} | {"<unk>": VOCAB - 3, "<pad>": VOCAB - 2, "</s>": VOCAB - 1}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, eos_token_id=VOCAB - 1,
-                         pad_token_id=VOCAB - 2, torch_dtype="bfloat16", **SHAPES[shape])
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tribunal.traces.models import EMBEDDED_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         torch_dtype="bfloat16", **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(EMBEDDED_MODEL / name, folder / name)
     return folder
 
 
