@@ -22,6 +22,7 @@ import logging
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,7 +100,8 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
     capturing: Future | None = None
 
     def capture_and_hand_over(done):
-        """Teacher-force, grade and queue for the store (on the worker thread, while vLLM samples on)."""
+        """Teacher-force, grade and queue for the store (on the worker thread, while vLLM samples on; only this
+        thread talks to the writer process until the run ends)."""
         forced = forcer.forward([(np.asarray(d.prompt_ids + d.generated_ids), len(d.prompt_ids)) for _, _, d in done])
         sampled = []
         for (_, _, d), f in zip(done, forced):
@@ -126,7 +128,6 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
                 break
             if targets_met(run.counts, run.target) and not config.keep_all:
                 break
-            writes.check()
             while len(in_flight) < cap and i < len(pairs):
                 problem, sample = pairs[i]
                 in_flight[_submit(engine, run, problem, sample)] = (problem, sample)
@@ -170,14 +171,15 @@ def _time_to_capture(waiting_tokens: int, budget_tokens: int, sampling: bool, wo
     return not sampling or waiting_tokens >= budget_tokens or (worker_idle and 4 * waiting_tokens >= budget_tokens)
 
 
+@dataclass(slots=True)
 class _Done:
     """A finished vLLM request: its prompt and generated ids, the log-probs vLLM reported, the trace's seed."""
 
-    __slots__ = ("prompt_ids", "generated_ids", "vllm_logprobs", "finished", "seed")
-
-    def __init__(self, prompt_ids, generated_ids, vllm_logprobs, finished, seed):
-        self.prompt_ids, self.generated_ids = prompt_ids, generated_ids
-        self.vllm_logprobs, self.finished, self.seed = vllm_logprobs, finished, seed
+    prompt_ids: list
+    generated_ids: list
+    vllm_logprobs: np.ndarray
+    finished: bool
+    seed: int
 
 
 def _submit(engine, run, problem, sample) -> str:
@@ -190,7 +192,11 @@ def _submit(engine, run, problem, sample) -> str:
                             stop_token_ids=sorted(run.eos_ids), logprobs=0, seed=seed, skip_special_tokens=False,
                             detokenize=False)
     request_id = f"{problem.problem_id}/{sample}"
-    engine.add_request(request_id, {"prompt_token_ids": list(run.prompt(problem))}, params)
+    prompt = {"prompt_token_ids": list(run.prompt(problem))}
+    renderer = getattr(engine, "renderer", None)
+    if hasattr(renderer, "render_cmpl"):  # newer vLLM takes rendered prompts (raw ones are deprecated there)
+        prompt = renderer.render_cmpl([prompt])[0]
+    engine.add_request(request_id, prompt, params)
     return request_id
 
 
