@@ -219,9 +219,11 @@ def test_submit_takes_every_generate_option_from_the_one_definition(tmp_path):
         assert not missing, (command, missing)
     run = tmp_path / "r"
     result = CliRunner().invoke(main, ["slurm", "submit", "--run-dir", str(run), "--temperature", "0.6",
-                                       "--no-chat-template", "--capture-memory", "16G", "--keep-all", "--seed", "3"])
+                                       "--no-chat-template", "--capture-memory", "16G", "--keep-all", "--seed", "3",
+                                       "--engine", "vllm", "--vllm-memory", "0.4"])
     assert result.exit_code == 0, result.output
     text = (run / "slurm" / "generate.sbatch").read_text()
-    for part in ("--temperature 0.6", "--no-chat-template", "--capture-memory 16G", "--keep-all", "--seed 3"):
+    for part in ("--temperature 0.6", "--no-chat-template", "--capture-memory 16G", "--keep-all", "--seed 3",
+                 "--engine vllm", "--vllm-memory 0.4"):
         assert part in text, part
     assert "--top-p" not in text  # defaults are left to the task's own defaults

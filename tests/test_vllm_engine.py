@@ -212,3 +212,29 @@ def test_stores_of_both_engines_probe_together(tmp_path):
     provenance = json.loads((tmp_path / "probe" / "implicit_value_directions.json").read_text())["provenance"]
     assert [s["traces"] for s in provenance["stores"]] == [48, 48] and provenance["problems"] == 24
     assert (tmp_path / "probe" / "metrics.csv").exists()
+
+
+def test_sigusr1_to_a_vllm_run_exits_75_and_leaves_a_clean_store(tmp_path, python_env):
+    """A real SIGUSR1 from outside, as tribunal-task forwards it, once the run has committed traces."""
+    import time
+
+    out = tmp_path / "u.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--vllm-memory", "0.3",
+                             "--out", str(out), "--max-new-tokens", "96", "--samples-per-problem", "4",
+                             "--max-problems", "40", "--keep-all", "--capture-memory", "64K", "--quiet"],
+                            env=python_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open_store(out) as store:
+                if store.n_traces:
+                    break
+        except Exception:  # not created yet, or mid-creation
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "stopped by SIGUSR1" in stdout
+    with open_store(out) as store:
+        assert verify_store(store) == [] and 0 < store.n_traces < 160
