@@ -474,3 +474,21 @@ def test_engine_vllm_without_vllm_says_what_to_install(tmp_path, monkeypatch):
     assert not out.exists()  # refused before the store was touched
     bad = CliRunner().invoke(main, ["generate", "--engine", "vllm", "--vllm-memory", "1.5", "--out", str(out)])
     assert bad.exit_code != 0 and "--vllm-memory must be a fraction" in bad.output
+
+
+def test_vllm_engine_starts_about_as_many_traces_as_the_targets_need():
+    """vLLM is fed what the targets still need (x1.5, from the labels graded so far), not its whole batch."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from tribunal.traces.vllm_engine import _traces_to_start
+
+    def run(counts, graded, keep_all=False):
+        return SimpleNamespace(config=SimpleNamespace(keep_all=keep_all), target={"correct": 50, "incorrect": 50},
+                               counts=Counter(counts), graded=Counter(graded))
+
+    assert _traces_to_start(run({}, {}), cap=512) == 150  # a prior of half and half: 100 needed
+    assert _traces_to_start(run({}, {}, keep_all=True), cap=512) == 512
+    rare = run({"correct": 2, "incorrect": 50}, {"correct": 2, "incorrect": 98})  # 2% correct: 48 more need ~1,600
+    assert _traces_to_start(rare, cap=512) == 512
+    assert _traces_to_start(run({"correct": 49, "incorrect": 50}, {"correct": 49, "incorrect": 51}), cap=512) == 8

@@ -12,6 +12,7 @@ from .. import __version__
 from ..errors import TribunalError
 from ..store.format import timestamp
 from ..store.reader import Store, overlapping_traces
+from ..store.summary import sampled_by
 
 FORMAT = "tribunal-implicit-value-directions"
 VERSION = 1
@@ -19,7 +20,8 @@ VERSION = 1
 
 def provenance(store: Store) -> dict:
     return {
-        "stores": [{"path": str(s.path), "size_bytes": s.size_bytes(), "traces": s.n_traces} for s in store.shards],
+        "stores": [{"path": str(s.path), "size_bytes": s.size_bytes(), "traces": s.n_traces,
+                    "sampled_by": sampled_by(s.attrs.get("generation_settings"))} for s in store.shards],
         "model": store.model_id, "model_revision": store.attrs.get("model_revision"), "layers": list(store.layers),
         "d_model": store.d_model, "dtype": store.dtype, "schema_version": int(store.attrs["schema_version"]),
         "tribunal_version": __version__, "created": timestamp(),

@@ -27,7 +27,8 @@ def write_report(path, generation_summary: str, traj: dict, tok: dict, seconds: 
         "",
         f"Model `{prov['model']}` ({prov['model_revision']}), layers {prov['layers']}, d_model {prov['d_model']}, "
         f"stored as {prov['dtype']}; dataset `{prov['dataset']['id']}` [{prov['dataset']['split']}]; "
-        f"tribunal {prov['tribunal_version']}; {seconds:.0f} s in all.",
+        f"tribunal {prov['tribunal_version']}; {seconds:.0f} s in all. Sampled by "
+        + "; ".join(sorted({s["sampled_by"] for s in prov["stores"]})) + ".",
         "",
         "## Traces",
         "",

@@ -68,6 +68,7 @@ class _Run:
     thinking: dict = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
     remaining: Counter = field(default_factory=Counter)
+    graded: Counter = field(default_factory=Counter)  # labels of every trace graded in this run, stored or not
     new_tokens: int = 0
     vllm: object = None  # --engine vllm: the vLLM engine that samples (the model above captures)
     per_trace_seeds: bool = True
@@ -238,6 +239,7 @@ def grade(run: _Run, chunk, sampled, seeds) -> tuple[list, list]:
     for (p, s), t, seed in zip(chunk, sampled, seeds):
         text = run.tokenizer.decode([x for x in t.generated_ids if x not in run.eos_ids], skip_special_tokens=False)
         label, predicted = grade_with_answer(text, p.gold, finished=t.finished, thinking=run.thinking[p.problem_id])
+        run.graded[label] += 1
         run.new_tokens += len(t.generated_ids)
         if config.keep_all or label not in run.target or run.counts[label] < run.target[label]:
             run.counts[label] += 1

@@ -120,7 +120,7 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
             capturing.result()  # one group captures at a time: memory stays bounded; its error surfaces here
         capturing = worker.submit(capture_and_hand_over, done) if done else None
 
-    status, i, waiting_tokens = "done", 0, 0
+    status, i, waiting_tokens, sampled = "done", 0, 0, 0
     try:
         while True:
             if run.stop():
@@ -128,12 +128,19 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
                 break
             if targets_met(run.counts, run.target) and not config.keep_all:
                 break
-            while len(in_flight) < cap and i < len(pairs):
+            allowed = _traces_to_start(run, cap) - (sampled - sum(run.graded.values()))
+            while len(in_flight) < min(cap, allowed) and i < len(pairs):
                 problem, sample = pairs[i]
                 in_flight[_submit(engine, run, problem, sample)] = (problem, sample)
                 i += 1
-            if not in_flight:
-                break
+            if not in_flight:  # all sampled, or as many as the targets may need until the captures are graded
+                if finished:
+                    hand_over(finished)
+                    finished, waiting_tokens = [], 0
+                if i >= len(pairs):
+                    break
+                hand_over([])  # wait for the capture in flight: its labels say how many more to sample
+                continue
             try:
                 outputs = engine.step()
             except Exception:
@@ -146,6 +153,7 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
                     problem, sample = in_flight.pop(out.request_id)
                     finished.append((problem, sample, _done(run, problem, sample, out)))
                     waiting_tokens += len(finished[-1][2].prompt_ids) + len(finished[-1][2].generated_ids)
+                    sampled += 1
             if finished and _time_to_capture(waiting_tokens, forcer.budget_tokens, bool(in_flight),
                                              capturing is None or capturing.done()):
                 hand_over(finished)
@@ -162,6 +170,21 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
     if gap["tokens"]:
         _judge_gap(gap, str(run.model.dtype).replace("torch.", ""))
     return status
+
+
+def _traces_to_start(run, cap: int) -> int:
+    """How many traces may be sampling or waiting to be graded: vLLM's full batch with --keep-all, else about
+    what the targets still need (each unmet label's shortfall over its share of the traces graded so far,
+    x1.5, at least 8), so a run whose targets are near does not sample hundreds of traces it will not store."""
+    if run.config.keep_all:
+        return cap
+    graded, need = sum(run.graded.values()), 0
+    for label, target in run.target.items():
+        short = target - run.counts[label]
+        if short > 0:
+            share = (run.graded[label] + 1) / (graded + 2)  # a uniform prior until traces are graded
+            need = max(need, math.ceil(short / share))
+    return min(cap, max(8, math.ceil(1.5 * need)))
 
 
 def _time_to_capture(waiting_tokens: int, budget_tokens: int, sampling: bool, worker_idle: bool) -> bool:
