@@ -37,7 +37,8 @@ class GenerateConfig:
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
     max_new_tokens: int = option(512, "Generated tokens per trace at most (a trace cut there is `length`).")
     samples_per_problem: int = option(4, "Traces sampled per problem.")
-    batch_size: int = option(16, "Traces per batch (halved on a CUDA out-of-memory; capped by --capture-memory).")
+    batch_size: int = option(16, "hf engine: traces per batch (halved on a CUDA out-of-memory; capped by "
+                                  "--capture-memory). vllm batches by itself.")
     capture_memory: str = option("auto", "Bound on captured activations held at once (hf: device buffer and host copies "
                                          "together; vllm: the teacher-forced forward's batch), e.g. 8G; smaller batches "
                                          "when long traces x layers x d_model would exceed it. auto: 8G for hf; for "
