@@ -123,6 +123,7 @@ def plain_forward(model_path, store_path, capture_memory: str) -> tuple[float, i
 
     from tribunal.store import open_store
     from tribunal.traces.models import load_model
+    from tribunal.config import parse_budget
     from tribunal.traces.teacher_forcing import forcer_for, length_batches
 
     t0 = time.perf_counter()  # like capture: the model's load and the store's reading on the clock
@@ -130,7 +131,7 @@ def plain_forward(model_path, store_path, capture_memory: str) -> tuple[float, i
     device = net.get_input_embeddings().weight.device
     with open_store(store_path) as store:
         traces = [store.trace(i).token_ids for i in range(store.n_traces)]
-        sizing = forcer_for(net, list(store.layers), 1.0, store.dtype, capture_memory)  # capture's batch budget
+        sizing = forcer_for(net, list(store.layers), 1.0, store.dtype, parse_budget(capture_memory))  # capture's batch budget
     budget_tokens = sizing.budget_tokens
     sizing.remove()
     with torch.no_grad():
@@ -207,6 +208,7 @@ def main():
                 f"tokens, layers {args.layers}, medians of {args.rounds} rounds (vLLM start-up {startup:.0f} s, once)",
                 ["path", "tokens/s", "x plain vLLM", "peak GPU GiB"], rows)
 
+    from tribunal.config import parse_budget
     from tribunal.traces.capture import capture_store
 
     source = work / "vllm.h5"
@@ -215,7 +217,7 @@ def main():
         out = work / "captured.h5"
         out.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        done = capture_store(source, out, model=model, capture_memory=args.capture_memory, progress=False)
+        done = capture_store(source, out, model=model, capture_memory=parse_budget(args.capture_memory), progress=False)
         capture_rates.append(done["tokens"] / (time.perf_counter() - t0))
         seconds, tokens = plain_forward(model, source, args.capture_memory)
         plain_rates.append(tokens / seconds)

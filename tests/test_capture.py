@@ -96,3 +96,19 @@ def test_teacher_forcing_halves_its_token_budget_on_out_of_memory(hf_store, tiny
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b.activations, a.activations, atol=1e-5)
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+
+
+def test_capture_memory_is_a_size_or_auto(hf_store, tiny_model, tmp_path):
+    """auto sizes the forward batch to the device (2G on a CPU); a size fixes it; anything else is refused."""
+    from tribunal.traces.models import load_model
+    from tribunal.traces.teacher_forcing import forcer_for, tokens_per_batch
+
+    net, _ = load_model(str(tiny_model), compute_dtype="float32")
+    auto = forcer_for(net, [1, 3], 1.0, "float16", None)
+    fixed = forcer_for(net, [1, 3], 1.0, "float16", 1 << 20)
+    for forcer in (auto, fixed):
+        forcer.remove()
+    assert auto.budget_tokens == tokens_per_batch(2 << 30, 2, net.config, 4, 2)
+    assert fixed.budget_tokens == tokens_per_batch(1 << 20, 2, net.config, 4, 2) < auto.budget_tokens
+    bad = CliRunner().invoke(main, ["capture", str(hf_store), "--out", str(tmp_path / "x.h5"), "--capture-memory", "lots"])
+    assert bad.exit_code == 2 and "not a size like 512M or 8G" in bad.output and not (tmp_path / "x.h5").exists()

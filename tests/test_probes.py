@@ -158,6 +158,7 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
     first = next(line for line in report.splitlines()[1:] if line.strip())
     assert first.startswith(("**No evidence of a signal", "**The residual stream predicts")), first
     assert "## Does the model know mid-thought? Chunk probes and early exit" in report and "### Early exit" in report
+    assert "Sampled by tribunal's hf engine, captured while decoding." in report
     doc = dirs.load(run)
     assert "chunk" in doc and "early_exit" in doc["chunk"]
     assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"

@@ -62,6 +62,9 @@ def test_vllm_engine_meets_its_targets_and_writes_a_clean_store(vllm_store):
         settings = store.attrs["generation_settings"]
         assert settings["engine"] == "vllm" and settings["per_trace_seeds"] is False and settings["vllm_version"]
         assert len(set(pairs(store))) == store.n_traces  # each (problem, sample) once
+    shown = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert "sampled by    vLLM 0.32.0, captured by teacher forcing; per-trace seeds not honoured" in shown.replace(
+        settings["vllm_version"], "0.32.0")
 
 
 def test_vllm_traces_are_the_hf_engines_prompts_stop_rules_and_grades(vllm_store):

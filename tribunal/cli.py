@@ -268,6 +268,7 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
 @click.option("--layers", default=None, help="Layers to capture: 4,8,12-15 or all (default: the source's layers).")
 @click.option("--model", default=None, help="The model that sampled the traces (default: the store's, when local).")
 @click.option("--capture-memory", default="auto", show_default=True,
+              callback=lambda ctx, param, text: parse_budget(text),
               help="Memory of a forward batch at most (its activations and working set), e.g. 4G; auto: half of the "
                    "device's free memory, 2G on a CPU.")
 @click.option("--compute-dtype", default="auto", show_default=True)
@@ -370,6 +371,16 @@ def parse_memory(text: str) -> int:
 
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_budget(text: str) -> int | None:
+    """'2G' -> bytes, 'auto' -> None."""
+    from . import config
+
+    try:
+        return config.parse_budget(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

@@ -40,6 +40,16 @@ def parse_index_list(text: str) -> list[int]:
     return out
 
 
+def parse_budget(text) -> int | None:
+    """A memory budget option: a size (bytes, above 0), or 'auto' -> None (the caller sizes it to its device)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a size above 0, nor auto")
+    return size
+
+
 def parse_size(text) -> int:
     """'512M', '2G', '1.5G', '1073741824' -> bytes; ValueError names the text otherwise."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

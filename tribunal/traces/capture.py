@@ -21,10 +21,10 @@ from .teacher_forcing import forcer_for
 log = logging.getLogger("tribunal.capture")
 
 
-def capture_store(sources, out, model: str | None = None, layers=None, capture_memory: str = "auto",
+def capture_store(sources, out, model: str | None = None, layers=None, capture_memory: int | None = None,
                   compute_dtype: str = "auto", device_map: str | None = None, progress: bool = True) -> dict:
     """Write `out`: the traces of `sources` with activations of `layers` re-captured by `model` (default: the
-    store's own model when it is on this machine). Returns {'status', 'traces', 'tokens', 'layers'}."""
+    store's own model when it is on this machine); capture_memory: bytes per forward batch (None: sized to the device). Returns {'status', 'traces', 'tokens', 'layers'}."""
     from tqdm import tqdm
 
     from .models import EMBEDDED_MODEL_ID, decoder_blocks, load_model, model_identity, resolve_layers

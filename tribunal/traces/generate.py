@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import parse_size
+from ..config import parse_budget
 from ..errors import TribunalError
 from ..grading import grade_with_answer, prompt_opens_thinking
 from ..problems.loading import build_prompt, dataset_identity, load_problems, shard_problems
@@ -124,14 +124,14 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Run:
                layers=resolve_layers(config.layers, len(decoder_blocks(model))),
                store_dtype=_store_dtype(config.dtype, model), eos_ids=eos_ids)
     if config.engine == "vllm" and not stop():
-        from .vllm_engine import needs_cpu_build, start_engine
+        from .vllm_engine import runs_on_cpu, start_engine
 
         positions = getattr(model.config, "max_position_embeddings", None) or math.inf
         longest = max((len(run.prompt(p)) for p in mine), default=1)
         # the longest sequence rounded up to a power of two (runs of like settings share an engine in a process)
         need = 1 << (longest + config.max_new_tokens - 1).bit_length()
         run.vllm = start_engine(config, model, tokenizer, int(min(positions, need)))
-        run.per_trace_seeds = not needs_cpu_build()
+        run.per_trace_seeds = not runs_on_cpu()
     return run
 
 
@@ -173,11 +173,12 @@ def _sample_all(run: _Run, held: dict, writes: WriterProcess, started: float) ->
     import torch
 
     from .models import decoder_blocks
-    from .sampling import BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch, trace_seed
+    from .sampling import (HF_CAPTURE_BYTES, BlockCapture, CaptureBudget, Interrupted, SamplingSettings, sample_batch,
+                           trace_seed)
 
     config = run.config
-    budget = CaptureBudget(parse_size("8G" if config.capture_memory == "auto" else config.capture_memory), len(run.layers), int(run.model.config.hidden_size),
-                           run.store_dtype, config.max_new_tokens, config.queue_batches)
+    budget = CaptureBudget(parse_budget(config.capture_memory) or HF_CAPTURE_BYTES, len(run.layers),
+                           int(run.model.config.hidden_size), run.store_dtype, config.max_new_tokens, config.queue_batches)
     capture = BlockCapture(decoder_blocks(run.model), run.layers, max_bytes=budget.batch_bytes)
     sampling = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens)
     pairs = pairs_to_sample(run, held)

@@ -46,6 +46,9 @@ class SampledTrace:
     ready: object = None  # call before reading `activations`: waits for the batch's device-to-host copy
 
 
+HF_CAPTURE_BYTES = 8 << 30  # --capture-memory auto for this engine
+
+
 class CaptureBudget:
     """How many traces a batch may hold so that captured activations stay within `budget_bytes`.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
-from ..config import parse_size
+from ..config import parse_budget
 from ..errors import TribunalError
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
@@ -101,8 +101,7 @@ class GenerateConfig:
             if getattr(self, name) < 1:
                 raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
         try:
-            if self.capture_memory != "auto" and parse_size(self.capture_memory) <= 0:
-                raise ValueError
+            parse_budget(self.capture_memory)
         except ValueError:
             raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M, or auto") from None
         if self.engine not in ENGINE_CHOICES:

@@ -50,22 +50,20 @@ def device_budget_bytes(device) -> int:
     vLLM, what vLLM left), 2G on a CPU."""
     import torch
 
-    if getattr(device, "type", str(device)) == "cuda":
+    if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] // 2)
     return 2 << 30
 
 
-def forcer_for(net, layers, temperature: float, store_dtype: str, capture_memory: str) -> "TeacherForcer":
-    """A TeacherForcer on `net`'s decoder blocks with its token budget from --capture-memory (a size, or auto)."""
-    from ..config import parse_size
+def forcer_for(net, layers, temperature: float, store_dtype: str, budget_bytes: int | None) -> "TeacherForcer":
+    """A TeacherForcer on `net`'s decoder blocks, its token budget from --capture-memory (bytes; None: auto)."""
+    from ..store.format import DTYPES
     from .models import decoder_blocks
 
-    device = net.get_input_embeddings().weight.device
-    budget = device_budget_bytes(device) if capture_memory == "auto" else parse_size(capture_memory)
-    compute_bytes = net.get_input_embeddings().weight.element_size()
-    store_bytes = 4 if store_dtype == "float32" else 2
-    return TeacherForcer(net, decoder_blocks(net), layers, temperature, store_dtype,
-                         tokens_per_batch(budget, len(layers), net.config, compute_bytes, store_bytes))
+    weights = net.get_input_embeddings().weight
+    budget = budget_bytes or device_budget_bytes(weights.device)
+    tokens = tokens_per_batch(budget, len(layers), net.config, weights.element_size(), DTYPES[store_dtype][2])
+    return TeacherForcer(net, decoder_blocks(net), layers, temperature, store_dtype, tokens)
 
 
 def length_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
@@ -177,9 +175,11 @@ class TeacherForcer:
             r, c = torch.as_tensor(rows[at]), torch.as_tensor(cols[at])
             logits = head(hidden[r.to(hidden.device), (c - 1).to(hidden.device)]).float()
             target = ids[r, c].to(logits.device)[:, None]
-            raw[at] = (logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).cpu().numpy()
             logp = torch.log_softmax(logits / max(self.temperature, 1e-6), dim=-1)
             logprobs[at] = logp.gather(1, target)[:, 0].cpu().numpy()
+            # at temperature 1 these are the raw log-probs; otherwise one more pass over the vocabulary
+            raw[at] = logprobs[at] if self.temperature == 1 else (
+                logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).cpu().numpy()
             entropies[at] = (-(logp.exp() * logp).sum(-1)).cpu().numpy()
         return logprobs, entropies, raw
 

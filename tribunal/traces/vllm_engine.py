@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import parse_budget
 from ..errors import TribunalError
 from .sampling import SampledTrace, trace_seed
 
@@ -39,7 +40,8 @@ LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
 _ENGINE: tuple | None = None  # (key, LLM): one engine per process, reused by later runs with the same settings
 
 
-def needs_cpu_build() -> bool:
+def runs_on_cpu() -> bool:
+    """Where torch sees no GPU, vLLM runs its CPU build (in this process, without per-request seeds)."""
     import torch
 
     return not torch.cuda.is_available()
@@ -51,7 +53,7 @@ def start_engine(config, model, tokenizer, max_model_len: int):
     global _ENGINE
     from .models import EMBEDDED_MODEL
 
-    on_cpu = needs_cpu_build()
+    on_cpu = runs_on_cpu()
     if on_cpu:  # the engine in this process: it starts in seconds, not a minute, and dies with it on kill -9
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
@@ -89,7 +91,7 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
 
     config, llm = run.config, run.vllm
     engine = llm.llm_engine
-    forcer = forcer_for(run.model, run.layers, config.temperature, run.store_dtype, config.capture_memory)
+    forcer = forcer_for(run.model, run.layers, config.temperature, run.store_dtype, parse_budget(config.capture_memory))
     pairs = pairs_to_sample(run, held)
     cap = IN_FLIGHT_PER_SEQ * int(engine.vllm_config.scheduler_config.max_num_seqs)
     gap = run.notes.setdefault("vllm_logprob_gap", {"max": 0.0, "sum": 0.0, "tokens": 0})
