@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+GSM8K = Path(__file__).resolve().parent / "data" / "gsm8k"  # 200 rows of each split (tests/data/gsm8k/README.md)
 
 
 def make_record(index: int, layers=(2, 5), d_model: int = 16, tokens=None, prompt: int = 4, label=None):
