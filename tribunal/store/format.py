@@ -306,7 +306,7 @@ class StoreIdentity:
 def _value_differences(prefix: str, mine, theirs) -> list[str]:
     """'key: store has A, asked B' for each differing leaf; JSON objects (stored as strings) are compared key by
     key, so a refusal names the one setting that differs, not two blobs."""
-    mine, theirs = _as_mapping(mine), _as_mapping(theirs)
+    mine, theirs = parse_json_text(mine), parse_json_text(theirs)
     if isinstance(mine, dict) and isinstance(theirs, dict):
         out = []
         for key in sorted(set(mine) | set(theirs)):
@@ -315,8 +315,9 @@ def _value_differences(prefix: str, mine, theirs) -> list[str]:
     return [] if mine == theirs else [f"{prefix[:-1]}: store has {mine!r}, asked {theirs!r}"]
 
 
-def _as_mapping(value):
-    if isinstance(value, str) and value.startswith("{"):
+def parse_json_text(value):
+    """A JSON object or list stored as a string attribute, parsed; anything else as it is."""
+    if isinstance(value, str) and value[:1] in "[{":
         try:
             return json.loads(value)
         except json.JSONDecodeError:

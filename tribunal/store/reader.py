@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from .superblock import is_hdf5, read_status
 
 AGGREGATIONS = ("mean", "last", "last_k", "max", "mean_all")
 DEFAULT_BLOCK_BYTES = 64 << 20
+REDUCE_THREADS = 2  # reduce_blocks splits each block's rows over both cores
 
 
 @dataclass
@@ -203,21 +203,10 @@ class Store:
 
     # -- facts -----------------------------------------------------------------------------
 
-    @property
-    def layers(self) -> tuple:
-        return self.identity.layers
-
-    @property
-    def d_model(self) -> int:
-        return self.identity.d_model
-
-    @property
-    def dtype(self) -> str:
-        return self.identity.dtype
-
-    @property
-    def model_id(self) -> str:
-        return self.identity.model_id
+    layers = property(lambda self: self.identity.layers, doc="Captured layers (tuple of ints), in store order.")
+    d_model = property(lambda self: self.identity.d_model, doc="Width of every activation row.")
+    dtype = property(lambda self: self.identity.dtype, doc="Stored type: 'float16', 'bfloat16' or 'float32'.")
+    model_id = property(lambda self: self.identity.model_id, doc="The model whose activations these are.")
 
     @property
     def attrs(self) -> dict:
@@ -431,9 +420,6 @@ def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mea
     return {name: np.asarray(v, np.float32) for name, v in out.items()}
 
 
-REDUCE_THREADS = 2
-
-
 def overlapping_traces(starts, ends, trace_offsets, shard: int, first: int, stop: int) -> np.ndarray:
     """Global indices of shard `shard`'s traces with rows in [first, stop) (starts/ends: rows within each shard)."""
     lo, hi = trace_offsets[shard], trace_offsets[shard + 1]
@@ -542,9 +528,4 @@ def _plain(value):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    return fmt.parse_json_text(value)

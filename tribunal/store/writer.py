@@ -193,12 +193,7 @@ class StoreWriter:
         """Refuse to create a store on a nearly full disk, before HDF5 meets ENOSPC mid-way (its state is then
         broken): the empty structure takes a few KiB per dataset; ask for 1 MiB more than that."""
         datasets = len(fmt.core_datasets(self.identity.layers))
-        need = (1 << 20) + datasets * (16 << 10)
-        stat = os.statvfs(self.path.parent)
-        free = stat.f_bavail * stat.f_frsize
-        if free < need:
-            raise StoreError(f"disk full: {self.path.parent} has {free:,} bytes free, a new store needs about "
-                             f"{need:,}; free disk space, then rerun")
+        self._require_free((1 << 20) + datasets * (16 << 10), "a new store", "free disk space, then rerun")
 
     def close(self) -> None:
         """Close the file (clearing its write flags) and release the lock. Safe to call twice."""
@@ -274,15 +269,20 @@ class StoreWriter:
         dataset and 1 MiB for metadata.
         """
         need = sum(p["activations"].nbytes + p["token_id"].nbytes * 4 + len(p["text"]) for p in prepared)
-        chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
-        need += chunk_bytes * len(self.identity.layers) + (1 << 20)
+        need += self._chunk_bytes() * len(self.identity.layers) + (1 << 20)
+        self._require_free(need, "the next batch", f"the store is intact up to its last commit ({self.n_traces} "
+                           "traces): free disk space, then rerun to resume")
+
+    def _require_free(self, need: int, what: str, next_step: str) -> None:
+        """Raise a one-line 'disk full' StoreError when the store's folder has fewer than `need` bytes free."""
         stat = os.statvfs(self.path.parent)
         free = stat.f_bavail * stat.f_frsize
         if free < need:
-            raise StoreError(
-                f"disk full: {self.path.parent} has {free:,} bytes free, the next batch needs about {need:,}; "
-                f"the store is intact up to its last commit ({self.n_traces} traces): free disk space, then rerun to resume"
-            )
+            raise StoreError(f"disk full: {self.path.parent} has {free:,} bytes free, {what} needs about {need:,}; "
+                             f"{next_step}")
+
+    def _chunk_bytes(self) -> int:
+        return self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
 
     def _prepare(self, rec: TraceRecord) -> dict:
         n_layers, d_model = len(self.identity.layers), self.identity.d_model
@@ -442,8 +442,7 @@ class StoreWriter:
         reading): opened plainly for write, its superblock would say "open for write, not SWMR" until
         the switch, and a kill in between would leave a file that SWMR readers refuse to open.
         """
-        chunk_bytes = self.chunk_tokens * self.identity.d_model * fmt.DTYPES[self.identity.dtype][2]
-        cache = dict(rdcc_nbytes=max(4 << 20, 4 * chunk_bytes), rdcc_w0=1.0, rdcc_nslots=1021)
+        cache = dict(rdcc_nbytes=max(4 << 20, 4 * self._chunk_bytes()), rdcc_w0=1.0, rdcc_nslots=1021)
         if mode == "w":
             # exclusion is the sidecar flock's job (lock.py); HDF5's lock breaks on some cluster FS
             return h5py.File(path or self.path, "w", libver=LIBVER, locking=False, **cache)
@@ -582,9 +581,9 @@ def _concat(parts, dtype) -> np.ndarray:
 
 
 def _answer_bytes(value) -> bytes:
+    """At most ANSWER_BYTES of UTF-8, cut at a character boundary (never half a character); None is empty."""
     if value is None:
         return b""
-    """At most ANSWER_BYTES of UTF-8, cut at a character boundary (never half a character)."""
     return str(value).encode("utf-8")[: fmt.ANSWER_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
