@@ -55,16 +55,10 @@ def test_resume_does_not_depend_on_how_a_local_model_path_is_spelled(tmp_path, t
 
 # -- stop signals, requeues, time limits ----------------------------------------------------------------------
 
-import os
 import signal
 import subprocess
 import sys
 import time
-
-from click.testing import CliRunner
-
-from tribunal.cli import main
-from tribunal.cluster.slurm import TASK_SCRIPT
 
 
 @pytest.mark.parametrize("delay", [0.15, 0.5, 1.0])
@@ -81,107 +75,6 @@ def test_a_stop_signal_in_the_first_second_is_resumable(tmp_path, tiny_model, sm
     # and the same command then runs to the end
     done = subprocess.run(args, env=python_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-
-
-CHILD_UNPREPARED = """
-import time
-print('child' + '-ready', flush=True)
-time.sleep(60)
-"""
-
-
-def _task(tmp_path, env_extra, child):
-    env = {**os.environ, "TRIBUNAL_RUN_DIR": str(tmp_path), **env_extra}
-    if "SLURM_JOB_ID" not in env_extra:
-        env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.Popen([str(TASK_SCRIPT), sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
-    while "child-ready" not in proc.stdout.readline():
-        pass
-    return proc
-
-
-def test_task_script_treats_death_by_the_forwarded_signal_as_resumable(tmp_path):
-    proc = _task(tmp_path, {}, CHILD_UNPREPARED)  # a child with no handler: USR1 kills it (exit 138)
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 75 and "died of the forwarded USR1" in out, out
-
-
-def test_a_failed_requeue_exits_non_zero_and_says_so(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\nexit 1\n")
-    (fake / "scontrol").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "77",
-           "SLURM_ARRAY_TASK_ID": "1", "SLURM_RESTART_COUNT": "0"}
-    child = CHILD_UNPREPARED.replace("import time", "import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda s, f: sys.exit(75))")
-    proc = _task(tmp_path, env, child)
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 75, out
-    assert "scontrol requeue 77_1 FAILED: slurm_requeue error: Access/permission denied" in out, out
-    assert not (tmp_path / "requeues" / "task_1").read_text().strip()  # no requeue is counted
-
-
-@pytest.mark.parametrize("limit", ["00:04:00", "5", "00:05:00", "4:59"])
-def test_a_time_limit_within_the_signal_lead_is_refused(tmp_path, limit):
-    result = CliRunner().invoke(main, ["slurm", "submit", "--run-dir", str(tmp_path / "r"), "--time", limit])
-    assert result.exit_code == 1 and f"--time {limit}" in result.output and "USR1@300" in result.output, result.output
-    assert not (tmp_path / "r").exists()
-
-
-def test_time_limits_are_parsed_as_slurm_does():
-    from tribunal.cluster.slurm import time_limit_seconds
-
-    assert [time_limit_seconds(t) for t in ("30", "30:15", "04:00:00", "1-12", "1-12:30", "1-00:00:10")] == [
-        1800, 1815, 14400, 129600, 131400, 86410]
-
-
-# -- the batch scripts from an installed wheel, in a run folder with a space and a quote ----------------------
-
-@pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory):
-    """tribunal built as a wheel and installed into a fresh venv outside the checkout (its dependencies come
-    from the system site-packages: no network here)."""
-    from conftest import ROOT
-
-    where = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(where / "dist"), str(ROOT)], capture_output=True, text=True, cwd=where)
-    assert build.returncode == 0, build.stderr
-    venv = where / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    wheel = next((where / "dist").glob("tribunal-*.whl"))
-    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                              str(wheel)], capture_output=True, text=True, cwd=where)
-    assert install.returncode == 0, install.stderr
-    return venv
-
-
-def test_submit_from_an_installed_wheel_runs_in_the_setup_environment(wheel_venv, tmp_path, tiny_model, small_problems):
-    run = tmp_path / "run dir's \"odd\" name"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    submit = subprocess.run(
-        [str(wheel_venv / "bin" / "tribunal"), "slurm", "submit", "--run-dir", str(run), "--shards", "1", "--gpus", "0",
-         "--model", str(tiny_model), "--dataset", str(small_problems), "--max-problems", "2", "--time", "00:10:00",
-         "--setup", f"source {wheel_venv}/bin/activate",
-         "--setup", "python3 -c 'import tribunal; print(\"tribunal from\", tribunal.__file__)'",
-         "--generate-arg=--max-new-tokens", "--generate-arg=8", "--generate-arg=--layers", "--generate-arg=1"],
-        capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    assert f"cd {run}" not in submit.stdout and "cd '" in submit.stdout  # the printed commands quote the folder
-    script = run / "slurm" / "generate.sbatch"
-    assert (run / "slurm" / "tribunal-task").exists() and "/work" not in script.read_text().split("# ---- tribunal: no edits")[1].split("shard=")[0]
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    # run the filled array task as sbatch would, from the run folder, outside any checkout
-    job = subprocess.run(["bash", str(script)], cwd=run, capture_output=True, text=True, timeout=300,
-                         env={**env, "SLURM_ARRAY_TASK_ID": "0"})
-    assert job.returncode == 0, job.stdout + job.stderr
-    assert f"tribunal from {wheel_venv}" in job.stdout, job.stdout
-    with open_store(run / "shard_000.h5") as store:
-        assert store.n_traces == 2 * 4
-    probe = subprocess.run(["bash", "-n", str(run / "slurm" / "probe.sbatch")])
-    assert probe.returncode == 0
 
 
 # -- capture memory on long traces ---------------------------------------------------------------------------

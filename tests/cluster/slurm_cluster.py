@@ -35,9 +35,9 @@ class LocalSlurm:
     def why_not(self) -> str | None:
         for tool in ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel"):
             if shutil.which(tool) is None:
-                return f"{tool} not found: apt-get install slurm-wlm (.ci/run does)"
+                return f"needs SLURM: apt-get install slurm-wlm ({tool} not found; .ci/run installs it)"
         if os.geteuid() != 0:
-            return "the test SLURM runs its daemons as root"
+            return "needs root: the test SLURM runs its daemons as root (as .ci/run does)"
         return None
 
     def start(self, timeout: float = 60) -> None:

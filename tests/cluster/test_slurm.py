@@ -1,22 +1,23 @@
-"""Cluster runs: template filling, the signal-forwarding task script, and a real SLURM array end to end."""
+"""tribunal slurm submit / status: template filling, time limits, the scripts from an installed wheel, and a real
+single-node SLURM array end to end (preempted, requeued, resumed, merged, probed)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from slurm_cluster import LocalSlurm
+from conftest import ROOT
 from tribunal.cli import main
-from tribunal.cluster.slurm import TASK_SCRIPT, SubmitConfig, commands, write_scripts
+from tribunal.cluster.slurm import SubmitConfig, commands, write_scripts
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
 
-TASK = str(TASK_SCRIPT)
+from .slurm_cluster import LocalSlurm
 
 
 def test_templates_are_filled(tmp_path):
@@ -45,58 +46,77 @@ def test_templates_are_filled(tmp_path):
     assert "--gres" not in cpu and "--partition" not in cpu
 
 
-CHILD = """
-import signal, sys, time
-signal.signal(signal.SIGUSR1, lambda s, f: (print('child got USR1', flush=True), sys.exit(75)))
-print('child' + '-ready', flush=True)  # not the echoed command line
-time.sleep(60)
-"""
+@pytest.mark.parametrize("limit", ["00:04:00", "5", "00:05:00", "4:59"])
+def test_a_time_limit_within_the_signal_lead_is_refused(tmp_path, limit):
+    result = CliRunner().invoke(main, ["slurm", "submit", "--run-dir", str(tmp_path / "r"), "--time", limit])
+    assert result.exit_code == 1 and f"--time {limit}" in result.output and "USR1@300" in result.output, result.output
+    assert not (tmp_path / "r").exists()
 
 
-def _task(tmp_path, env_extra, child=CHILD):
-    env = {**os.environ, "TRIBUNAL_RUN_DIR": str(tmp_path), **env_extra}
-    env.pop("SLURM_JOB_ID", None) if "SLURM_JOB_ID" not in env_extra else None
-    proc = subprocess.Popen([TASK, sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
-    while "child-ready" not in proc.stdout.readline():
-        pass
-    return proc
+def test_time_limits_are_parsed_as_slurm_does():
+    from tribunal.cluster.slurm import time_limit_seconds
+
+    assert [time_limit_seconds(t) for t in ("30", "30:15", "04:00:00", "1-12", "1-12:30", "1-00:00:10")] == [
+        1800, 1815, 14400, 129600, 131400, 86410]
 
 
-def test_task_script_forwards_usr1_outside_slurm(tmp_path):
-    proc = _task(tmp_path, {})
-    proc.send_signal(signal.SIGUSR1)  # a real USR1 to the bash process
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 75
-    assert "received USR1, forwarding to pid" in out and "child got USR1" in out and "not under SLURM" in out
+# -- the batch scripts from an installed wheel, in a run folder with a space and a quote ----------------------
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
+    """tribunal built as a wheel and installed into a new venv outside the checkout. No network here: the venv
+    takes its dependencies from the site-packages this test session imports them from (a .pth file), so it works
+    whether the suite runs in a venv (the README's setup) or in the system interpreter."""
+    import site
+
+    where = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(where / "dist"), str(ROOT)], capture_output=True, text=True, cwd=where)
+    assert build.returncode == 0, build.stdout + build.stderr
+    venv = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    # plain paths: the checkout's editable-install hook (a .pth in those folders) is not run, so the venv's
+    # tribunal is the wheel's
+    (Path(purelib) / "test-session-dependencies.pth").write_text("".join(p + "\n" for p in ours))
+    wheel = next((where / "dist").glob("tribunal-*.whl"))
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                             capture_output=True, text=True, cwd=where)
+    assert install.returncode == 0, install.stderr
+    return venv
 
 
-def test_task_script_requeues_with_a_cap(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
-    (fake / "scontrol").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "77",
-           "SLURM_ARRAY_TASK_ID": "1", "SLURM_RESTART_COUNT": "0", "TRIBUNAL_MAX_REQUEUES": "2"}
-    proc = _task(tmp_path, env)
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 0 and "requeueing 77_1" in out
-    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "77_1"]
-    assert len((tmp_path / "requeues" / "task_1").read_text().splitlines()) == 1
-    proc = _task(tmp_path, {**env, "SLURM_RESTART_COUNT": "2"})
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 75 and "giving up" in out
-    assert len((tmp_path / "scontrol.calls").read_text().splitlines()) == 1
+def test_submit_from_an_installed_wheel_runs_in_the_setup_environment(wheel_venv, tmp_path, tiny_model, small_problems):
+    run = tmp_path / "run dir's \"odd\" name"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    submit = subprocess.run(
+        [str(wheel_venv / "bin" / "tribunal"), "slurm", "submit", "--run-dir", str(run), "--shards", "1", "--gpus", "0",
+         "--model", str(tiny_model), "--dataset", str(small_problems), "--max-problems", "2", "--time", "00:10:00",
+         "--setup", f"source {wheel_venv}/bin/activate",
+         "--setup", "python3 -c 'import tribunal; print(\"tribunal from\", tribunal.__file__)'",
+         "--generate-arg=--max-new-tokens", "--generate-arg=8", "--generate-arg=--layers", "--generate-arg=1"],
+        capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert f"cd {run}" not in submit.stdout and "cd '" in submit.stdout  # the printed commands quote the folder
+    script = run / "slurm" / "generate.sbatch"
+    filled = script.read_text().split("# ---- tribunal: no edits")[1].split("shard=")[0]
+    assert (run / "slurm" / "tribunal-task").exists() and str(ROOT) not in filled  # nothing from the checkout
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # run the filled array task as sbatch would, from the run folder, outside any checkout
+    job = subprocess.run(["bash", str(script)], cwd=run, capture_output=True, text=True, timeout=300,
+                         env={**env, "SLURM_ARRAY_TASK_ID": "0"})
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert f"tribunal from {wheel_venv}" in job.stdout, job.stdout
+    with open_store(run / "shard_000.h5") as store:
+        assert store.n_traces == 2 * 4
+    probe = subprocess.run(["bash", "-n", str(run / "slurm" / "probe.sbatch")])
+    assert probe.returncode == 0
 
 
-def test_task_script_passes_success_and_failure(tmp_path):
-    ok = subprocess.run([TASK, sys.executable, "-c", "print('fine')"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "done" in ok.stdout
-    bad = subprocess.run([TASK, sys.executable, "-c", "import sys; sys.exit(3)"], capture_output=True, text=True,
-                         env={**os.environ, "SLURM_JOB_ID": "5"})
-    assert bad.returncode == 3 and "not requeueing" in bad.stdout
-
+# -- a real single-node SLURM ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
