@@ -2,19 +2,19 @@
 
 The baseline is what a good engineer writes without tribunal: each layer's rows in a .npy file opened as a
 numpy memmap, and per trace one cast of its rows to float32, then mean / last / last-k mean / max / mean over
-all rows (the same five aggregations). It shares no code with tribunal. Both read the same bytes, warm
-(page cache) and cold (evicted with posix_fadvise), interleaved over --rounds; medians.
+all rows (the same five aggregations), in one thread. It shares no code with tribunal. Both read the same
+bytes, warm (page cache) and cold (evicted with posix_fadvise), interleaved over --rounds (the order
+alternating); medians. The machine's load is printed beside the figures.
 
-    python bench/bench_aggregate.py [--gb 1.5] [--traces 300] [--rounds 3] [--dir /tmp]
+    python bench/bench_aggregate.py [--gb 1.5] [--traces 300] [--rounds 5] [--dir /tmp]
 
-Targets (issue 13): Store.aggregate >= 0.85x the baseline's throughput, warm and cold; the trajectory
+Targets (issue 17): Store.aggregate >= 1.0x the baseline's throughput, warm and cold; the trajectory
 probe's load (all aggregations of all layers, plus its output-confidence features) <= 1.2x the baseline's time.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import export_layers_to_npy  # noqa: E402
+from common import drop_cache, export_layers_to_npy, machine_load, print_table  # noqa: E402
 
 from tribunal.probes.trajectory import load_trajectory_data  # noqa: E402
 from tribunal.store import StoreWriter, TraceRecord, open_store  # noqa: E402
@@ -75,13 +75,6 @@ def plain_numpy_aggregates(npy_path: Path, starts, ends, prompt_lengths, k: int)
     return out
 
 
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -92,7 +85,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.5, help="store size, GB")
     ap.add_argument("--traces", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="tribunal-bench-agg-"))
@@ -111,7 +104,7 @@ def main():
             for name in AGGS:
                 np.testing.assert_allclose(mine[name], theirs[name], rtol=2e-3, atol=2e-3)
         print(f"# aggregate benchmark: {len(LAYERS)} layers x {D_MODEL} fp16, {args.traces} traces, "
-              f"{nbytes / 1e9:.2f} GB, {args.rounds} rounds, in {work}; cpus {os.cpu_count()}")
+              f"{nbytes / 1e9:.2f} GB, {args.rounds} rounds, in {work}; at the start: {machine_load()}")
 
         def baseline():
             for p in npys:
@@ -136,13 +129,14 @@ def main():
                     drop_cache(p)
                 res[("cold", name)].append(timed(methods[name]))
                 res[("warm", name)].append(timed(methods[name]))
-        print("\n| page cache | method | median s | MB/s | x plain numpy throughput |")
-        print("|---|---|---|---|---|")
+        rows = []
         for cache in ("cold", "warm"):
             base = statistics.median(res[(cache, "plain numpy memmap")])
             for name in methods:
                 t = statistics.median(res[(cache, name)])
-                print(f"| {cache} | {name} | {t:.2f} | {nbytes / t / 1e6:.0f} | {base / t:.2f} |")
+                rows.append((cache, name, f"{t:.2f}", f"{nbytes / t / 1e6:.0f}", f"{base / t:.2f}"))
+        print_table(None, ["page cache", "method", "median s", "MB/s", "x plain numpy throughput"], rows)
+        print(f"\nat the end: {machine_load()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

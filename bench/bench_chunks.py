@@ -2,9 +2,9 @@
 
 The chunk probe reads, per layer, the residual at every chunk's last token. The baseline is the plain way:
 each layer's rows in a .npy file opened as a numpy memmap, and one fancy-index gather of the same rows.
-Warm page cache, interleaved rounds, medians.
+Warm page cache, interleaved rounds (the order alternating), medians; the machine's load is printed beside them.
 
-    python bench/bench_chunks.py [--traces 400] [--d-model 2048] [--rounds 3]
+    python bench/bench_chunks.py [--traces 400] [--d-model 2048] [--rounds 5]
 
 Target (issue 12): the chunk pass at most 1.5x the baseline's time.
 """
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import export_layers_to_npy  # noqa: E402
+from common import export_layers_to_npy, machine_load, print_table  # noqa: E402
 
 from tribunal.probes.chunk_probe import chunk_features, load_chunks  # noqa: E402
 from tribunal.store import open_store  # noqa: E402
@@ -38,7 +38,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=int, default=400)
     ap.add_argument("--d-model", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="tribunal-bench-chunks-"))
@@ -77,11 +77,9 @@ def main():
                 times[name].append(time.perf_counter() - t0)
         base = statistics.median(times["plain numpy memmap gather"])
         print(f"# chunk pass: {len(data.y)} chunks of {args.traces} traces, {len(LAYERS)} layers x {args.d_model} fp16, "
-              f"store {size / 1e9:.2f} GB, warm page cache, {args.rounds} rounds")
-        print("\n| method | median s | x baseline time |")
-        print("|---|---|---|")
-        for name, ts in times.items():
-            print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.2f} |")
+              f"store {size / 1e9:.2f} GB, warm page cache, {args.rounds} rounds; {machine_load()}")
+        print_table(None, ["method", "median s", "x baseline time"],
+                    [(name, f"{statistics.median(ts):.3f}", f"{statistics.median(ts) / base:.2f}") for name, ts in times.items()])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

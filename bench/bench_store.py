@@ -22,6 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import drop_cache, machine_load, print_table  # noqa: E402
+
 from tribunal.store import StoreWriter, TraceRecord, open_store  # noqa: E402
 
 LAYERS = (8, 12, 16, 20)
@@ -31,14 +33,6 @@ D_MODEL = 3584
 def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
-    os.close(fd)
-
-
-def drop_cache(path):
-    """Evict a file from the page cache (cold-cache reads) without root."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
 
 
@@ -105,14 +99,6 @@ def bench_arrow(path, n_batches, base):
     return time.perf_counter() - t0
 
 
-def table_print(title, header, rows):
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gb", type=float, default=1.5, help="store size per write, GB")
@@ -125,7 +111,7 @@ def main():
         n_batches, base = make_batches(args.gb * 1e9)
         nbytes = n_batches * base.nbytes
         print(f"# store benchmark: {len(LAYERS)} layers x {D_MODEL} fp16, {n_batches} batches of "
-              f"{base.shape[1]} tokens = {nbytes / 1e9:.2f} GB per write, {args.rounds} rounds, in {work}")
+              f"{base.shape[1]} tokens = {nbytes / 1e9:.2f} GB per write, {args.rounds} rounds, in {work}; {machine_load()}")
 
         # -- append ---------------------------------------------------------------------------
         methods = {
@@ -148,7 +134,7 @@ def main():
             limit = statistics.median(times["os.write, fsync per batch" if "per" in name else "os.write, one fsync at the end"])
             med = statistics.median(ts)
             rows.append((name, f"{nbytes / med / 1e6:.0f}", f"{limit / med:.2f}"))
-        table_print("Append (median MB/s; ratio to os.write with the same fsync policy, same run)",
+        print_table("Append (median MB/s; ratio to os.write with the same fsync policy, same run)",
                     ["writer", "MB/s", "x disk limit"], rows)
 
         # -- chunk shape ---------------------------------------------------------------------------
@@ -169,7 +155,7 @@ def main():
                 path.unlink()
             rows.append((chunk, f"{chunk * D_MODEL * 2 / 1024:.0f} KB", f"{1 / statistics.median(app):.2f}",
                          f"{small * base.shape[1] * D_MODEL * 2 / statistics.median(trace_read) / 1e6:.0f}"))
-        table_print("Chunk rows (tokens per chunk): append vs os.write, cold per-trace read of one layer",
+        print_table("Chunk rows (tokens per chunk): append vs os.write, cold per-trace read of one layer",
                     ["chunk rows", "chunk size", "append x disk limit", "trace read MB/s"], rows)
 
         # -- compression -------------------------------------------------------------------------
@@ -180,7 +166,7 @@ def main():
             t = bench_tribunal(path, small, base, compression=comp)
             rows.append((comp or "none", f"{path.stat().st_size / (small * base.nbytes):.3f}", f"{oss / t:.2f}"))
             path.unlink()
-        table_print("Optional compression on heavy-tailed fp16 activations",
+        print_table("Optional compression on heavy-tailed fp16 activations",
                     ["compression", "size / raw", "append x disk limit"], rows)
 
         # -- drift over a multi-GB store, interleaved with the disk baseline batch by batch -------------
@@ -200,10 +186,10 @@ def main():
         size = path.stat().st_size
         tenth = max(1, drift_batches // 10)
         first, last = statistics.median(ratios[:tenth]), statistics.median(ratios[-tenth:])
-        table_print(f"Append rate across a {drift_batches * base.nbytes / 1e9:.1f} GB store, each batch beside an "
-                    "os.write+fsync batch (rate as x disk limit at that moment)",
+        print_table(f"Append rate across a {drift_batches * base.nbytes / 1e9:.1f} GB store, each batch beside an "
+                    "os.write batch of the same bytes (rate as x disk limit at that moment)",
                     ["first 10%", "last 10%", "last / first"], [(f"{first:.2f}", f"{last:.2f}", f"{last / first:.2f}")])
-        table_print(f"Bytes on disk ({drift_batches * base.nbytes / 1e9:.1f} GB store, fp16, no compression)",
+        print_table(f"Bytes on disk ({drift_batches * base.nbytes / 1e9:.1f} GB store, fp16, no compression)",
                     ["bytes/token/layer", "x d_model*2"],
                     [(f"{size / (drift_batches * base.shape[1]) / len(LAYERS):.0f}", f"{size / (drift_batches * base.nbytes):.4f}")])
     finally:

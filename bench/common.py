@@ -1,5 +1,6 @@
 """Helpers the benchmarks share."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +28,27 @@ def export_layers_to_npy(store, layers, work: Path) -> list[Path]:
         del mm
         paths.append(path)
     return paths
+
+
+def drop_cache(path) -> None:
+    """Evict a file from the page cache (for cold-cache reads) without root: write back, then fadvise."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def machine_load() -> str:
+    """The load averages beside the core count, printed with every figure: the machines are shared."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cpus"
+
+
+def print_table(title, header, rows) -> None:
+    """A markdown table (under a ### title, if any) on stdout, as docs/benchmarks.md records it."""
+    if title:
+        print(f"\n### {title}")
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")

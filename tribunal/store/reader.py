@@ -61,6 +61,8 @@ class Shard:
         self.path = Path(path)
         _check_readable(self.path)
         self.file = _open_for_reading(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)  # for os.preadv of uncompressed rows (read_rows)
+        self._offsets: dict = {}
         attrs = self.file.attrs
         try:
             fmt.check_opened(self.file, self.path)
@@ -73,6 +75,7 @@ class Shard:
 
     def refresh(self) -> None:
         """Take a new snapshot of what the writer has committed."""
+        self._offsets = {}
         commit = self.file[fmt.COMMIT]
         if not self.file.swmr_mode:  # opened beside the user's own non-SWMR handle: a fixed snapshot
             self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
@@ -108,28 +111,60 @@ class Shard:
         return self.file[f"{fmt.TOKENS}/{name}"][start:end]
 
     def read_rows(self, layer: int, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Stored words of rows [start, end) of a layer, checked against the commit."""
+        """Stored words of rows [start, end) of a layer, checked against the commit.
+
+        Uncompressed stores (the default) are read with os.preadv straight from each chunk's address, which runs
+        without the GIL (an HDF5 read holds it, stalling the threads that reduce the previous block); compressed
+        stores are read by HDF5."""
         if not 0 <= start <= end <= self.n_tokens:
             raise StoreError(f"rows {start}:{end} are outside the committed 0:{self.n_tokens} of {self.path}")
         ds = self.dataset(layer)
         if out is None:
             out = np.empty((end - start, ds.shape[1]), ds.dtype)
-        if end > start:
+        if end == start:
+            return out
+        chunk_offsets = self._chunk_offsets(layer)
+        if chunk_offsets is None:
             ds.read_direct(out, np.s_[start:end], np.s_[0 : end - start])
+            return out
+        chunk_rows, row_bytes = ds.chunks[0], ds.shape[1] * ds.dtype.itemsize
+        rows = out[: end - start].reshape(end - start, -1).view(np.uint8)
+        for chunk in range(start // chunk_rows, (end - 1) // chunk_rows + 1):
+            lo, hi = max(start, chunk * chunk_rows), min(end, (chunk + 1) * chunk_rows)
+            offset = chunk_offsets[chunk] + (lo - chunk * chunk_rows) * row_bytes
+            if os.preadv(self._fd, [rows[lo - start : hi - start]], offset) != (hi - lo) * row_bytes:
+                raise StoreError(f"{self.path} ended inside layer {layer}'s rows {lo}:{hi}; copy it again in full")
         return out
+
+    def _chunk_offsets(self, layer: int):
+        """File offset of each activation chunk of a layer (chunk index -> bytes), or None where the rows are not
+        plain bytes in the file (compressed or filtered, or a chunk not yet allocated). Kept until refresh()."""
+        if layer not in self._offsets:
+            ds = self.dataset(layer)
+            offsets = None
+            if ds.chunks is not None and ds.id.get_create_plist().get_nfilters() == 0:
+                chunk_rows = ds.chunks[0]
+                found = {}
+                ds.id.chunk_iter(lambda info: found.__setitem__(info.chunk_offset[0] // chunk_rows, info.byte_offset))
+                n_chunks = -(-self.n_tokens // chunk_rows)
+                if all(i in found and found[i] is not None for i in range(n_chunks)):
+                    offsets = np.array([found[i] for i in range(n_chunks)], np.int64)
+            self._offsets[layer] = offsets
+        return self._offsets[layer]
 
     def read_scattered(self, layer: int, rows) -> np.ndarray:
         """Stored words of the given committed rows (sorted, distinct) of a layer, e.g. one token per chunk end.
 
         Uncompressed stores (the default) are read like a memmap: each HDF5 chunk's address comes from the chunk
-        index and only the wanted rows are touched. HDF5's own selection of thousands of single rows measured 15x
-        slower than a memmap gather. Compressed stores fall back to HDF5 reads."""
+        index (`_chunk_offsets`) and only the wanted rows are touched. HDF5's own selection of thousands of single
+        rows measured 15x slower than a memmap gather. Compressed stores fall back to HDF5 reads."""
         rows = np.asarray(rows, np.int64)
         ds = self.dataset(layer)
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_tokens):
             raise StoreError(f"rows outside the committed 0:{self.n_tokens} of {self.path}")
         out = np.empty((len(rows), ds.shape[1]), ds.dtype)
-        if ds.compression is not None or ds.chunks is None or not len(rows):
+        chunk_offsets = self._chunk_offsets(layer) if len(rows) else None
+        if chunk_offsets is None:
             for lo in range(0, len(rows), 4096):
                 out[lo : lo + 4096] = ds[rows[lo : lo + 4096]]
             return out
@@ -137,8 +172,7 @@ class Shard:
         mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
         which = rows // chunk_rows
         for chunk in np.unique(which):
-            info = ds.id.get_chunk_info_by_coord((int(chunk) * chunk_rows, 0))
-            block = np.frombuffer(mapped, ds.dtype, count=chunk_rows * width, offset=info.byte_offset)
+            block = np.frombuffer(mapped, ds.dtype, count=chunk_rows * width, offset=int(chunk_offsets[chunk]))
             pick = np.flatnonzero(which == chunk)
             out[pick] = block.reshape(chunk_rows, width)[rows[pick] - chunk * chunk_rows]
         return out
@@ -153,6 +187,9 @@ class Shard:
         if getattr(self, "file", None) is not None:
             self.file.close()
             self.file = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Store:
@@ -298,9 +335,10 @@ class Store:
     def iter_blocks(self, layer: int, block_bytes: int = DEFAULT_BLOCK_BYTES, decode: bool = True):
         """Yield (shard_index, first_row, rows) over a layer's whole token axis in large sequential blocks.
 
-        The next block is read in a background thread while the caller works on this one (h5py
-        releases the GIL while reading), so disk and compute overlap; two block buffers are the
-        whole memory cost. A yielded block is valid until the next iteration: copy it to keep it.
+        The next block is read in a background thread while the caller works on this one (uncompressed
+        stores are read without holding the GIL: see `Shard.read_rows`), so disk and compute overlap;
+        two block buffers are the whole memory cost. A yielded block is valid until the next iteration:
+        copy it to keep it.
         """
         layer = self.check_layers([layer])[0]
         rows = self.block_rows(block_bytes)
@@ -328,8 +366,8 @@ class Store:
 
         See `reduce_blocks` for the aggregations. Returns {aggregation: (n_traces, d_model) float32}.
         """
-        return reduce_blocks(self.iter_blocks(layer, block_bytes), self.table, self.trace_offsets,
-                             self.d_model, aggregations, k)
+        blocks = self.iter_blocks(layer, block_bytes, decode=False)
+        return reduce_blocks(blocks, self.table, self.trace_offsets, self.d_model, self.dtype, aggregations, k)
 
     def close(self) -> None:
         for shard in self.shards:
@@ -342,16 +380,18 @@ class Store:
         self.close()
 
 
-def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mean",), k: int = 10) -> dict:
-    """Per-trace aggregates from (shard, first_row, rows) blocks in file order.
+def reduce_blocks(blocks, table, trace_offsets, d_model: int, dtype: str, aggregations=("mean",), k: int = 10) -> dict:
+    """Per-trace aggregates from (shard, first_row, stored words) blocks in file order; dtype is the store's.
 
     mean: mean over generated tokens; last: the last token; last_k: mean of the last k generated tokens;
     max: elementwise max over generated tokens; mean_all: mean over every token, prompt included.
     A trace with no generated token gets its last token for every aggregation.
 
-    Each block is cast to float32 once and cut into segments (each trace's prompt, its generated tokens
-    before the last k, and its last k), each summed once (and its max taken, for max); every aggregation is
-    a combination of those partial sums, so no row is summed twice.
+    Each block is cut into segments (each trace's prompt, its generated tokens before the last k, and its
+    last k); each segment is decoded to float32 once (`_decoder`) into a buffer, where it stays in cache
+    while it is summed (and its max taken, for max). Every aggregation is a combination of those partial
+    sums, so no row is decoded or summed twice. The segments of a block are shared out between
+    REDUCE_THREADS threads (numpy releases the GIL), about equal rows each.
     """
     aggregations = tuple(aggregations)
     unknown = [a for a in aggregations if a not in AGGREGATIONS]
@@ -371,15 +411,14 @@ def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mea
     want_max = "max" in aggregations
     peak = np.full((n, d_model), -np.inf, np.float32) if want_max else None
     last = np.zeros((n, d_model), np.float32) if "last" in aggregations else None
-    cast = None
+    decode = _decoder(dtype)
+    scratch = [np.empty((0, d_model), np.float32) for _ in range(REDUCE_THREADS)]  # one decode buffer per thread
     with ThreadPoolExecutor(max_workers=REDUCE_THREADS) as pool:
         for s, first, block in blocks:
             stop = first + len(block)
             local = overlapping_traces(starts, ends, trace_offsets, s, first, stop)
             if not len(local):
                 continue
-            if block.dtype != np.float32 and (cast is None or len(cast) < len(block)):
-                cast = np.empty((len(block), d_model), np.float32)  # reused: a fresh one page-faults per 4 KiB
             cut = np.clip(bounds[local], first, stop) - first  # (traces, 4) within the block
             seg_start, seg_end = cut[:, :3].ravel(), cut[:, 1:].ravel()
             kind = np.tile(np.arange(3), len(local))
@@ -387,13 +426,14 @@ def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mea
             keep = seg_end > seg_start
             segments = list(zip(seg_start[keep].tolist(), seg_end[keep].tolist(), kind[keep].tolist(),
                                 owner[keep].tolist()))
-            # Both cores: each thread casts its own rows of the block once and reduces its segments (numpy releases
-            # the GIL); the results are added here, in one thread.
             rows_done = np.cumsum((seg_end - seg_start)[keep])
             splits = np.searchsorted(rows_done, rows_done[-1] * np.arange(1, REDUCE_THREADS) / REDUCE_THREADS) + 1
             parts = np.split(np.arange(len(segments)), splits)  # about equal rows per thread
-            jobs = [pool.submit(_reduce_segments, block, cast, [segments[i] for i in part], want_max)
-                    for part in parts if len(part)]
+            if decode is not None:
+                longest = int(max(end - start for start, end, _, _ in segments))
+                scratch = [buf if len(buf) >= longest else np.empty((longest, d_model), np.float32) for buf in scratch]
+            jobs = [pool.submit(_reduce_segments, block, decode, scratch[j], [segments[i] for i in part], want_max)
+                    for j, part in enumerate(parts) if len(part)]
             for job in jobs:
                 for part, t, total, top in job.result():
                     sums[part, t] += total
@@ -402,7 +442,7 @@ def reduce_blocks(blocks, table, trace_offsets, d_model: int, aggregations=("mea
             if last is not None:
                 ending = (ends[local] > first) & (ends[local] <= stop)
                 rows = ends[local[ending]] - 1 - first
-                last[local[ending]] = block[rows].astype(np.float32)
+                last[local[ending]] = fmt.decode_activations(block[rows], dtype).astype(np.float32)
     prompt, early, final = sums
     n_prompt, n_early, n_final = (np.maximum(bounds[:, i + 1] - bounds[:, i], 0)[:, None] for i in range(3))
     out = {}
@@ -426,21 +466,62 @@ def overlapping_traces(starts, ends, trace_offsets, shard: int, first: int, stop
     return lo + np.flatnonzero((starts[lo:hi] < stop) & (ends[lo:hi] > first))
 
 
-def _reduce_segments(block, cast, segments, want_max: bool) -> list:
-    """(part, trace, sum, max or None) of each segment of a block; its rows are cast to float32 once, into `cast`."""
-    if not segments:
-        return []
-    a, b = segments[0][0], segments[-1][1]
-    if cast is None:
-        x = block  # already float32
-    else:
-        x = cast
-        x[a:b] = block[a:b]
+def _reduce_segments(block, decode, scratch, segments, want_max: bool) -> list:
+    """(part, trace, sum, max or None) of each segment of a block of stored words. float32 words (decode None)
+    are summed where they lie; others are decoded segment by segment into `scratch`, and summed while in cache."""
     out = []
     for start, end, part, t in segments:
-        rows = x[start:end]  # contiguous rows: numpy's pairwise sum (np.add.reduceat over axis 0 is 40x slower)
+        rows = block[start:end] if decode is None else decode(block[start:end], scratch[: end - start])
+        # contiguous rows summed down axis 0 (np.add.reduceat over axis 0 measured 40x slower)
         out.append((part, t, rows.sum(axis=0), rows.max(axis=0) if want_max and part else None))
     return out
+
+
+def _decoder(dtype: str):
+    """(words, out) -> out: float32 values of a store's words written into `out`, bit for bit what
+    format.decode_activations (and numpy's float16 cast) give; None for float32, which needs none."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return _bfloat16_into
+    return _float16_rebiased_into if _rebias_is_exact() else _float16_cast_into
+
+
+def _bfloat16_into(words, out):
+    np.left_shift(words, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
+
+
+def _float16_cast_into(words, out):
+    out[...] = words
+    return out
+
+
+_F16_EXPONENT = 0x7C00  # all ones in a float16's exponent: inf or NaN
+_F16_TO_F32_KEEP = np.int32(-0x70002000)  # 0x8FFFE000: the sign, and the exponent and mantissa bits, shifted by 13
+_F16_TO_F32_SCALE = np.float32(2.0**112)  # rebias the exponent from 15 to 127 (subnormals come out exact too)
+
+
+def _float16_rebiased_into(words, out):
+    """numpy casts float16 to float32 one element at a time; three vectorized passes do it 4x faster here: shift
+    the bits into float32 place, keep sign, exponent and mantissa, and multiply by 2**112 to rebias the exponent.
+    Words holding an inf or NaN (which the multiply would make large finite numbers) take numpy's cast."""
+    exponents = out.reshape(-1).view(np.uint16)[: words.size]  # out's memory, before the values land in it
+    np.bitwise_and(words.reshape(-1).view(np.uint16), _F16_EXPONENT, out=exponents)
+    if exponents.max(initial=0) == _F16_EXPONENT:
+        return _float16_cast_into(words, out)
+    bits = out.view(np.int32)
+    np.left_shift(words.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended: the sign lands in bit 31
+    np.bitwise_and(bits, _F16_TO_F32_KEEP, out=bits)
+    np.multiply(out, _F16_TO_F32_SCALE, out=out)
+    return out
+
+
+def _rebias_is_exact() -> bool:
+    """False where the CPU flushes subnormal float32 inputs to zero (DAZ, set by code built with -ffast-math or
+    by torch.set_flush_denormal), which would zero float16 subnormals in the multiply."""
+    words = np.array([1, 0x8001, 0x3C00], np.uint16).view(np.float16)
+    return _float16_rebiased_into(words, np.empty(3, np.float32)).tobytes() == words.astype(np.float32).tobytes()
 
 
 def resolve_paths(specs) -> list[Path]:
