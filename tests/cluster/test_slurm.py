@@ -72,7 +72,8 @@ def wheel_venv(tmp_path_factory):
     where = tmp_path_factory.mktemp("wheel")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(where / "dist"), str(ROOT)], capture_output=True, text=True, cwd=where)
-    assert build.returncode == 0, build.stdout + build.stderr
+    # offline, so no build isolation: this environment's setuptools builds it (>= 70.1, or older with `wheel`)
+    assert build.returncode == 0, build.stdout + build.stderr + "\nneeds setuptools>=70.1: pip install -U setuptools"
     venv = where / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
