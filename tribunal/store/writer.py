@@ -409,8 +409,9 @@ class StoreWriter:
         """Low-level handles of every dataset an append touches: a commit is a dozen small writes, and
         h5py's high-level path (name lookup, selection objects) costs more than the writes themselves.
         Opened afresh for each commit: handles kept open across commits led HDF5 to place a new chunk
-        past the file's end-of-allocation ("addr overflow") in a store reopened after kill -9
-        (tests/test_store_crash.py, about one run in four); per-commit handles never did."""
+        past the file's end-of-allocation ("addr overflow") in a store reopened after kill -9 (about one
+        run in four of tests/store/test_writer.py::test_sigkill_at_random_moments); per-commit handles
+        never did."""
         names = [fmt.TRACE_TABLE, fmt.TRACE_TEXT, fmt.PROBLEMS, fmt.COMMIT]
         names += [f"{fmt.TOKENS}/{name}" for name in fmt.TOKEN_ARRAYS]
         names += [fmt.activation_path(layer) for layer in self.identity.layers]

@@ -1,16 +1,17 @@
-"""synth -> inspect --json -> verify through the CLI, in-process (CliRunner) and as real subprocesses."""
+"""inspect's summary (tribunal/store/summary.py), end to end: synth -> inspect (--json, human, --trace) ->
+verify through the CLI, in-process (CliRunner) and as real subprocesses; and an empty store."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 from click.testing import CliRunner
 
+from conftest import writer_kwargs
 from tribunal.cli import main
-from tribunal.store import open_store
+from tribunal.store import StoreWriter, open_store
+
+from .cli_output import one_line_error
 
 SYNTH = ["--traces", "60", "--problems", "15", "--layers", "3,6", "--d-model", "32", "--tokens-per-trace", "20-60",
          "--signal", "0.75", "--quiet"]
@@ -51,30 +52,11 @@ def test_synth_inspect_verify_as_subprocesses(tmp_path, python_env):
     assert bad.returncode == 1 and bad.stderr.strip() == f"Error: {tmp_path / 'missing.h5'} does not exist"
 
 
-def test_interrupted_synth_resumes_to_the_same_store(tmp_path, python_env):
-    big = ["--traces", "400", "--problems", "100", "--layers", "3,6", "--d-model", "256", "--tokens-per-trace", "100-300",
-           "--quiet"]
-    cli = [sys.executable, "-m", "tribunal.cli", "synth"]
-    whole = tmp_path / "whole.h5"
-    subprocess.run(cli + [str(whole), *big], check=True, env=python_env, capture_output=True)
-    part = tmp_path / "part.h5"
-    proc = subprocess.Popen(cli + [str(part), *big], env=python_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with open_store(part) as store:
-                if 0 < store.n_traces:
-                    break
-        except Exception:
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    again = subprocess.run(cli + [str(part), *big], env=python_env, capture_output=True, text=True)
-    assert again.returncode == 0 and "resumed after" in again.stdout, again.stdout + again.stderr
-    with open_store(whole) as a, open_store(part) as b:
-        assert b.n_traces == a.n_traces == 400
-        order_a = np.argsort(a.table["trace_id"])
-        order_b = np.argsort(b.table["trace_id"])
-        for i, j in list(zip(order_a, order_b))[::37]:
-            np.testing.assert_array_equal(a.activations(6, int(i)), b.activations(6, int(j)))
+def test_empty_store(tmp_path):
+    path = tmp_path / "empty.h5"
+    with StoreWriter(path, **writer_kwargs()):
+        pass
+    result = CliRunner().invoke(main, ["inspect", "--json", str(path)])
+    assert result.exit_code == 0 and '"traces": 0' in result.output
+    assert CliRunner().invoke(main, ["verify", str(path)]).exit_code == 0
+    one_line_error(["inspect", "--trace", "0", str(path)], "does not exist")

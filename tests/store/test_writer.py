@@ -1,0 +1,267 @@
+"""StoreWriter (tribunal/store/writer.py): what goes in comes out, reopening, refusals, a full disk, kill -9."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT, make_record, writer_kwargs
+from tribunal.cli import main
+from tribunal.errors import IncompatibleStoreError, StoreError
+from tribunal.store import StoreWriter, open_store
+from tribunal.store.superblock import read_status
+from tribunal.store.verify import verify_store
+
+from .killed_writers import check_store, crash_record, crash_writer_kwargs, run_writer
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 1e-2), ("float32", 0)])
+def test_roundtrip_every_field(tmp_path, dtype, tol):
+    path = tmp_path / "s.h5"
+    recs = [make_record(i) for i in range(7)]
+    with StoreWriter(path, **writer_kwargs(dtype=dtype)) as w:
+        w.append(recs[:3])
+        w.append(recs[3:])
+    with open_store(path) as store:
+        assert store.n_traces == 7 and store.dtype == dtype
+        assert store.n_tokens == sum(r.n_tokens for r in recs)
+        for i, rec in enumerate(recs):
+            t = store.trace(i)
+            assert (t.problem_id, t.sample_index, t.label) == (rec.problem_id, rec.sample_index, rec.label)
+            assert t.text == rec.text and t.predicted == rec.predicted
+            np.testing.assert_array_equal(t.token_ids, rec.token_ids)
+            assert t.is_generated.sum() == rec.n_tokens - rec.prompt_length
+            np.testing.assert_allclose(t.logprobs[rec.prompt_length:], rec.logprobs, rtol=1e-6)
+            assert np.isnan(t.logprobs[: rec.prompt_length]).all()
+            for j, layer in enumerate((2, 5)):
+                got = store.activations(layer, i)
+                assert got.dtype == np.float32
+                np.testing.assert_allclose(got, rec.activations[j], rtol=tol, atol=tol)
+        assert verify_store(store) == []
+
+
+def test_reopen_appends_and_refuses_duplicates(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **writer_kwargs()) as w:
+        w.append([make_record(0), make_record(1)])
+    with StoreWriter(path, **writer_kwargs()) as w:
+        assert w.n_traces == 2 and w.done_keys() == {(0, 0), (0, 1)}
+        with pytest.raises(StoreError, match=r"already in"):
+            w.append([make_record(1)])
+        w.append([make_record(2)])
+    with open_store(path) as store:
+        assert store.n_traces == 3
+        assert verify_store(store) == []
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [({"layers": (2, 6)}, "layers"), ({"d_model": 32}, "d_model"), ({"dtype": "bfloat16"}, "dtype"),
+     ({"model_id": "other/model"}, "model_id")],
+)
+def test_reopen_with_other_identity_is_refused(tmp_path, change, needle):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **writer_kwargs()) as w:
+        w.append([make_record(0)])
+    kwargs = writer_kwargs()
+    kwargs.update(change)
+    with pytest.raises(IncompatibleStoreError, match=needle):
+        StoreWriter(path, **kwargs).open()
+    with open_store(path) as store:  # nothing lost
+        assert store.n_traces == 1
+
+
+def test_bad_records_are_refused_before_anything_is_written(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **writer_kwargs()) as w:
+        w.append([make_record(0)])
+        bad = make_record(1)
+        bad.activations = bad.activations[:, :-1]
+        with pytest.raises(StoreError, match="shape"):
+            w.append([make_record(2), bad])
+        bad = make_record(3, label="maybe")
+        with pytest.raises(StoreError, match="label"):
+            w.append([bad])
+    with open_store(path) as store:
+        assert store.n_traces == 1 and verify_store(store) == []
+
+
+def test_long_answers_are_cut_at_a_character_boundary(tmp_path):
+    record = make_record(0)
+    record.predicted = "ä" * 40  # 80 bytes of UTF-8: a 48-byte cut falls on a character boundary only by luck
+    record.gold = "x" + "€" * 30  # 1 + 90 bytes: a blind 48-byte cut splits a euro sign
+    with StoreWriter(tmp_path / "s.h5", **writer_kwargs()) as w:
+        w.append([record])
+    with open_store(tmp_path / "s.h5") as store:
+        t = store.trace(0)
+    assert t.predicted == "ä" * 24 and t.gold == "x" + "€" * 15
+    assert "\ufffd" not in t.predicted + t.gold
+
+
+def test_a_file_that_is_not_hdf5_is_refused_and_left_as_it_was(tmp_path):
+    (tmp_path / "notes.h5").write_text("hello")
+    with pytest.raises(StoreError, match="not an HDF5 file"):
+        StoreWriter(tmp_path / "notes.h5", **writer_kwargs()).open()
+    assert (tmp_path / "notes.h5").read_text() == "hello"
+
+
+# -- a full disk ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs, to be filled: a real ENOSPC (tests run as root, as in CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip()}); needs root, as CI has")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_leaving(disk, free: int):
+    """A file that leaves about `free` bytes free on the disk; delete it to free the space again."""
+    import os
+
+    stat = os.statvfs(disk)
+    filler = disk / "fill"
+    filler.write_bytes(b"x" * (stat.f_bavail * stat.f_frsize - free))
+    return filler
+
+
+CREATE_ON_FULL_DISK = """
+import sys
+from tribunal.store import StoreWriter
+from tribunal.errors import StoreError
+if sys.argv[2] == "no-precheck":  # as if another process filled the disk after the check
+    StoreWriter._ensure_create_space = lambda self: None
+try:
+    StoreWriter(sys.argv[1], model_id="m", layers=list(range(20)), d_model=64, dtype="float16").open()
+except StoreError as exc:
+    print("ERROR", exc, flush=True)
+    import os
+    os._exit(3)  # HDF5's state after ENOSPC is broken; do not let its teardown muddle the test
+"""
+
+
+@pytest.mark.parametrize("precheck", ["precheck", "no-precheck"])
+@pytest.mark.parametrize("free", [4096, 12288, 20000])
+def test_disk_full_while_creating_leaves_nothing_behind(small_disk, python_env, precheck, free):
+    filler = fill_leaving(small_disk, free)
+    store = small_disk / "s.h5"
+    done = subprocess.run([sys.executable, "-c", CREATE_ON_FULL_DISK, str(store), precheck], env=python_env,
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert done.returncode == 3 and len(lines) == 1, done.stdout + done.stderr
+    assert "disk" in lines[0] or "No space" in lines[0], lines[0]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["fill"]  # no STORE.creating, no STORE.lock
+    filler.unlink()
+    with StoreWriter(store, **writer_kwargs()) as w:  # the next run is not blocked
+        w.append([make_record(0)])
+
+
+def test_disk_full_through_the_cli_is_one_line(small_disk):
+    fill_leaving(small_disk, 8192)
+    result = CliRunner().invoke(main, ["synth", str(small_disk / "s.h5"), "--quiet", "--traces", "4", "--problems", "2"])
+    lines = [line for line in result.output.splitlines() if line]
+    assert result.exit_code == 1 and len(lines) == 1 and "disk full" in lines[0], result.output
+    assert sorted(p.name for p in small_disk.iterdir()) == ["fill"]
+
+
+def test_disk_full_keeps_the_last_commit_and_resumes(small_disk):
+    path = small_disk / "s.h5"
+    filler = fill_leaving(small_disk, 4 << 20)
+    kwargs = writer_kwargs(layers=(2, 5), d_model=256)
+    n = 0
+    with pytest.raises(StoreError, match="free disk space, then rerun to resume") as info:
+        with StoreWriter(path, **kwargs) as w:
+            while True:
+                w.append([make_record(i, layers=(2, 5), d_model=256, tokens=60) for i in range(n, n + 2)])
+                n = w.n_traces
+    assert "intact up to its last commit" in str(info.value)
+    with open_store(path) as s:  # valid up to the last commit, read-only, before any repair
+        assert s.n_traces == n and verify_store(s) == []
+    filler.unlink()
+    with StoreWriter(path, **kwargs) as w:  # resumes once space is freed
+        assert w.n_traces == n
+        w.append([make_record(i, layers=(2, 5), d_model=256, tokens=60) for i in range(n, n + 2)])
+    with open_store(path) as s:
+        assert s.n_traces == n + 2 and verify_store(s) == []
+
+
+# -- kill -9 -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sigkill_at_random_moments(tmp_path, python_env, dtype):
+    """kill -9 a real writer process, round after round; every round the store reads, and the next open
+    repairs it with no manual step and resumes."""
+    rounds = 25 if dtype == "float16" else 10
+    path = tmp_path / "crash.h5"
+    rng = random.Random(1234)
+    committed, repaired_rounds = 0, 0
+    for _ in range(rounds):
+        proc = run_writer(path, python_env, dtype)
+        opened = ""
+        if rng.random() < 0.25:  # anywhere: during interpreter start, the open and its repair, or mid-append
+            time.sleep(rng.uniform(0.05, 1.6))
+        else:  # mid-append, once the writer is past its open, however slowly a loaded machine starts it
+            opened = proc.stdout.readline()
+            time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        out = opened + out
+        assert proc.returncode == -signal.SIGKILL, err
+        printed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+        if "repairs=" in out and "repairs=0" not in out:
+            repaired_rounds += 1
+        if not path.exists() or path.stat().st_size == 0:
+            continue  # killed before the file was created
+        # readable read-only, before any repair, with everything that was reported committed
+        committed = check_store(path, max(printed, default=committed))
+    # the next open for append repairs with no manual step and resumes
+    proc = run_writer(path, python_env, dtype, batch=2)
+    deadline = time.time() + 60
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("committed"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate()
+    assert any(line.startswith("committed") for line in lines), lines
+    assert repaired_rounds >= rounds // 2  # most rounds found a crashed file and repaired it on open
+    final = check_store(path, committed + 2)
+    assert final >= committed + 2
+    assert read_status(path)["flags"] in (0, 5, 4, 1)  # flags may be set: SIGTERM kills without closing
+
+
+def test_kill_while_reopening_leaves_a_readable_store(tmp_path, python_env):
+    """The reopen window: a writer killed after opening an existing store, while it checks the identity.
+
+    Opened plainly for write, the superblock would say "open for write, not SWMR", which SWMR readers
+    refuse; the writer opens straight into SWMR-write mode, so readers still open the store.
+    """
+    path = tmp_path / "reopen.h5"
+    with StoreWriter(path, **crash_writer_kwargs()) as w:
+        w.append([crash_record(i) for i in range(3)])
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[2])\n"
+        "from store.killed_writers import crash_writer_kwargs\n"
+        "from tribunal.store import StoreWriter\n"
+        "from tribunal.store import format as fmt\n"
+        "fmt.StoreIdentity.differences = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # while checking\n"
+        "StoreWriter(sys.argv[1], **crash_writer_kwargs()).open()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(ROOT / "tests")], env=python_env,
+                          capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert read_status(path)["flags"] != 0  # it really died holding the file
+    assert check_store(path, 3) == 3  # read-only, no repair
