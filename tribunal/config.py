@@ -1,4 +1,5 @@
-"""Option values from files and strings: YAML/TOML option files, index lists like '4,8,12-15', sizes like '8G'."""
+"""Option values from files and strings: YAML/TOML option files, index lists like '4,8,12-15', ranges like
+'64-256', sizes like '8G'."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 
 def read_config(path) -> dict:
-    """Option names (dashes become underscores) -> values, from a .toml file or YAML."""
+    """Option names (dashes become underscores) -> values, from a .toml file or YAML; a list becomes the comma
+    list the command line takes (layers: [12, 16] -> '12,16')."""
     path = Path(path)
     text = path.read_text()
     if path.suffix in (".toml", ".tml"):
@@ -19,7 +21,7 @@ def read_config(path) -> dict:
         data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
 
 
 def parse_index_list(text: str) -> list[int]:
@@ -38,6 +40,15 @@ def parse_index_list(text: str) -> list[int]:
         except ValueError:
             raise ValueError(f"{text!r} is not a list of integers and ranges like 4,8,12-15") from None
     return out
+
+
+def parse_range(text) -> tuple[int, int]:
+    """'64-256' -> (64, 256); '100' -> (100, 100); ValueError names the text otherwise."""
+    try:
+        lo, _, hi = str(text).strip().partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a range like 64-256") from None
 
 
 def parse_budget(text) -> int | None:

@@ -1,48 +1,108 @@
-"""`tribunal run`: the main job in one command: generate, both probes, one-page report, in one run folder.
+"""The commands that chain steps across packages: `tribunal run` (generate, the three probes, one-page report, in
+one run folder), the chunk probe and `tribunal score` (which need the store's tokenizer from traces/).
 
 The one module that chains the steps (problems -> traces -> store -> probes -> report); the steps never
-import each other backwards.
+import each other backwards. Every option is checked before anything is created, so bad input leaves nothing
+behind.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 
+from .errors import TribunalError
+from .probes.config import ProbeConfig
 from .report.markdown import write_report
 from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
-from .traces.generate import GenerateConfig, format_summary, run_generation
+from .store import open_store
+from .traces.generate import run_generation
 from .traces.models import piece_decoder
+from .traces.settings import GenerateConfig
 
 STORE_NAME = "store.h5"
 
 
-def run_pipeline(run_dir, generate_options: dict, probe_options: dict | None = None, progress: bool = True) -> dict:
-    """Generate into RUN/store.h5 (resuming), probe it, write RUN/report.md. Returns what each step said."""
+def split_options(options: dict) -> tuple[dict, dict]:
+    """`run` and `slurm submit` options -> (GenerateConfig's, ProbeConfig's). A name both define (seed) goes to
+    both: one --seed seeds the sampling and every probe."""
+    generate = {f.name for f in GenerateConfig.cli_fields()}
+    probes = {f.name for f in ProbeConfig.cli_fields()}
+    unknown = sorted(set(options) - generate - probes)
+    if unknown:
+        raise TribunalError(f"unknown option(s) {unknown}")
+    return ({k: v for k, v in options.items() if k in generate}, {k: v for k, v in options.items() if k in probes})
+
+
+def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:
+    """Generate into RUN/store.h5 (resuming), probe it, write RUN/report.md. Returns what each step said.
+
+    options: GenerateConfig and ProbeConfig fields (split_options). All are checked first; the run folder
+    appears when the store writer opens, once the model and problems have loaded."""
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    probe_options = probe_options or {}
+    generate, probe_options = split_options(options)
+    config = GenerateConfig(out=str(run / STORE_NAME), progress=progress, **generate).validate()
+    probes = asdict(ProbeConfig(**probe_options).validate())
     started = time.time()
-    gen = run_generation(GenerateConfig(out=str(run / STORE_NAME), progress=progress, **generate_options))
+    gen = run_generation(config)
     result = {"generate": gen, "run_dir": str(run)}
     if gen["status"] != "done":
         return result
     store = run / STORE_NAME
-    traj = trajectory_outputs(store, run, k=probe_options.get("k", 10), folds=probe_options.get("folds", 5),
-                              n_boot=probe_options.get("n_boot", 1000),
-                              permutations=probe_options.get("permutations", 50), seed=probe_options.get("seed", 0),
-                              progress=progress)
-    tok = token_outputs(store, run, layer=traj["result"]["selection"]["final"]["layer"],
-                        memory_bytes=probe_options.get("memory_bytes", 1 << 30), seed=probe_options.get("seed", 0),
-                        n_boot=probe_options.get("token_bootstrap", 500))
-    from .store import open_store
-
+    traj = trajectory_outputs(store, run, progress=progress, **probes)
+    tok = token_outputs(store, run, layer=traj["result"]["selection"]["final"]["layer"], progress=progress, **probes)
     with open_store(store) as opened:
-        decoder = piece_decoder(opened.model_id)
-    chunks = chunk_outputs(store, run, decoder, folds=probe_options.get("folds", 5),
-                           n_boot=probe_options.get("n_boot", 1000), permutations=probe_options.get("permutations", 50),
-                           seed=probe_options.get("seed", 0), memory_bytes=probe_options.get("memory_bytes", 1 << 30),
-                           progress=progress)
+        decoder = piece_decoder(opened.model_id, config.model)  # a hub model's tokenizer: generate just loaded it
+    chunks = chunk_outputs(store, run, decoder, progress=progress, **probes)
     result.update(trajectory=traj["summary"], tokens=tok["summary"], chunks=chunks["summary"])
-    write_report(run / "report.md", format_summary(gen), traj, tok, time.time() - started, chunks)
+    write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks)
     return result
+
+
+def chunk_probe(stores, out_dir, tokenizer: str | None = None, cues: str | None = None, chunk_regex: str | None = None,
+                progress: bool = True, **options) -> dict:
+    """`tribunal probe chunks`: chunk ends found with the store's tokenizer (or `tokenizer`) at the reflection
+    `cues` (a comma list; default chunks.DEFAULT_CUES) and `chunk_regex`; options are ProbeConfig fields."""
+    from .chunks import DEFAULT_CUES, cue_pattern
+
+    ProbeConfig(**options).validate()
+    with open_store(stores) as store:
+        model_id = store.model_id
+    pattern = cue_pattern(tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES, chunk_regex)
+    return chunk_outputs(stores, out_dir, piece_decoder(model_id, tokenizer), pattern=pattern, progress=progress,
+                         **options)
+
+
+def score_stores(directions, stores, out_csv, layer: int | None = None, aggregation: str | None = None,
+                 chunk_ends: bool = False, tokenizer: str | None = None) -> dict:
+    """`tribunal score`: per-token logits of a saved trajectory cell, or with chunk_ends the chunk direction's
+    logit at every chunk end, into OUT_CSV (its folder is created; on failure nothing is left behind)."""
+    from .probes import directions as dirs
+    from .probes.chunk_probe import score_chunk_ends
+
+    doc = dirs.load(directions)
+    with open_store(stores) as store, _new_file(out_csv):
+        if chunk_ends:
+            return score_chunk_ends(doc, store, piece_decoder(store.model_id, tokenizer), out_csv)
+        return dirs.score_store(doc, store, out_csv, layer, aggregation)
+
+
+@contextmanager
+def _new_file(path):
+    """Create PATH's missing folders for the body to write PATH; if the body fails, remove what it wrote
+    and the folders made here."""
+    path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    existed = path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            path.unlink(missing_ok=True)
+        for folder in made:  # deepest first
+            with suppress(OSError):  # not empty: something else writes there now
+                folder.rmdir()
+        raise

@@ -29,6 +29,7 @@ class SubmitConfig:
     run_dir: str
     shards: int = 4
     generate: dict = field(default_factory=dict)  # `tribunal generate` options (GenerateConfig names) for every task
+    probes: dict = field(default_factory=dict)  # the probe job's options (ProbeConfig names)
     time: str = "04:00:00"
     partition: str | None = None
     gpus: int = 1
@@ -38,7 +39,6 @@ class SubmitConfig:
     python: str | None = None
     max_requeues: int = 5
     probe_time: str = "02:00:00"
-    probe_memory: str = "8G"
     generate_args: list = field(default_factory=list)
     probe_args: list = field(default_factory=list)
 
@@ -56,13 +56,25 @@ def _site_lines(cfg: SubmitConfig, gpus: int, mem: str | None) -> str:
 
 
 def generate_arguments(cfg: SubmitConfig) -> list[str]:
-    """The `tribunal generate` arguments every task gets: the options that differ from their defaults, then extras."""
+    """The `tribunal generate` arguments every task gets: the options that differ from their defaults, then extras.
+    The options are checked here, before any file is written."""
     from ..traces.settings import GenerateConfig
 
     unknown = sorted(set(cfg.generate) - {f.name for f in GenerateConfig.cli_fields()})
     if unknown:
         raise TribunalError(f"unknown generate option(s) {unknown}")
+    GenerateConfig(out="shard.h5", **cfg.generate).validate()
     return GenerateConfig.arguments(cfg.generate) + [str(a) for a in cfg.generate_args]
+
+
+def probe_arguments(cfg: SubmitConfig) -> dict[str, list[str]]:
+    """Per probe of the probe job (trajectory, tokens): its arguments that differ from ProbeConfig's defaults;
+    the trajectory probe also gets the extra --probe-arg arguments."""
+    from ..probes.config import ProbeConfig
+
+    probes = ProbeConfig(**cfg.probes).validate()
+    return {"trajectory": probes.arguments("trajectory") + [str(a) for a in cfg.probe_args],
+            "tokens": probes.arguments("tokens")}
 
 
 def fill(template: str, values: dict) -> str:
@@ -110,6 +122,7 @@ def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
             f"{SIGNAL_LEAD_S // 60} minutes")
     time_limit_seconds(cfg.probe_time)
     _local_paths_absolute(cfg)
+    generate_args, probe_args = generate_arguments(cfg), probe_arguments(cfg)
     run = Path(cfg.run_dir).resolve()
     (run / "slurm").mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(exist_ok=True)
@@ -124,11 +137,11 @@ def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
     gen = fill((TEMPLATES / "generate.sbatch").read_text(), {
         **common, "SITE_SBATCH": _site_lines(cfg, cfg.gpus, cfg.mem), "TIME": cfg.time, "SIGNAL_LEAD": SIGNAL_LEAD_S,
         "LAST_SHARD": cfg.shards - 1, "SHARDS": cfg.shards, "MAX_REQUEUES": cfg.max_requeues,
-        "GENERATE_ARGS": " ".join(shlex.quote(a) for a in generate_arguments(cfg)),
+        "GENERATE_ARGS": " ".join(shlex.quote(a) for a in generate_args),
     })
     probe = fill((TEMPLATES / "probe.sbatch").read_text(), {
         **common, "SITE_SBATCH_PROBE": _site_lines(cfg, 0, cfg.mem), "PROBE_TIME": cfg.probe_time,
-        "PROBE_MEMORY": shlex.quote(cfg.probe_memory), "PROBE_ARGS": " ".join(shlex.quote(str(a)) for a in cfg.probe_args),
+        **{f"{probe.upper()}_ARGS": " ".join(shlex.quote(a) for a in args) for probe, args in probe_args.items()},
     })
     gen_path, probe_path = run / "slurm" / "generate.sbatch", run / "slurm" / "probe.sbatch"
     gen_path.write_text(gen)

@@ -1,7 +1,9 @@
-"""`tribunal probe trajectory|tokens`: read stores, fit and evaluate, write the numbers into a folder.
+"""`tribunal probe trajectory|tokens|chunks`: read stores, fit and evaluate, write the numbers into a folder.
 
-Outputs: implicit_value_directions.json and metrics.csv, and a short summary for the terminal. The
-results are returned; the report draws them (tribunal/report/), so probes never import the report.
+Outputs: implicit_value_directions.json, metrics.csv (trajectory), chunks.csv and chunk_metrics.json (chunks),
+and a short summary for the terminal. The results are returned; the report draws them (tribunal/report/), so
+probes never import the report. Options are ProbeConfig's fields (probes/config.py). Every input is checked and
+every number computed before the output folder is created, so bad input leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..store import open_store
-from ..store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES
 from . import directions as dirs
 from . import verdict
+from .config import ProbeConfig
 from .verdict import fmt_ci
 from .tokens import fit_token_probe
 from .trajectory import evaluate_cells, load_trajectory_data
@@ -23,49 +25,48 @@ from .trajectory import evaluate_cells, load_trajectory_data
 DIRECTIONS_FILE = "implicit_value_directions.json"
 
 
-def probe_trajectory(stores, out_dir, layers=None, aggregations=AGGREGATIONS, k: int = 10, folds: int = 5,
-                     n_boot: int = 1000, permutations: int = 50, seed: int = 0, C: float = 1.0,
-                     block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = True) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def probe_trajectory(stores, out_dir, layers=None, progress: bool = True, **options) -> dict:
+    """Every stored layer (or `layers`) x aggregation: probes beside baselines on grouped folds, nested selection."""
+    cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
-        data = load_trajectory_data(store, layers, aggregations, k, block_bytes, progress)
-        result = evaluate_cells(data, folds, seed, n_boot, permutations, C, progress)
+        data = load_trajectory_data(store, layers, cfg.aggregations, cfg.last_k, cfg.block_bytes, progress)
+        result = evaluate_cells(data, cfg.folds, cfg.seed, cfg.permutations, cfg.C, progress)
         result.update(labels=data.y.tolist(), problems=int(len(np.unique(data.groups))))
-        settings = {"layers": sorted({c["layer"] for c in result["cells"]}), "aggregations": list(aggregations),
-                    "k": k, "folds": folds, "n_boot": n_boot, "permutations": permutations, "seed": seed, "C": C}
+        settings = {"layers": sorted({c["layer"] for c in result["cells"]}),
+                    **{f.name: getattr(cfg, f.name) for f in cfg.cli_fields("trajectory")}}
+        out = _output_folder(out_dir)
         doc = _merge(out, dirs.build_document(store, result, None, settings), "trajectory")
     dirs.save(doc, out / DIRECTIONS_FILE)
     write_metrics_csv(result, out / "metrics.csv")
     return {"document": doc, "result": result, "summary": summarize_trajectory(result)}
 
 
-def probe_tokens(stores, out_dir, layer: int | None = None, memory_bytes: int = 1 << 30, test_fraction: float = 0.25,
-                 seed: int = 0, n_boot: int = 500) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def probe_tokens(stores, out_dir, layer: int | None = None, progress: bool = True, **options) -> dict:
+    """The per-token probe at `layer` (default: the middle stored layer), fit out of core within --memory."""
+    cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
         if layer is None:
             layer = store.layers[len(store.layers) // 2]
-        token = fit_token_probe(store, layer, memory_bytes, test_fraction, seed, n_boot=n_boot)
-        doc = _merge(out, dirs.build_document(store, None, token, {"token_layer": layer}), "token")
+        token = fit_token_probe(store, layer, cfg.memory_bytes, cfg.test_fraction, cfg.seed, progress=progress)
+        settings = {"token_layer": layer, **{f"token_{f.name}": getattr(cfg, f.name) for f in cfg.cli_fields("tokens")}}
+        out = _output_folder(out_dir)
+        doc = _merge(out, dirs.build_document(store, None, token, settings), "token")
     dirs.save(doc, out / DIRECTIONS_FILE)
     return {"document": doc, "token": token, "summary": summarize_tokens(token)}
 
 
-def probe_chunks(stores, out_dir, decode_pieces, folds: int = 5, n_boot: int = 1000, permutations: int = 50,
-                 seed: int = 0, C: float = 1.0, margin: float = 0.02, pattern=None, memory_bytes: int = 1 << 30,
-                 progress: bool = True) -> dict:
+def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = True, **options) -> dict:
     """Chunk probes and early exit: chunks.csv, chunk_metrics.json and the `chunk` section of the directions file."""
     from .chunk_probe import evaluate_chunk_probe, load_chunks
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
         data = load_chunks(store, decode_pieces, pattern, progress)
-        block = max(1 << 20, min(DEFAULT_BLOCK_BYTES, memory_bytes // 4))
-        result = evaluate_chunk_probe(store, data, folds, seed, n_boot, permutations, C, margin, block, progress)
-        doc = _merge(out, dirs.build_document(store, None, None, {"chunk_folds": folds}), "chunk")
+        result = evaluate_chunk_probe(store, data, cfg.folds, cfg.seed, cfg.permutations, cfg.C, cfg.margin,
+                                      cfg.block_bytes, progress)
+        settings = {f"chunk_{f.name}": getattr(cfg, f.name) for f in cfg.cli_fields("chunks")}
+        out = _output_folder(out_dir)
+        doc = _merge(out, dirs.build_document(store, None, None, settings), "chunk")
     final = result["selection"]["final"]
     layer = next(c for c in result["layers"] if c["layer"] == final["layer"])
     doc["chunk"] = {"probe": "StandardScaler + L2 LogisticRegression on the residual at each chunk's last token",
@@ -82,13 +83,27 @@ def probe_chunks(stores, out_dir, decode_pieces, folds: int = 5, n_boot: int = 1
             "summary": summarize_chunks(result)}
 
 
+def _output_folder(out_dir) -> Path:
+    """The output folder, created only now that the numbers are in."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _chunk_headline(result: dict) -> dict:
+    """chunk_metrics.json: each figure under the name of what it measures. `nested` scores the selection
+    procedure (each outer fold chose its own layer); `direction_cell` is the layer refit on all problems that the
+    directions file and `tribunal score --chunks` use (its per-cell figure is optimistic: it won the search)."""
     sel, exit_ = result["selection"], result["early_exit"]
-    probe = exit_["rules"]["probe"]
-    return {"layer": sel["final"]["layer"], "auroc": sel["nested_metrics"]["auroc"]["value"],
-            "auroc_ci": sel["nested_metrics"]["auroc"]["ci"], "family_wise_p": sel["family_wise"]["p"],
+    probe, final = exit_["rules"]["probe"], sel["final"]
+    cell = next(c for c in result["layers"] if c["layer"] == final["layer"])
+    return {"nested": {"auroc": sel["nested_metrics"]["auroc"]["value"], "auroc_ci": sel["nested_metrics"]["auroc"]["ci"],
+                       "family_wise_p": sel["family_wise"]["p"], "brier": sel["calibration"]["brier"],
+                       "ece": sel["calibration"]["ece"], "folds_chose": sel["chosen_per_fold"]},
+            "direction_cell": {"layer": final["layer"], "auroc": cell["metrics"]["auroc"]["value"],
+                               "auroc_ci": cell["metrics"]["auroc"]["ci"], "folds_chose_it": final["folds_won"],
+                               "note": "per-cell grouped CV over all problems; optimistic, it won the search"},
             "chunks": result["chunks"], "traces": result["traces"], "problems": result["problems"],
-            "brier": sel["calibration"]["brier"], "ece": sel["calibration"]["ece"],
             "early_exit": {"accuracy": probe["accuracy"], "accuracy_ci": probe["accuracy_ci"],
                            "full_accuracy": probe["full_accuracy"], "tokens_saved": probe["tokens_saved"],
                            "tokens_saved_ci": probe["tokens_saved_ci"], "margin": exit_["margin"],
@@ -119,7 +134,7 @@ def summarize_chunks(result: dict) -> str:
         "baselines on the same folds (AUROC): " + ", ".join(
             f"{n} {b['auroc']['value']:.3f}" for n, b in result["baselines"].items()),
         "; ".join(f"does NOT beat the {n.replace('_', ' ')} baseline" for n, ok in result["beats"].items() if not ok)
-        or "beats every baseline (paired bootstrap over problems)",
+        or "beats every baseline (paired CI of the CV ROC-AUC difference above 0)",
         f"early exit (threshold chosen on training folds, accuracy margin {exit_['margin']:.2f}): accuracy "
         f"{probe['accuracy']:.3f} {_ci(probe['accuracy_ci'])} vs {full['accuracy']:.3f} for the full traces, tokens saved "
         f"{probe['tokens_saved']:.1%} {_ci(probe['tokens_saved_ci'], pct=True)}",

@@ -22,39 +22,66 @@ interrupted run resumes to the same store.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from statistics import NormalDist
 
 import numpy as np
 from tqdm import tqdm
 
+from ..config import parse_index_list, parse_range
 from ..errors import TribunalError
+from ..store.format import DTYPES
 from ..store.writer import StoreWriter, TraceRecord
 
 SYNTH_MODEL_ID = "tribunal/synthetic"
 POSITION_SCALE = 64.0
 
 
+def option(default, help: str | None = None, **cli):
+    """A field with its command-line help; help=None: a setting of the library only, not a `synth` option.
+    cli: choices=(...)."""
+    return field(default=default, metadata={"help": help, "cli": help is not None, **cli})
+
+
 @dataclass
 class SynthSettings:
-    traces: int = 200
-    problems: int = 50
-    layers: tuple = (4, 8, 12, 16)
-    d_model: int = 64
-    tokens_per_trace: tuple = (64, 256)
-    dtype: str = "float16"
-    seed: int = 0
-    signal: float = 0.8
-    signal_layers: tuple | None = None
-    length_confound: float = 0.0
-    problem_leak: float = 0.0
-    prompt_tokens: int = 16
-    problem_scale: float = 1.0
-    trace_scale: float = 1.0
-    batch_tokens: int = 8192
-    chunk_signal: float | None = None
-    chunks_per_trace: tuple = (2, 6)
-    chunk_position_confound: float = 0.0
+    """The settings of a synthetic store, defined once: `tribunal synth`'s options are derived from these fields.
+    Index lists and ranges may be given as the command line writes them ('4,8,12-16', '64-256')."""
+
+    traces: int = option(200, "Number of traces.")
+    problems: int = option(50, "Number of problems (samples per problem = traces / problems).")
+    layers: tuple = option("4,8,12,16", "Layer indices, e.g. 4,8,12-16.")
+    d_model: int = option(64, "Width of each stored activation row.")
+    tokens_per_trace: tuple = option("64-256", "Range of trace lengths in tokens.")
+    dtype: str = option("float16", "Storage dtype.", choices=tuple(DTYPES))
+    seed: int = option(0, "Seed of the planted truth and of every trace.")
+    signal: float = option(0.8, "AUROC of the ideal linear probe on the mean (0.5 = none).")
+    signal_layers: tuple | None = option(None, "Layers carrying the signal (default: the middle half).")
+    length_confound: float = option(0.0, "0..1: how much trace length decides the label.")
+    problem_leak: float = option(0.0, "0..1: how much the problem decides the label.")
+    prompt_tokens: int = option(16)
+    problem_scale: float = option(1.0)
+    trace_scale: float = option(1.0)
+    batch_tokens: int = option(8192)
+    chunk_signal: float | None = option(None, "Write reasoning chunks with intermediate answers instead; the ideal "
+                                              "chunk-end probe's AUROC.")
+    chunks_per_trace: tuple = option((2, 6))
+    chunk_position_confound: float = option(0.0, "0..1: how much a chunk's position decides whether its answer is right.")
+
+    def __post_init__(self):
+        try:
+            for name in ("layers", "signal_layers"):
+                if isinstance(getattr(self, name), str):
+                    setattr(self, name, tuple(parse_index_list(getattr(self, name))) or None)
+            if isinstance(self.tokens_per_trace, str):
+                self.tokens_per_trace = parse_range(self.tokens_per_trace)
+        except ValueError as exc:
+            raise TribunalError(str(exc)) from None
+
+    @classmethod
+    def cli_fields(cls):
+        """The fields that are `tribunal synth` options, in declaration order."""
+        return [f for f in fields(cls) if f.metadata["cli"]]
 
     def validate(self) -> "SynthSettings":
         if self.traces < 1 or self.problems < 1 or self.traces % self.problems:
