@@ -14,6 +14,7 @@ import sys
 import click
 
 from . import __version__
+from .config import parse_budget, parse_index_list, parse_size
 from .errors import TribunalError
 
 
@@ -37,25 +38,56 @@ def user_errors(func):
     return wrapper
 
 
-def parse_int_list(text: str) -> list[int]:
-    """'4,8,12-15' -> [4, 8, 12, 13, 14, 15], as a click parameter error when malformed."""
-    from .config import parse_index_list
+def parsed(parse):
+    """A click callback that reads an option's text with a library parser (tribunal/config.py); its ValueError
+    becomes a one-line parameter error. An option not given (None) stays None."""
 
-    try:
-        return parse_index_list(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """'64-256' -> (64, 256); '100' -> (100, 100)."""
-    try:
-        if "-" in text:
-            lo, hi = text.split("-", 1)
-            return int(lo), int(hi)
-        return int(text), int(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a range like 64-256") from None
+def field_options(fields, flags=lambda f: ("--" + f.name.replace("_", "-"),)) -> list:
+    """click options derived from dataclass fields (GenerateConfig, ProbeConfig, SynthSettings: one definition
+    each): help, default, type and choices come from the field; a tuple default shows as its comma list."""
+    types = {"int": int, "float": float}
+    options = []
+    for f in fields:
+        meta, names = f.metadata, (*flags(f), f.name)
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kwargs = dict(default=default, help=meta["help"], show_default=default is not None and default is not False)
+        if f.type == "bool":
+            options.append(click.option(*names, is_flag=True, help=meta["help"]))
+        elif "secondary" in meta:
+            options.append(click.option(f"{names[0]}/{meta['secondary']}", f.name, default=default, help=meta["help"]))
+        elif "choices" in meta:
+            options.append(click.option(*names, type=click.Choice(meta["choices"]), **kwargs))
+        else:
+            options.append(click.option(*names, type=types.get(f.type.split(" ")[0], str), **kwargs))
+    return options
+
+
+def with_options(func, options: list):
+    """Apply click options so that --help lists them in the given order."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def config_option():
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file,
+                        is_eager=True, expose_value=False,
+                        help="YAML or TOML file with these options' keys; the command line wins.")
+
+
+def quiet_option():
+    return click.option("--quiet", is_flag=True, help="No progress bar.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,30 +114,14 @@ def inspect(stores, trace_index, as_json, tokenizer):
     from .store import open_store
     from .store.summary import format_summary, format_trace, summarize
 
+    from .traces.models import token_decoder
+
     with open_store(stores) as store:
         if trace_index is not None:
-            click.echo(format_trace(store, trace_index, decode=token_decoder(tokenizer, store.model_id)))
+            click.echo(format_trace(store, trace_index, decode=token_decoder(store.model_id, tokenizer)))
             return
         info = summarize(store)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else format_summary(info))
-
-
-def token_decoder(tokenizer: str | None, model_id: str):
-    """token id -> text with the given tokenizer, or the store model's when it is on this machine; else None."""
-    from pathlib import Path
-
-    from .traces.models import EMBEDDED_MODEL, EMBEDDED_MODEL_ID
-
-    source = tokenizer or (str(EMBEDDED_MODEL) if model_id == EMBEDDED_MODEL_ID else model_id)
-    if tokenizer is None and not Path(source).exists():
-        return None  # a hub id: no network lookups unless asked with --tokenizer
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from None
-    return lambda token_id: tok.decode([token_id])
 
 
 @main.command()
@@ -126,38 +142,22 @@ def verify(stores, no_values):
                "all invariants hold")
 
 
+def synth_options(func):
+    """`synth`'s options, derived from SynthSettings (one definition), plus --quiet."""
+    from .traces.synthetic import SynthSettings
+
+    return with_options(func, [*field_options(SynthSettings.cli_fields()), quiet_option()])
+
+
 @main.command()
 @click.argument("out")
-@click.option("--traces", default=200, show_default=True, help="Number of traces.")
-@click.option("--problems", default=50, show_default=True, help="Number of problems (samples per problem = traces / problems).")
-@click.option("--layers", default="4,8,12,16", show_default=True, help="Layer indices, e.g. 4,8,12-16.")
-@click.option("--d-model", default=64, show_default=True)
-@click.option("--tokens-per-trace", default="64-256", show_default=True, help="Range of trace lengths in tokens.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--signal", default=0.8, show_default=True, help="AUROC of the ideal linear probe on the mean (0.5 = none).")
-@click.option("--signal-layers", default=None, help="Layers carrying the signal (default: the middle half).")
-@click.option("--length-confound", default=0.0, show_default=True, help="0..1: how much trace length decides the label.")
-@click.option("--problem-leak", default=0.0, show_default=True, help="0..1: how much the problem decides the label.")
-@click.option("--chunk-signal", type=float, default=None,
-              help="Write reasoning chunks with intermediate answers instead; the ideal chunk-end probe's AUROC.")
-@click.option("--chunk-position-confound", default=0.0, show_default=True,
-              help="0..1: how much a chunk's position decides whether its answer is right.")
-@click.option("--quiet", is_flag=True)
+@synth_options
 @user_errors
-def synth(out, traces, problems, layers, d_model, tokens_per_trace, dtype, seed, signal, signal_layers,
-          length_confound, problem_leak, chunk_signal, chunk_position_confound, quiet):
+def synth(out, quiet, **settings):
     """Write a store of synthetic traces with a planted truth to OUT (resumes an interrupted OUT)."""
     from .traces.synthetic import SynthSettings, write_synthetic_store
 
-    settings = SynthSettings(
-        traces=traces, problems=problems, layers=tuple(parse_int_list(layers)), d_model=d_model,
-        tokens_per_trace=parse_range(tokens_per_trace), dtype=dtype, seed=seed, signal=signal,
-        signal_layers=tuple(parse_int_list(signal_layers)) if signal_layers else None,
-        length_confound=length_confound, problem_leak=problem_leak, chunk_signal=chunk_signal,
-        chunk_position_confound=chunk_position_confound,
-    )
-    result = write_synthetic_store(out, settings, progress=not quiet)
+    result = write_synthetic_store(out, SynthSettings(**settings), progress=not quiet)
     click.echo(f"wrote {out}: {result['traces']} traces, {result['tokens']} tokens"
                + (f" (resumed after {result['resumed_from']})" if result["resumed_from"] else ""))
 
@@ -188,31 +188,28 @@ def generator_options(func, per_shard: bool = True):
     per_shard=False leaves out what the cluster launcher sets per task (--shard)."""
     from .traces.settings import GenerateConfig
 
-    types = {"int": int, "float": float}
-    options = [click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config_file,
-                            is_eager=True, expose_value=False,
-                            help="YAML or TOML file with these options' keys; the command line wins.")]
-    for f in GenerateConfig.cli_fields():
-        if f.metadata.get("per_shard") and not per_shard:
-            continue
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        kwargs = dict(default=f.default, help=meta["help"], show_default=f.default not in (None, False))
-        if f.type == "bool":
-            options.append(click.option(flag, is_flag=True, help=meta["help"]))
-        elif "secondary" in meta:
-            options.append(click.option(f"{flag}/{meta['secondary']}", default=f.default, help=meta["help"]))
-        elif "choices" in meta:
-            options.append(click.option(flag, type=click.Choice(meta["choices"]), **kwargs))
-        else:
-            options.append(click.option(flag, type=types.get(f.type.split(" ")[0], str), **kwargs))
-    options.append(click.option("--quiet", is_flag=True, help="No progress bar."))
-    for option in reversed(options):
-        func = option(func)
-    return func
+    fields = [f for f in GenerateConfig.cli_fields() if per_shard or not f.metadata.get("per_shard")]
+    return with_options(func, [config_option(), *field_options(fields), quiet_option()])
 
 
 def cluster_generator_options(func):
     return generator_options(func, per_shard=False)
+
+
+def probe_options(*probes: str, beside_generator: bool = False):
+    """The options of these probes, derived from ProbeConfig (one definition), plus --config and --quiet.
+    beside_generator: for commands that also take the generator's options (run, slurm submit), which bring
+    --config and --quiet, and whose --seed seeds the sampling and the probes alike."""
+    from .probes.config import ProbeConfig
+    from .traces.settings import GenerateConfig
+
+    generator = {f.name for f in GenerateConfig.cli_fields()} if beside_generator else set()
+    options = field_options([f for f in ProbeConfig.cli_fields(*probes) if f.name not in generator], ProbeConfig.flags)
+
+    def decorate(func):
+        return with_options(func, options if beside_generator else [config_option(), *options, quiet_option()])
+
+    return decorate
 
 
 @main.command()
@@ -236,22 +233,18 @@ def generate(quiet, **options):
 @main.command()
 @click.option("--out", required=True, help="Run folder: store.h5, directions, plots, report.md.")
 @generator_options
-@click.option("--folds", default=5, show_default=True, help="Probe CV folds.")
-@click.option("--permutations", default=50, show_default=True,
-              help="Grouped permutations of the labels (shared by all cells; 0 = skip).")
-@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
-@click.option("--memory", default="1G", show_default=True, help="Memory budget of the token probe.")
+@probe_options(beside_generator=True)
 @user_errors
-def run(out, quiet, folds, permutations, n_boot, memory, **options):
-    """The main job: generate (the embedded default when no model is given), both probes, report.md, in OUT.
+def run(out, quiet, **options):
+    """The main job: generate (the embedded default when no model is given), the probes, report.md, in OUT.
 
-    Rerunning resumes the generation. Exit 75 when interrupted (rerun to resume).
+    --seed seeds the sampling and every probe. Rerunning resumes the generation. Exit 75 when interrupted
+    (rerun to resume).
     """
     from .pipeline import run_pipeline
-
-    result = run_pipeline(out, options, {"folds": folds, "permutations": permutations, "n_boot": n_boot,
-                                         "memory_bytes": parse_memory(memory)}, progress=not quiet)
     from .traces.generate import EXIT_INTERRUPTED, format_summary
+
+    result = run_pipeline(out, options, progress=not quiet)
 
     click.echo(format_summary(result["generate"]))
     if result["generate"]["status"] != "done":
@@ -268,7 +261,7 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
 @click.option("--layers", default=None, help="Layers to capture: 4,8,12-15 or all (default: the source's layers).")
 @click.option("--model", default=None, help="The model that sampled the traces (default: the store's, when local).")
 @click.option("--capture-memory", default="auto", show_default=True,
-              callback=lambda ctx, param, text: parse_budget(text),
+              callback=parsed(parse_budget),
               help="Memory of a forward batch at most (its activations and working set), e.g. 4G; auto: half of the "
                    "device's free memory, 2G on a CPU.")
 @click.option("--compute-dtype", default="auto", show_default=True)
@@ -278,11 +271,11 @@ def run(out, quiet, folds, permutations, n_boot, memory, **options):
 def capture(sources, out, layers, model, capture_memory, compute_dtype, device_map, quiet):
     """Re-forward the stored traces of SOURCES through the model (teacher forcing) into a new store with the same
     traces, labels and tokens and the requested layers: add layers without resampling. Exit 75 when interrupted."""
-    from .traces.capture import capture_store
+    from .traces.capture.recapture import recapture_store
     from .traces.stop import EXIT_INTERRUPTED
 
     show_progress_log()
-    result = capture_store(sources, out, model=model, layers=layers, capture_memory=capture_memory,
+    result = recapture_store(sources, out, model=model, layers=layers, capture_memory=capture_memory,
                            compute_dtype=compute_dtype, device_map=device_map, progress=not quiet)
     click.echo(f"{result['status']}: {out}: {result['traces']} traces, {result['tokens']} tokens, "
                f"layers {result['layers']}")
@@ -293,14 +286,15 @@ def capture(sources, out, layers, model, capture_memory, compute_dtype, device_m
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="Merged store file to write (an interrupted merge resumes).")
-@click.option("--memory", default="256M", show_default=True, help="Memory for the traces copied in one batch, e.g. 1G.")
+@click.option("--memory", default="256M", show_default=True, callback=parsed(parse_size),
+              help="Memory for the traces copied in one batch, e.g. 1G.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def merge(shards, out, memory, quiet):
     """Copy the committed traces of SHARDS (files or globs) into one self-contained store."""
     from .store.merge import merge_stores
 
-    result = merge_stores(shards, out, progress=not quiet, memory_bytes=parse_memory(memory))
+    result = merge_stores(shards, out, progress=not quiet, memory_bytes=memory)
     click.echo(f"merged {result['shards']} shards into {out}: {result['traces']} traces, {result['tokens']} tokens")
 
 
@@ -316,6 +310,7 @@ def slurm():
 @click.option("--run-dir", required=True, help="Run folder: shards, logs, filled sbatch scripts, probes.")
 @click.option("--shards", default=4, show_default=True, help="Array tasks (one store shard each).")
 @cluster_generator_options
+@probe_options("trajectory", "tokens", beside_generator=True)
 @click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Per-task time limit.")
 @click.option("--partition", default=None)
 @click.option("--gpus", default=1, show_default=True, help="GPUs per task (0 for CPU).")
@@ -326,21 +321,23 @@ def slurm():
               help="Python that runs tribunal in the job (default: python3 from --setup's environment, else this one).")
 @click.option("--max-requeues", default=5, show_default=True)
 @click.option("--probe-time", default="02:00:00", show_default=True)
-@click.option("--probe-memory", default="8G", show_default=True)
 @click.option("--generate-arg", "generate_args", multiple=True, help="Extra `tribunal generate` argument (repeat).")
 @click.option("--probe-arg", "probe_args", multiple=True, help="Extra `tribunal probe trajectory` argument (repeat).")
 @click.option("--submit", "do_submit", is_flag=True, help="Submit both jobs (else only print the commands).")
 @user_errors
 def slurm_submit(run_dir, shards, time_limit, partition, gpus, cpus, mem, setup, python, max_requeues, probe_time,
-                 probe_memory, generate_args, probe_args, do_submit, quiet, **generate):
+                 generate_args, probe_args, do_submit, quiet, **options):
     """Fill slurm/generate.sbatch and slurm/probe.sbatch into RUN/slurm/, print the sbatch commands, optionally submit.
 
-    Every `tribunal generate` option is accepted here and passed to each array task."""
+    Every `tribunal generate` option is accepted here and passed to each array task; the probe options go to the
+    probe job (--seed to both)."""
     from .cluster.slurm import SubmitConfig, commands, submit, write_scripts
+    from .pipeline import split_options
 
-    cfg = SubmitConfig(run_dir=run_dir, shards=shards, generate=generate, time=time_limit, partition=partition,
-                       gpus=gpus, cpus=cpus, mem=mem, setup=list(setup), python=python, max_requeues=max_requeues,
-                       probe_time=probe_time, probe_memory=probe_memory, generate_args=list(generate_args),
+    generate, probes = split_options(options)
+    cfg = SubmitConfig(run_dir=run_dir, shards=shards, generate=generate, probes=probes, time=time_limit,
+                       partition=partition, gpus=gpus, cpus=cpus, mem=mem, setup=list(setup), python=python,
+                       max_requeues=max_requeues, probe_time=probe_time, generate_args=list(generate_args),
                        probe_args=list(probe_args))
     gen, probe_script = write_scripts(cfg)
     for line in commands(gen, probe_script):
@@ -365,53 +362,23 @@ def slurm_status(run_dir, as_json):
 # -- probes ------------------------------------------------------------------------------------
 
 
-def parse_memory(text: str) -> int:
-    """'512M', '2G', '1073741824' -> bytes."""
-    from .config import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def parse_budget(text: str) -> int | None:
-    """'2G' -> bytes, 'auto' -> None."""
-    from . import config
-
-    try:
-        return config.parse_budget(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.group()
 def probe():
-    """Fit and evaluate probes on stores (trajectory-level or per-token)."""
+    """Fit and evaluate probes on stores (trajectory-level, per-token, per-chunk)."""
 
 
 @probe.command("trajectory")
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder.")
-@click.option("--layers", default=None, help="Layers to probe (default: every stored layer).")
-@click.option("--aggregations", default=",".join(("mean", "last", "last_k", "max", "mean_all")), show_default=True)
-@click.option("-k", "--last-k", "k", default=10, show_default=True, help="k of the last_k aggregation.")
-@click.option("--folds", default=5, show_default=True)
-@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
-@click.option("--permutations", default=50, show_default=True,
-              help="Grouped permutations of the labels, shared by all cells (0 = skip).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("-C", "C", default=1.0, show_default=True, help="Inverse L2 strength of the logistic probe.")
-@click.option("--quiet", is_flag=True)
+@click.option("--layers", default=None, callback=parsed(parse_index_list),
+              help="Layers to probe (default: every stored layer).")
+@probe_options("trajectory")
 @user_errors
-def probe_trajectory_cmd(stores, out_dir, layers, aggregations, k, folds, n_boot, permutations, seed, C, quiet):
+def probe_trajectory_cmd(stores, out_dir, layers, quiet, **options):
     """Trajectory probes for every stored layer x aggregation, with baselines, CIs and nested selection."""
     from .report.outputs import trajectory_outputs
 
-    result = trajectory_outputs(stores, out_dir, layers=parse_int_list(layers) if layers else None,
-                                aggregations=tuple(a.strip() for a in aggregations.split(",") if a.strip()), k=k,
-                                folds=folds, n_boot=n_boot, permutations=permutations, seed=seed, C=C,
-                                progress=not quiet)
+    result = trajectory_outputs(stores, out_dir, layers=layers, progress=not quiet, **options)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/implicit_value_directions.json, metrics.csv, probe_results.png")
 
@@ -420,17 +387,13 @@ def probe_trajectory_cmd(stores, out_dir, layers, aggregations, k, folds, n_boot
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder.")
 @click.option("--layer", type=int, default=None, help="Layer (default: the middle stored layer).")
-@click.option("--memory", default="1G", show_default=True, help="Peak memory budget, e.g. 512M; sets the block size.")
-@click.option("--test-fraction", default=0.25, show_default=True, help="Share of problems held out.")
-@click.option("--bootstrap", "n_boot", default=500, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@probe_options("tokens")
 @user_errors
-def probe_tokens_cmd(stores, out_dir, layer, memory, test_fraction, n_boot, seed):
+def probe_tokens_cmd(stores, out_dir, layer, quiet, **options):
     """Per-token probe fit out of core (LDA and mass-mean), evaluated on held-out problems by position."""
     from .report.outputs import token_outputs
 
-    result = token_outputs(stores, out_dir, layer=layer, memory_bytes=parse_memory(memory),
-                           test_fraction=test_fraction, seed=seed, n_boot=n_boot)
+    result = token_outputs(stores, out_dir, layer=layer, progress=not quiet, **options)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/implicit_value_directions.json, token_probe.png")
 
@@ -442,29 +405,13 @@ def probe_tokens_cmd(stores, out_dir, layer, memory, test_fraction, n_boot, seed
               help="Tokenizer (path or hub id) to find chunk ends in the stored tokens; default: the store's model.")
 @click.option("--cues", default=None, help="Comma list of reflection cues that open a chunk (default: wait, hmm, ...).")
 @click.option("--chunk-regex", default=None, help="An extra regex; a chunk also ends where it matches.")
-@click.option("--folds", default=5, show_default=True)
-@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples of problems.")
-@click.option("--permutations", default=50, show_default=True, help="Grouped permutations shared by all layers.")
-@click.option("--margin", default=0.02, show_default=True,
-              help="Early exit: accuracy the exit rule may lose against the full traces.")
-@click.option("--memory", default="1G", show_default=True, help="Memory budget of the store pass.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@probe_options("chunks")
 @user_errors
-def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, folds, n_boot, permutations, margin, memory, seed,
-                     quiet):
+def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, quiet, **options):
     """Probe every reasoning chunk's end for whether its intermediate answer is right; simulate early exit."""
-    from .chunks import DEFAULT_CUES, cue_pattern
-    from .report.outputs import chunk_outputs
-    from .store import open_store
-    from .traces.models import piece_decoder
+    from .pipeline import chunk_probe
 
-    with open_store(stores) as store:
-        model_id = store.model_id
-    pattern = cue_pattern(tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES, chunk_regex)
-    result = chunk_outputs(stores, out_dir, piece_decoder(model_id, tokenizer), folds=folds, n_boot=n_boot,
-                           permutations=permutations, seed=seed, margin=margin, pattern=pattern,
-                           memory_bytes=parse_memory(memory), progress=not quiet)
+    result = chunk_probe(stores, out_dir, tokenizer, cues, chunk_regex, progress=not quiet, **options)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/chunks.csv, chunk_metrics.json, chunk_probe.png, early_exit.png")
 
@@ -481,20 +428,13 @@ def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, folds, n_boo
 def score(directions, stores, out_csv, layer, aggregation, chunk_ends, tokenizer):
     """Project stored traces onto saved DIRECTIONS (a .json or its folder): per-token probe logits to a CSV, or
     with --chunks the chunk direction's logit at every chunk end (the online monitor)."""
-    from .probes import directions as dirs
-    from .store import open_store
+    from .pipeline import score_stores
 
-    doc = dirs.load(directions)
-    with open_store(stores) as store:
-        if chunk_ends:
-            from .probes.chunk_probe import score_chunk_ends
-            from .traces.models import piece_decoder
-
-            result = score_chunk_ends(doc, store, piece_decoder(store.model_id, tokenizer), out_csv)
-            click.echo(f"scored {result['chunks']} chunk ends at layer {result['layer']} (chunk direction): {out_csv}")
-            return
-        result = dirs.score_store(doc, store, out_csv, layer, aggregation)
-    click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
+    result = score_stores(directions, stores, out_csv, layer, aggregation, chunk_ends, tokenizer)
+    if chunk_ends:
+        click.echo(f"scored {result['chunks']} chunk ends at layer {result['layer']} (chunk direction): {out_csv}")
+    else:
+        click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
 
 
 if __name__ == "__main__":
