@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..probes.run import probe_chunks, probe_tokens, probe_trajectory
-from .plots import chunk_probe, early_exit, probe_results, token_probe
+from .plots import chunk_probe_figure, early_exit_figure, probe_results_figure, save, token_probe_figure
 
 TRAJECTORY_FIGURE = "probe_results.png"
 TOKEN_FIGURE = "token_probe.png"
@@ -19,20 +19,20 @@ EXIT_FIGURE = "early_exit.png"
 def trajectory_outputs(stores, out_dir, **options) -> dict:
     """probe_trajectory, then its figure (AUROC by layer beside baselines, held-out logits, reliability)."""
     done = probe_trajectory(stores, out_dir, **options)
-    probe_results(done["result"], Path(out_dir) / TRAJECTORY_FIGURE)
+    save(probe_results_figure(done["result"]), Path(out_dir) / TRAJECTORY_FIGURE)
     return done
 
 
 def token_outputs(stores, out_dir, **options) -> dict:
     """probe_tokens, then its figure (AUROC by position, projection curves)."""
     done = probe_tokens(stores, out_dir, **options)
-    token_probe(done["token"], Path(out_dir) / TOKEN_FIGURE)
+    save(token_probe_figure(done["token"]), Path(out_dir) / TOKEN_FIGURE)
     return done
 
 
 def chunk_outputs(stores, out_dir, decode_pieces, **options) -> dict:
     """probe_chunks, then its figures (AUROC by layer beside baselines with a reliability diagram; early exit)."""
     done = probe_chunks(stores, out_dir, decode_pieces, **options)
-    chunk_probe(done["result"], Path(out_dir) / CHUNK_FIGURE)
-    early_exit(done["result"], Path(out_dir) / EXIT_FIGURE)
+    save(chunk_probe_figure(done["result"]), Path(out_dir) / CHUNK_FIGURE)
+    save(early_exit_figure(done["result"]), Path(out_dir) / EXIT_FIGURE)
     return done

@@ -1,6 +1,16 @@
-"""Figures people would rather look at than read: probe metrics by layer, separation, calibration, token signal."""
+"""Figures people would rather look at than read: probe metrics by layer, separation, calibration, token signal.
+
+Each `*_figure` builds a figure from what a probe returned and `save` writes it. The rules every figure keeps,
+so it reads at page width: panels in a grid two wide (never a long row), legends outside the data, axis limits
+taken from the data and its CIs (no error bar is cut off), overlapping distributions drawn as outlines,
+reliability bins of fewer than MIN_BIN_TRACES merged with their neighbours (each drawn bin shows its count),
+CI bands drawn as outlines,
+and points that could coincide drawn where they cannot hide each other (dodged, or one row each).
+"""
 
 from __future__ import annotations
+
+import math
 
 import matplotlib
 
@@ -8,176 +18,318 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+DPI = 110
+PANEL = (4.9, 3.1)  # inches per panel: two side by side make a figure 1078 px wide
+MIN_BIN_TRACES = 10  # a reliability bin with fewer predictions is merged with its neighbour before it is drawn
+
 BASELINE_STYLE = {"length": ("tab:orange", "s"), "confidence": ("tab:green", "^"),
                   "random_direction": ("tab:gray", "v"), "majority": ("black", "x")}
+CHUNK_BASELINE_STYLE = {"position": ("tab:orange", "s"), "tokens_so_far": ("tab:brown", "D"),
+                        "confidence": ("tab:green", "^"), "equals_final": ("tab:purple", "v")}
+# (colour, marker, marker size, line style): hollow markers of distinct shapes and sizes, so rules that land on one
+# point stay visible one inside the other
+EXIT_STYLE = {"probe": ("tab:blue", "o", 15, "-"), "confidence": ("tab:green", "^", 11, "--"),
+              "fixed_fraction": ("tab:orange", "s", 8, "-."), "first_answer": ("tab:purple", "D", 5, ":")}
+LABEL_COLOURS = (("correct", 1, "tab:green"), ("incorrect", 0, "tab:red"))
 
 
-def _chance(ax, label: bool) -> None:
-    ax.axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)" if label else None)
-
-
-def probe_results(trajectory: dict, path) -> None:
-    """Per aggregation: AUROC by layer with 95% CIs, baselines as markers with their own CIs; then the held-out
-    logits of the selection procedure, and its reliability diagram before and after Platt scaling."""
-    cells = trajectory["cells"]
-    aggs = sorted({c["aggregation"] for c in cells})
-    n = len(aggs) + 2
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.6), squeeze=False)
-    for i, (ax, agg) in enumerate(zip(axes[0], aggs)):
-        row = sorted((c for c in cells if c["aggregation"] == agg), key=lambda c: c["layer"])
-        layers = np.array([c["layer"] for c in row], float)
-        _errorbars(ax, layers, [c["metrics"]["auroc"] for c in row], "tab:blue", "o", "probe", 0.0, line=True)
-        names = [name for name in BASELINE_STYLE if name in row[0]["baselines"]]
-        for j, name in enumerate(names):
-            color, marker = BASELINE_STYLE[name]
-            offset = 0.12 * (j + 1) if len(layers) == 1 else 0.1 * (j + 1)
-            _errorbars(ax, layers, [c["baselines"][name]["auroc"] for c in row], color, marker,
-                       name.replace("_", " "), offset)
-        _chance(ax, label=i == 0)
-        ax.set_ylim(0.2, 1.02)
-        ax.set_title(agg + (f" (k={row[0]['k']})" if row[0].get("k") else ""), fontsize=9)
-        ax.set_xlabel("layer")
-        ax.set_xticks(layers)
-        if len(layers) == 1:
-            ax.set_xlim(layers[0] - 0.5, layers[0] + 0.8)
-    axes[0][0].set_ylabel("ROC-AUC (grouped CV, 95% CI)")
-    axes[0][0].legend(fontsize=6, loc="lower left")
-    sel = trajectory["selection"]
-    prob = np.asarray(sel["oof_probability"])
-    y = np.asarray(trajectory["labels"])
-    logit = np.log(np.clip(prob, 1e-6, 1 - 1e-6) / np.clip(1 - prob, 1e-6, 1))
-    ax = axes[0][-2]
-    bins = np.linspace(logit.min(), logit.max() + 1e-9, 20)
-    ax.hist(logit[y == 1], bins=bins, alpha=0.6, color="tab:green", label="correct")
-    ax.hist(logit[y == 0], bins=bins, alpha=0.6, color="tab:red", label="incorrect")
-    cells_chosen = len(sel["chosen_per_fold"])
-    ax.set_title("held-out logits of the selection procedure\n"
-                 f"(nested CV; the folds chose {cells_chosen} cell{'s' if cells_chosen > 1 else ''})", fontsize=8)
-    ax.set_xlabel("held-out probe logit")
-    ax.set_ylabel("traces")
-    ax.legend(fontsize=7)
-    _reliability(axes[0][-1], [(sel["calibration"], "tab:blue", "nested predictions"),
-                               (sel["calibrated"]["calibration"], "tab:purple", "after Platt scaling")],
-                 "mean predicted P(correct)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def save(fig, path) -> None:
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def _reliability(ax, curves, xlabel: str) -> None:
-    """Reliability diagram: fraction correct against mean prediction per bin, the diagonal and the base rate."""
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
-    for cal, color, label in curves:
-        curve = cal["reliability_curve"]
-        ax.plot([b["mean_predicted"] for b in curve], [b["fraction_correct"] for b in curve], "o-", color=color,
-                label=f"{label} (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
-    base = curves[0][0]["reference"]["base_rate"]
-    ax.axhline(base, color="black", lw=0.6, ls="--", label=f"base rate {base:.2f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction correct")
-    ax.set_title("reliability diagram", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left")
+def _grid(rows: int, cols: int = 2, height: float = PANEL[1]):
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL[0], rows * height), squeeze=False,
+                             layout="constrained")
+    return fig, axes
 
 
-def _errorbars(ax, x, values, color, marker, label, offset, line=False) -> None:
+def _name(key: str) -> str:
+    return key.replace("_", " ")
+
+
+def _legend_below(ax, ncol: int = 2, handles=None, labels=None) -> None:
+    """A legend under the axes (below its x label), never over the data."""
+    args = (handles, labels) if handles is not None else ()
+    ax.legend(*args, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=7, frameon=False)
+
+
+def _legend_slot(ax, handles, labels) -> None:
+    """A grid cell with no data of its own holds the legend its neighbours share."""
+    ax.axis("off")
+    ax.legend(handles, labels, loc="center", fontsize=8, frameon=False)
+
+
+def _limits(lows, highs, include=(0.5,), pad: float = 0.04) -> tuple[float, float]:
+    """Axis limits that hold every CI (and the chance line), with a margin so caps are not on the frame."""
+    values = [v for v in [*lows, *highs, *include] if v is not None and math.isfinite(v)]
+    lo, hi = min(values), max(values)
+    margin = max(hi - lo, 0.05) * pad
+    return lo - margin, hi + margin
+
+
+def _chance(ax, label: bool = True, horizontal: bool = True) -> None:
+    line = ax.axhline if horizontal else ax.axvline
+    line(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)" if label else None)
+
+
+def _errorbars(ax, x, values, color, marker, label, line=False, ms=5) -> None:
     val = np.array([v["value"] for v in values], float)
     ci = np.array([v["ci"] for v in values], float)
-    ax.errorbar(x + offset, val, yerr=[val - ci[:, 0], ci[:, 1] - val], fmt=marker + ("-" if line else ""),
-                color=color, capsize=2, ms=4, lw=1, label=label)
+    ax.errorbar(x, val, yerr=[np.maximum(val - ci[:, 0], 0), np.maximum(ci[:, 1] - val, 0)], fmt=marker + ("-" if line else ""),
+                color=color, capsize=2, ms=ms, lw=1, label=label)
 
 
-def token_probe(token: dict, path) -> None:
+def _band(ax, x, lower, upper, color) -> None:
+    """A CI band as its dashed outline: two classes' bands overlap without mixing into a third colour."""
+    ax.fill_between(x, lower, upper, facecolor="none", edgecolor=color, ls="--", lw=0.9)
+
+
+def _dodge(layers: np.ndarray, series: int) -> np.ndarray:
+    """x offsets that put `series` markers side by side within each layer's slot, none on another."""
+    spacing = np.min(np.diff(layers)) if len(layers) > 1 else 1.0
+    step = 0.75 * spacing / series
+    return (np.arange(series) - (series - 1) / 2) * step
+
+
+def _layer_axis(ax, layers: np.ndarray) -> None:
+    spacing = np.min(np.diff(layers)) if len(layers) > 1 else 1.0
+    ax.set_xticks(layers)
+    ax.set_xlim(layers[0] - 0.6 * spacing, layers[-1] + 0.6 * spacing)
+    ax.set_xlabel("layer")
+
+
+def _ring(ax, x, y, label) -> None:
+    ax.plot([x], [y], "o", ms=13, mfc="none", mec="black", mew=1.2, label=label)
+
+
+def probe_results_figure(trajectory: dict):
+    """Per aggregation, ROC-AUC by layer with 95% CIs beside the baselines (each with its CI), the direction cell
+    ringed; then the held-out logits of the folds' choices (nested CV) and their reliability diagram before and
+    after Platt scaling. The aggregation panels share one y axis, set from every CI drawn."""
+    cells = trajectory["cells"]
+    sel = trajectory["selection"]
+    final = sel["final"]
+    aggs = sorted({c["aggregation"] for c in cells})
+    names = [name for name in BASELINE_STYLE if name in cells[0]["baselines"]]
+    agg_rows = math.ceil((len(aggs) + 1) / 2)  # +1: the shared legend's cell
+    fig, axes = _grid(agg_rows + 1)
+    flat = list(axes[:agg_rows].flat)
+    every = [c["metrics"]["auroc"] for c in cells] + [c["baselines"][n]["auroc"] for c in cells for n in names]
+    ylim = _limits([m["ci"][0] for m in every], [m["ci"][1] for m in every])
+    for ax, agg in zip(flat, aggs):
+        row = sorted((c for c in cells if c["aggregation"] == agg), key=lambda c: c["layer"])
+        layers = np.array([c["layer"] for c in row], float)
+        offsets = _dodge(layers, 1 + len(names))
+        _errorbars(ax, layers + offsets[0], [c["metrics"]["auroc"] for c in row], "tab:blue", "o",
+                   "probe (per cell, grouped CV)", line=True)
+        for j, name in enumerate(names, start=1):
+            color, marker = BASELINE_STYLE[name]
+            _errorbars(ax, layers + offsets[j], [c["baselines"][name]["auroc"] for c in row], color, marker,
+                       f"{_name(name)} baseline")
+        if agg == final["aggregation"]:
+            value = next(c for c in row if c["layer"] == final["layer"])["metrics"]["auroc"]["value"]
+            _ring(ax, final["layer"] + offsets[0], value, f"the direction cell (layer {final['layer']}, {agg})")
+        _chance(ax)
+        ax.set_ylim(*ylim)
+        ax.set_title(agg + (f" (k={row[0]['k']})" if row[0].get("k") else ""), fontsize=9)
+        _layer_axis(ax, layers)
+        ax.set_ylabel("ROC-AUC (95% CI)")
+    handles = {}
+    for ax in flat[:len(aggs)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    _legend_slot(flat[len(aggs)], list(handles.values()), list(handles))
+    for ax in flat[len(aggs) + 1:]:
+        ax.axis("off")
+    chosen = len(sel["chosen_per_fold"])
+    _logit_histogram(axes[-1][0], sel["oof_probability"], trajectory["labels"], "traces",
+                     "held-out logits of the folds' choices (nested CV;\n"
+                     f"the folds chose {chosen} cell{'s' if chosen > 1 else ''})")
+    _reliability(axes[-1][1], [(sel["calibration"], "tab:blue", "nested predictions"),
+                               (sel["calibrated"]["calibration"], "tab:purple", "after Platt scaling")],
+                 "mean predicted P(correct)")
+    return fig
+
+
+def _logit_histogram(ax, probability, labels, unit: str, title: str) -> None:
+    """Held-out logits of each class as outlines (no filled bars to overlap and mix colours)."""
+    prob, y = np.asarray(probability, float), np.asarray(labels)
+    logit = np.log(np.clip(prob, 1e-6, 1 - 1e-6) / np.clip(1 - prob, 1e-6, 1))
+    bins = np.linspace(logit.min(), logit.max() + 1e-9, 20)
+    for name, value, color in LABEL_COLOURS:
+        ax.hist(logit[y == value], bins=bins, histtype="step", lw=1.6, color=color,
+                label=f"{name} {unit} ({int(np.sum(y == value))})")
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("held-out probe logit")
+    ax.set_ylabel(unit)
+    _legend_below(ax)
+
+
+def merge_small_bins(curve: list[dict], minimum: int = MIN_BIN_TRACES) -> list[dict]:
+    """Reliability bins pooled left to right until each holds `minimum` predictions; a short remainder joins the
+    last pooled bin. Fewer than `minimum` predictions in all: no bin."""
+    pooled, pending = [], []
+    for b in curve:
+        pending.append(b)
+        if sum(p["count"] for p in pending) >= minimum:
+            pooled.append(_pool(pending))
+            pending = []
+    if pending and pooled:
+        pooled[-1] = _pool([pooled[-1], *pending])
+    return pooled
+
+
+def _pool(bins: list[dict]) -> dict:
+    n = sum(b["count"] for b in bins)
+    return {"bin": [bins[0]["bin"][0], bins[-1]["bin"][1]], "count": n,
+            "mean_predicted": sum(b["mean_predicted"] * b["count"] for b in bins) / n,
+            "fraction_correct": sum(b["fraction_correct"] * b["count"] for b in bins) / n}
+
+
+def _reliability(ax, curves, xlabel: str) -> None:
+    """Fraction correct against mean prediction per bin (bins under MIN_BIN_TRACES merged), each bin's count
+    beside it, with the diagonal and the base rate."""
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
+    for i, (cal, color, label) in enumerate(curves):
+        bins = merge_small_bins(cal["reliability_curve"])
+        ax.plot([b["mean_predicted"] for b in bins], [b["fraction_correct"] for b in bins], "o-", color=color,
+                ms=4, label=f"{label} (Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f})")
+        for b in bins:
+            ax.annotate(str(b["count"]), (b["mean_predicted"], b["fraction_correct"]), textcoords="offset points",
+                        xytext=(0, 6 if i == 0 else -11), ha="center", fontsize=6, color=color)
+    base = curves[0][0]["reference"]["base_rate"]
+    ax.axhline(base, color="black", lw=0.6, ls="--", label=f"base rate {base:.2f}")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction correct")
+    ax.set_title(f"reliability diagram (number: predictions in the bin;\nbins under {MIN_BIN_TRACES} merged "
+                 "with a neighbour)", fontsize=8)
+    _legend_below(ax, ncol=1)
+
+
+def token_probe_figure(token: dict):
     """AUROC by relative position, and mean projection curves of correct and incorrect traces with their CIs."""
     dirs = token["directions"]
     nb = token["position_bins"]
     x = (np.arange(nb) + 0.5) / nb
-    fig, axes = plt.subplots(1, 1 + len(dirs), figsize=(4 * (1 + len(dirs)), 3.4), squeeze=False)
-    ax = axes[0][0]
+    panels = 1 + len(dirs)
+    fig, axes = _grid(math.ceil((panels + 1) / 2))
+    flat = list(axes.flat)
+    ax = flat[0]
     for name, color in zip(dirs, ("tab:blue", "tab:purple")):
         vals = np.array([b["value"] for b in dirs[name]["auroc_by_position"]], float)
         ci = np.array([b["ci"] for b in dirs[name]["auroc_by_position"]], float)
-        ax.plot(x, vals, "o-", color=color, label=f"{name} (band: 95% CI)")
-        ax.fill_between(x, ci[:, 0], ci[:, 1], color=color, alpha=0.15)
-    _chance(ax, label=True)
+        ax.plot(x, vals, "o-", color=color, ms=4, label=f"{name} (dashed: 95% CI)")
+        _band(ax, x, ci[:, 0], ci[:, 1], color)
+    _chance(ax)
     ax.set_xlabel("relative position in the generated trace")
-    ax.set_ylabel("token ROC-AUC (held-out problems)")
+    ax.set_ylabel("token ROC-AUC (held out)")
     ax.set_title(f"how early does the signal tell? (layer {token['layer']})", fontsize=9)
-    ax.legend(fontsize=7)
-    for ax, name in zip(axes[0][1:], dirs):
+    _legend_below(ax, ncol=3)
+    for ax, name in zip(flat[1:], dirs):
         for label, color in (("correct", "tab:green"), ("incorrect", "tab:red")):
             c = dirs[name]["projection_curves"][label]
-            ax.plot(x, c["mean"], color=color, label=f"{label} traces")
-            ax.fill_between(x, c["lower"], c["upper"], color=color, alpha=0.2)
+            ax.plot(x, c["mean"], color=color, label=f"{label} traces (dashed: 95% CI of the mean)")
+            _band(ax, x, c["lower"], c["upper"], color)
         ax.axhline(0, color="gray", lw=0.8, ls=":", label="midpoint of the class means")
-        ax.set_title(f"mean projection on the {name} direction\n(bands: 95% CI of the mean over held-out traces)",
-                     fontsize=8)
+        ax.set_title(f"mean projection on the {name} direction", fontsize=9)
         ax.set_xlabel("relative position in the generated trace")
-        ax.set_ylabel("projection - midpoint (activation units)")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_ylabel("projection - midpoint")
+    handles, labels = flat[1].get_legend_handles_labels()
+    _legend_slot(flat[panels], handles, labels)
+    for ax in flat[panels + 1:]:
+        ax.axis("off")
+    return fig
 
 
-def chunk_probe(result: dict, path) -> None:
-    """Chunk-end probe AUROC by layer with CIs beside its baselines; reliability diagram of the nested predictions."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+def chunk_probe_figure(result: dict):
+    """Chunk-end probe AUROC by layer (per layer, the direction cell ringed); the folds' choice (nested) beside the
+    baselines, one row each; the reliability diagram and held-out logits of the nested predictions."""
+    fig, axes = _grid(2)
     ax = axes[0][0]
-    layers = np.array([c["layer"] for c in result["layers"]], float)
-    _errorbars(ax, layers, [c["metrics"]["auroc"] for c in result["layers"]], "tab:blue", "o",
-               "probe (grouped CV)", 0.0, line=True)
-    right = layers.max() + 1.0
-    styles = {"position": ("tab:orange", "s"), "tokens_so_far": ("tab:brown", "D"), "confidence": ("tab:green", "^"),
-              "equals_final": ("tab:purple", "v")}
-    nested = result["selection"]["nested_metrics"]["auroc"]
-    _errorbars(ax, np.array([right]), [nested], "black", "*", "selection procedure (nested)", 0.0)
-    for j, (name, b) in enumerate(result["baselines"].items()):
-        color, marker = styles.get(name, ("gray", "x"))
-        _errorbars(ax, np.array([right]), [b["auroc"]], color, marker, name.replace("_", " "), 0.15 * (j + 1))
-    _chance(ax, label=True)
-    ax.set_xticks(list(layers) + [right])
-    ax.set_xticklabels([str(int(x)) for x in layers] + ["nested /\nbaselines"], fontsize=7)
-    ax.set_ylim(0.2, 1.02)
-    ax.set_xlabel("layer")
+    rows = result["layers"]
+    layers = np.array([c["layer"] for c in rows], float)
+    _errorbars(ax, layers, [c["metrics"]["auroc"] for c in rows], "tab:blue", "o", "probe (per layer, grouped CV)",
+               line=True)
+    final = result["selection"]["final"]
+    value = next(c for c in rows if c["layer"] == final["layer"])["metrics"]["auroc"]["value"]
+    _ring(ax, final["layer"], value, f"the direction cell (layer {final['layer']})")
+    _chance(ax)
+    ax.set_ylim(*_limits([c["metrics"]["auroc"]["ci"][0] for c in rows], [c["metrics"]["auroc"]["ci"][1] for c in rows]))
+    _layer_axis(ax, layers)
     ax.set_ylabel("chunk ROC-AUC (95% CI)")
     ax.set_title("does the chunk end know its answer is right?", fontsize=9)
-    ax.legend(fontsize=6, loc="lower left")
-    _reliability(axes[0][1], [(result["selection"]["calibration"], "tab:blue", "nested predictions")],
+    _legend_below(ax)
+
+    ax = axes[0][1]
+    nested = result["selection"]["nested_metrics"]["auroc"]
+    entries = [("the folds' choice (nested)", nested, "black", "*")]
+    for name, b in result["baselines"].items():
+        color, marker = CHUNK_BASELINE_STYLE.get(name, ("gray", "x"))
+        beaten = "beaten" if result["beats"].get(name) else "not beaten"
+        entries.append((f"{_name(name)} ({beaten})", b["auroc"], color, marker))
+    _forest(ax, entries, chance=0.5)
+    ax.set_xlabel("chunk ROC-AUC (95% CI; same folds)")
+    ax.set_title("the folds' choice against the baselines\n(beaten: the paired difference's 95% CI lies above 0)",
+                 fontsize=8)
+
+    _reliability(axes[1][0], [(result["selection"]["calibration"], "tab:blue", "nested predictions")],
                  "predicted P(intermediate answer correct)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _logit_histogram(axes[1][1], result["oof_probability"], result["labels"], "chunks",
+                     "held-out logits of the folds' choice (nested CV)")
+    return fig
 
 
-def early_exit(result: dict, path) -> None:
-    """Accuracy against tokens used for each exit rule over its settings, the full-trace point, and each rule's
-    nested headline point with its 95% CIs."""
+def _forest(ax, entries, chance: float | None = None, lines=()) -> None:
+    """One row per entry (label, {"value", "ci"}, colour, marker): a point and its 95% CI, none on another."""
+    for i, (label, m, color, marker) in enumerate(entries):
+        v, (lo, hi) = m["value"], m["ci"]
+        ax.errorbar([v], [i], xerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt=marker, color=color, ms=7, capsize=3, lw=1.2)
+    if chance is not None:
+        ax.axvline(chance, color="gray", lw=0.8, ls=":")
+    for x, style in lines:
+        ax.axvline(x, color="gray", lw=0.8, ls=style)
+    ax.set_yticks(range(len(entries)))
+    ax.set_yticklabels([e[0] for e in entries], fontsize=7)
+    ax.set_ylim(len(entries) - 0.5, -0.5)
+    include = ([chance] if chance is not None else []) + [x for x, _ in lines]
+    ax.set_xlim(*_limits([e[1]["ci"][0] for e in entries], [e[1]["ci"][1] for e in entries], include, pad=0.08))
+
+
+def early_exit_figure(result: dict):
+    """Accuracy against tokens used for each exit rule over all its settings, with each rule's nested choice as a
+    hollow marker; below, one row per rule: its accuracy change against the full traces and the tokens it saves,
+    with 95% CIs over problems."""
     exit_ = result["early_exit"]
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
-    styles = {"probe": ("tab:blue", "o"), "confidence": ("tab:green", "^"), "fixed_fraction": ("tab:orange", "s"),
-              "first_answer": ("tab:purple", "v")}
+    fig, axes = plt.subplot_mosaic([["curves", "curves"], ["accuracy", "saved"]], layout="constrained",
+                                   figsize=(2 * PANEL[0], 2.15 * PANEL[1]), height_ratios=[1.25, 1])
+    ax = axes["curves"]
     for name, curve in exit_["curves"].items():
-        color, marker = styles[name]
-        ax.plot([c["tokens_used"] for c in curve], [c["accuracy"] for c in curve], "-", color=color, alpha=0.5,
-                lw=1, label=f"{name.replace('_', ' ')} rule, every setting")
+        color, marker, _, style = EXIT_STYLE[name]
+        setting = "fraction" if name == "fixed_fraction" else "threshold"
+        ax.plot([c["tokens_used"] for c in curve], [c["accuracy"] for c in curve], style, color=color, lw=1.6,
+                marker=".", ms=4, label=f"{_name(name)} rule, every {setting}")
     for name, r in exit_["rules"].items():
-        color, marker = styles[name]
-        used = 1 - r["tokens_saved"]
-        ax.errorbar([used], [r["accuracy"]],
-                    xerr=[[used - (1 - r["tokens_saved_ci"][1])], [(1 - r["tokens_saved_ci"][0]) - used]],
-                    yerr=[[r["accuracy"] - r["accuracy_ci"][0]], [r["accuracy_ci"][1] - r["accuracy"]]],
-                    fmt=marker, color=color, ms=7, capsize=2, label=f"{name.replace('_', ' ')}: nested choice")
+        color, marker, size, _ = EXIT_STYLE[name]
+        ax.plot([1 - r["tokens_saved"]], [r["accuracy"]], marker, ms=size, mfc="none", mec=color, mew=1.6,
+                label=f"{_name(name)}: nested choice")
     full = exit_["full"]["accuracy"]
-    ax.plot([1.0], [full], "k*", ms=12, label=f"full traces (accuracy {full:.3f})")
+    ax.plot([1.0], [full], "k*", ms=11, label=f"full traces (accuracy {full:.3f})")
     ax.axhline(full - exit_["margin"], color="gray", lw=0.8, ls=":", label=f"full accuracy - margin {exit_['margin']}")
     ax.set_xlabel("generated tokens used (fraction of the full traces')")
     ax.set_ylabel("accuracy over traces")
     ax.set_xlim(0, 1.05)
-    ax.set_title("early exit: stop at the first confident chunk\n(thresholds chosen on training folds; 95% CIs "
-                 "over problems)", fontsize=8)
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set_title("early exit: each rule's accuracy and tokens over its settings\n(the nested choice: settings "
+                 "chosen on training folds; its CIs in the panels below)", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    rules = list(exit_["rules"].items())
+    style = lambda name: EXIT_STYLE[name][:2]  # noqa: E731
+    _forest(axes["accuracy"], [(_name(n), {"value": r["accuracy_change"], "ci": r["accuracy_change_ci"]}, *style(n))
+                               for n, r in rules], lines=[(0.0, "-"), (-exit_["margin"], ":")])
+    axes["accuracy"].set_xlabel("accuracy change against the full traces\n(dotted: the margin)")
+    _forest(axes["saved"], [(_name(n), {"value": r["tokens_saved"], "ci": r["tokens_saved_ci"]}, *style(n))
+                            for n, r in rules], lines=[(0.0, "-")])
+    axes["saved"].set_xlabel("generated tokens saved (fraction)")
+    return fig
