@@ -24,7 +24,8 @@ from ..store.format import decode_activations
 from ..store.reader import DEFAULT_BLOCK_BYTES, Store
 from . import early_exit as ee
 from . import evaluation as ev
-from .trajectory import FoldFits, cv_predict, direction_of, make_probe
+from . import search, verdict
+from .search import cv_predict, direction_of, make_probe
 
 BASELINES = ("position", "tokens_so_far", "confidence", "equals_final")
 
@@ -139,55 +140,44 @@ def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int =
     return out
 
 
-def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: int = 0, n_boot: int = 1000,
-                         permutations: int = 50, C: float = 1.0, margin: float = ee.DEFAULT_MARGIN,
-                         block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> dict:
-    """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit."""
+def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: int = 0, permutations: int = 50,
+                         C: float = 1.0, margin: float = ee.DEFAULT_MARGIN, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                         progress: bool = False) -> dict:
+    """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit, reading one
+    layer's chunk-end features at a time."""
+    return evaluate_chunk_layers(data, list(store.layers), lambda layer: chunk_features(store, layer, data, block_bytes),
+                                 folds, seed, permutations, C, margin, progress)
+
+
+def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = 5, seed: int = 0, permutations: int = 50,
+                          C: float = 1.0, margin: float = ee.DEFAULT_MARGIN, progress: bool = False) -> dict:
+    """evaluate_chunk_probe on features(layer) -> (chunks, d) arrays: what the store supplies, or a simulation."""
     y, groups = data.y, data.problem
-    outer = ev.grouped_folds(y, groups, folds, seed)
-    inner = [ev.grouped_folds(y[tr], groups[tr], max(2, min(folds - 1, len(np.unique(groups[tr])))), seed + 1)
-             for tr, _ in outer]
-    base = {name: cv_predict(make_probe, X, y, outer) for name, X in data.baselines.items()}
-    rng = np.random.default_rng(seed + 7)
-    perms = [ev.permute_problems(y, groups, rng) for _ in range(permutations)]
-    layers = []
-    for layer in tqdm(list(store.layers), desc="chunk probe layers", disable=not progress):
-        X = chunk_features(store, layer, data, block_bytes)
-        fits = FoldFits(X, outer, C)
-        prob = fits.predict(y)
-        inner_prob = [FoldFits(X[tr], inner[k], C).predict(y[tr]) for k, (tr, _) in enumerate(outer)]
-        layers.append({
-            "layer": int(layer), "oof_probability": prob,
-            "metrics": ev.bootstrap(y, {"probe": prob}, groups, n_boot, seed)["probe"],
-            "inner_auroc": [ev.fast_metrics(y[tr], p)["auroc"] for (tr, _), p in zip(outer, inner_prob)],
-            "inner_probability": inner_prob,
-            "null": [ev.fast_metrics(perm, fits.predict(perm))["auroc"] for perm in perms],
-            **direction_of(make_probe(C).fit(X, y)),
-        })
-    null = np.array([c["null"] for c in layers]).T if permutations else np.zeros((0, len(layers)))
-    for j, c in enumerate(layers):
-        c["permutation_p"] = ev.permutation_pvalue(c["metrics"]["auroc"]["value"], null[:, j]) if permutations \
-            else float("nan")
-    nested, inner_for_exit, chosen = np.zeros(len(y)), [], []
-    for k, (tr, te) in enumerate(outer):
-        best = max(range(len(layers)), key=lambda j: layers[j]["inner_auroc"][k])
-        chosen.append(layers[best]["layer"])
-        nested[te] = layers[best]["oof_probability"][te]
-        inner_for_exit.append((tr, layers[best]["inner_probability"][k]))
-    final = max(layers, key=lambda c: c["metrics"]["auroc"]["value"])
-    boot = ev.bootstrap(y, {"probe": nested, **base}, groups, n_boot, seed, paired_with="probe")
-    paired = boot.pop("paired_auroc_difference")
+    d = search.design(y, groups, folds, seed, permutations)
+    base = {name: cv_predict(make_probe, X, y, d.outer) for name, X in data.baselines.items()}
+    candidates, layer_rows = [], []
+    for layer in tqdm(layers, desc=f"chunk probe layers (each with {permutations} permutations)", disable=not progress):
+        X = features(layer)
+        cand = search.score_candidate(d, int(layer), X, C)
+        candidates.append(cand)
+        layer_rows.append({"layer": int(layer), "metrics": cand.metrics, "inner_auroc": cand.inner_auroc,
+                           "permutation_p": cand.permutation_p, "refit_variance": cand.refit,
+                           **direction_of(make_probe(C).fit(X, y))})
+    chosen = search.select(d, candidates, "layers")
+    nested = chosen["oof_probability"]
+    inner_for_exit = [(tr, candidates[j].inner_oof[k]) for k, ((tr, _), j) in enumerate(zip(d.outer, chosen["chosen"]))]
+    final = max(layer_rows, key=lambda c: c["metrics"]["auroc"]["value"])
+    paired = {name: ev.paired_auroc_difference(y, nested, s, d.outer, groups, chosen["refit"]["auroc"])
+              for name, s in base.items()}
     per_fold = {}
-    for layer in chosen:
-        per_fold[str(layer)] = per_fold.get(str(layer), 0) + 1
-    best_observed = final["metrics"]["auroc"]["value"]
+    for j in chosen["chosen"]:
+        per_fold[str(layer_rows[j]["layer"])] = per_fold.get(str(layer_rows[j]["layer"]), 0) + 1
     selection = {
         "method": f"nested problem-grouped CV over layers: {folds} outer folds, each choosing the layer by inner "
                   "grouped CV on its training problems only",
         "chosen_per_fold": dict(sorted(per_fold.items(), key=lambda kv: -kv[1])), "folds_agree": len(per_fold) == 1,
-        "nested_metrics": boot["probe"],
-        "family_wise": {"method": "max-statistic permutation test over layers", "permutations": permutations,
-                        "p": ev.permutation_pvalue(best_observed, null.max(axis=1)) if permutations else float("nan")},
+        "nested_metrics": chosen["nested_metrics"], "refit_variance": chosen["refit"],
+        "family_wise": chosen["family_wise"],
         "final": {"layer": final["layer"], "aggregation": "chunk_end", "folds_won": per_fold.get(str(final["layer"]), 0),
                   "folds": folds, "rule": "the selection refit on all problems: the layer with the highest "
                                           "problem-grouped CV ROC-AUC over every chunk"},
@@ -195,19 +185,16 @@ def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: in
     }
     result = {
         "chunks": int(len(y)), "traces": int(len(np.unique(data.trace))), "problems": int(len(np.unique(groups))),
-        "positive_rate": float(y.mean()), "folds": folds, "n_boot": n_boot,
-        "layers": [{k: v for k, v in c.items() if k not in ("inner_probability", "null", "oof_probability")}
-                   for c in layers],
-        "selection": selection, "baselines": {n: boot[n] for n in base},
-        "auroc_minus_baseline": paired, "beats": {n: bool(d["ci"][0] > 0) for n, d in paired.items()},
+        "positive_rate": float(y.mean()), "folds": folds, "intervals": ev.INTERVALS, "layers": layer_rows,
+        "selection": selection, "baselines": {name: ev.cv_metrics(y, s, d.outer, groups) for name, s in base.items()},
+        "auroc_minus_baseline": paired, "beats": {n: bool(v["ci"][0] > 0) for n, v in paired.items()},
         "oof_probability": nested.tolist(), "labels": y.tolist(),
     }
-    result["early_exit"] = early_exit_evaluation(data, nested, inner_for_exit, outer, margin, n_boot, seed)
+    result["early_exit"] = early_exit_evaluation(data, nested, inner_for_exit, d.outer, margin, selection)
     return result
 
 
-def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin: float, n_boot: int,
-                          seed: int) -> dict:
+def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin: float, selection: dict) -> dict:
     """Curves over thresholds and the nested headline for the probe rule and its baselines, on the same traces."""
     position = {t: j for j, t in enumerate(data.traces)}
     case = ee.ExitCase(chunk_trace=np.array([position[t] for t in data.trace]), chunk_tokens=data.token_end + 1.0,
@@ -254,24 +241,16 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
     out = {"margin": margin, "full": {**full, "accuracy": float(np.mean(case.trace_correct))},
            "traces": int(len(case.trace_correct)), "rules": {}, "curves": {}}
     for name, (score, (correct, tokens, chosen)) in rules.items():
-        out["rules"][name] = {**ee.bootstrap_summary(correct, tokens, case.trace_tokens, case.trace_correct,
-                                                     case.trace_group, n_boot, seed), "chosen_per_fold": chosen}
-    out["rules"]["first_answer"] = {**ee.bootstrap_summary(*first, case.trace_tokens, case.trace_correct,
-                                                           case.trace_group, n_boot, seed), "chosen_per_fold": []}
+        out["rules"][name] = {**ee.interval_summary(correct, tokens, case.trace_tokens, case.trace_correct,
+                                                    case.trace_group), "chosen_per_fold": chosen}
+    out["rules"]["first_answer"] = {**ee.interval_summary(*first, case.trace_tokens, case.trace_correct,
+                                                          case.trace_group), "chosen_per_fold": []}
     for name, score in (("probe", score_all), ("confidence", confidence)):
         out["curves"][name] = [{"threshold": tau, **ee.summary(*case.threshold_rule(score, tau), case.trace_tokens)}
                                for tau in ee.THRESHOLDS]
     out["curves"]["fixed_fraction"] = [{"fraction": f, **ee.summary(*case.fraction_rule(f), case.trace_tokens)}
                                        for f in ee.FRACTIONS]
-    probe = out["rules"]["probe"]
-    others = {n: r for n, r in out["rules"].items() if n != "probe"}
-    ok = lambda r: r["accuracy_change"] >= -margin  # noqa: E731
-    better = [n for n, r in others.items() if ok(r) and r["tokens_saved"] >= probe["tokens_saved"]]
-    out["probe_beats"] = {n: bool(ok(probe) and (not ok(r) or probe["tokens_saved"] > r["tokens_saved"]))
-                          for n, r in others.items()}
-    out["verdict"] = (f"the probe rule does not beat: {', '.join(better)}" if better else
-                      "the probe rule saves more tokens than every baseline rule within the accuracy margin"
-                      if ok(probe) else "the probe rule loses more accuracy than the margin allows")
+    out.update(verdict.early_exit(out, signal=not verdict.is_null(selection)))
     return out
 
 

@@ -41,7 +41,7 @@ def build_document(store: Store, trajectory: dict | None, token: dict | None, se
             "probe": "StandardScaler + L2 LogisticRegression (scikit-learn); logit = weight_norm * (direction . x) + bias, "
                      "x = the aggregate of the trace's activations at that layer",
             "evaluation": f"{trajectory['folds']}-fold cross-validation grouped by problem (stratified where possible); "
-                          f"95% CIs from {trajectory['n_boot']} bootstrap resamples of problems",
+                          f"{trajectory['intervals']}",
             "selection": _without_oof(trajectory["selection"]),
             "notes": trajectory["notes"], "cells": cells,
         }

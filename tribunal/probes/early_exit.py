@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import evaluation as ev
+from .config import ProbeConfig
+
 THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2).tolist()) + (0.97, 0.99)
 FRACTIONS = tuple(np.round(np.linspace(0.1, 1.0, 10), 2).tolist())
-DEFAULT_MARGIN = 0.02
+DEFAULT_MARGIN = ProbeConfig.margin  # the one definition: probes/config.py
 
 
 @dataclass
@@ -117,21 +120,17 @@ def nested_outcome(case: ExitCase, trace_folds, choose, apply) -> tuple[np.ndarr
     return correct, tokens, chosen
 
 
-def bootstrap_summary(correct, tokens, full_tokens, full_correct, groups, n_boot: int, seed: int) -> dict:
-    """Accuracy, tokens saved and the accuracy change against the full traces, with 95% CIs over problems."""
+def interval_summary(correct, tokens, full_tokens, full_correct, groups) -> dict:
+    """Accuracy, tokens saved and the accuracy change against the full traces, with 95% CIs from the
+    problem-level influence terms of each ratio of sums (evaluation.ratio_interval)."""
     point = summary(correct, tokens, full_tokens)
     point["full_accuracy"] = float(np.mean(full_correct))
     point["accuracy_change"] = point["accuracy"] - point["full_accuracy"]
-    _, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(groups) else []
-    rng = np.random.default_rng(seed)
-    draws = {"accuracy": [], "tokens_saved": [], "accuracy_change": []}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        s = summary(correct[idx], tokens[idx], full_tokens[idx])
-        draws["accuracy"].append(s["accuracy"])
-        draws["tokens_saved"].append(s["tokens_saved"])
-        draws["accuracy_change"].append(s["accuracy"] - np.mean(full_correct[idx]))
-    for name, values in draws.items():
-        point[f"{name}_ci"] = [float(x) for x in np.percentile(values, [2.5, 97.5])] if values else [np.nan] * 2
+    ones = np.ones(len(correct))
+    intervals = {"accuracy": ev.ratio_interval(np.asarray(correct, float), ones, groups),
+                 "tokens_saved": ev.ratio_interval(np.asarray(full_tokens, float) - tokens, full_tokens, groups),
+                 "accuracy_change": ev.ratio_interval(np.asarray(correct, float) - np.asarray(full_correct, float), ones,
+                                                      groups)}
+    for name, m in intervals.items():
+        point[f"{name}_ci"] = m["ci"]
     return point

@@ -1,8 +1,14 @@
-"""Evaluation a reviewer accepts: problem-grouped folds, problem-level bootstrap CIs, calibration, permutations.
+"""Evaluation a reviewer accepts: problem-grouped folds, cross-validated metrics with intervals that include
+refitting, calibration, permutations.
 
-All samples of a problem sit on one side of every split; confidence intervals
-resample problems, not traces, because traces of one problem are not
-independent. Nothing here reads a store or knows about layers.
+All samples of a problem sit on one side of every split. Every cross-validated figure is the mean over folds
+of that fold's metric (each fold's model has its own scale and offset, so pooling out-of-fold scores across
+folds biases ROC-AUC, below 0.5 under the null). Its variance has two parts: the held-out problems' (the
+influence-curve variance of each fold's metric, LeDell, Petersen & van der Laan 2015, with a problem's traces
+summed into one term because they are not independent) and refitting's (folds share training problems, so
+their errors covary: Bates, Hastie & Tibshirani 2023), which the permutation null measures, since it refits
+every fold on labels with the same clustering. docs/probes.md gives the simulation behind the choice
+(tribunal/probes/simulation.py). Nothing here reads a store or knows about layers.
 """
 
 from __future__ import annotations
@@ -11,27 +17,34 @@ import warnings
 
 import numpy as np
 from scipy.stats import rankdata
+from scipy.stats import t as student_t
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, brier_score_loss, roc_auc_score
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from ..errors import TribunalError
 
 
 def grouped_folds(y, groups, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K folds with every problem on one side, stratified by label where the data allows."""
+    """K folds with every problem on one side, stratified by label: problems, shuffled by seed, are ordered
+    by their share of correct traces and dealt to the folds in turn (1, 2, .., K, K, .., 1, ...), so every
+    fold gets problems from across the range of difficulty. (scikit-learn's StratifiedGroupKFold does this
+    by search and costs 60 ms a call; nested selection and the simulation call it thousands of times.)"""
     y, groups = np.asarray(y), np.asarray(groups)
-    n_groups = len(np.unique(groups))
+    problems, inverse = np.unique(groups, return_inverse=True)
     if len(np.unique(y)) < 2:
         raise TribunalError(f"only one class ({'correct' if y[0] else 'incorrect'}) among {len(y)} traces: "
                             "a probe needs both correct and incorrect traces")
-    if n_groups < n_splits:
-        raise TribunalError(f"{n_groups} problems are too few for {n_splits}-fold problem-grouped evaluation; "
+    if len(problems) < n_splits:
+        raise TribunalError(f"{len(problems)} problems are too few for {n_splits}-fold problem-grouped evaluation; "
                             "generate more problems or lower --folds")
-    try:
-        folds = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y, groups))
-    except ValueError:
-        folds = list(GroupKFold(n_splits=n_splits).split(y, y, groups))
+    share = np.bincount(inverse, y) / np.bincount(inverse)
+    shuffled = np.random.default_rng(seed).permutation(len(problems))
+    order = shuffled[np.argsort(share[shuffled], kind="stable")]
+    lap = np.concatenate([np.arange(n_splits), np.arange(n_splits)[::-1]])
+    fold_of = np.empty(len(problems), int)
+    fold_of[order] = np.resize(lap, len(problems))
+    rows = fold_of[inverse]
+    folds = [(np.flatnonzero(rows != k), np.flatnonzero(rows == k)) for k in range(n_splits)]
     for train, test in folds:
         if len(np.unique(y[train])) < 2:
             raise TribunalError("a training fold has one class only: too few problems of one outcome; generate more")
@@ -54,79 +67,136 @@ def metrics(y, score) -> dict:
             "auroc": auroc(y, score)}
 
 
-def fast_metrics(y, score) -> dict:
-    """metrics() without scikit-learn's per-call input checks, which cost 5 ms a call here (50x the arithmetic):
-    the bootstrap and the permutation null evaluate 10^4-10^5 resamples. Hand-written for that reason alone;
-    tests/test_probes.py holds it equal to metrics()."""
-    y = np.asarray(y).astype(bool)
-    score = np.asarray(score)
-    pred = score >= 0.5
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    recalls = [np.mean(pred[y] == 1)] if n1 else []
-    recalls += [np.mean(pred[~y] == 0)] if n0 else []
-    if n1 and n0:
-        ranks = rankdata(score)
-        auc = float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-    else:
-        auc = float("nan")
-    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.mean(recalls)), "auroc": auc}
-
-
 def _balanced_accuracy(y, pred) -> float:
-    with warnings.catch_warnings():  # a bootstrap resample may miss a class among the predictions: fine
+    with warnings.catch_warnings():  # a fold may miss a class among the predictions: fine
         warnings.simplefilter("ignore")
         return float(balanced_accuracy_score(y, pred))
 
 
-def _group_index(groups) -> list[np.ndarray]:
-    """Row indices of each problem, in one sort (token-level bootstraps have millions of rows)."""
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    order = np.argsort(inverse, kind="stable")
-    return np.split(order, np.cumsum(counts)[:-1])
+METRICS = ("auroc", "balanced_accuracy", "accuracy")
+INTERVALS = ("95% CIs: mean over folds of each fold's metric, variance = the held-out problems' (influence curve, "
+             "problem-level) + refitting's (measured by the permutation null); t quantile, df = the smallest fold's "
+             "problems - 1")
 
 
-def bootstrap(y, scores: dict, groups, n_boot: int = 1000, seed: int = 0, paired_with: str | None = None) -> dict:
-    """95% CIs by resampling problems (hand-written: scikit-learn has no grouped bootstrap). scores: name -> per-trace probabilities/scores.
+def _fold_terms(y, score) -> dict:
+    """Per metric, on one fold: its value per column and each trace's influence term (value - truth ~ their
+    sum). y and score: (n,) or (n, columns), scores as probabilities (accuracy at 0.5). Vectorized over columns
+    because the permutation null scores 50 label vectors at once."""
+    y, s = np.broadcast_arrays(*(np.asarray(v) if np.ndim(v) == 2 else np.asarray(v)[:, None] for v in (y, score)))
+    y = y.astype(bool)
+    n1 = y.sum(axis=0)
+    n0 = len(y) - n1
+    rank = rankdata(s, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # placement values: for a correct trace, the share of incorrect ones it outscores (ties half); for an
+        # incorrect one, the share of correct ones that outscore it. Their class means are the AUROC.
+        below = (rank - rankdata(np.where(y, s, np.inf), axis=0)) / n0
+        above = (n1 - (rank - rankdata(np.where(y, np.inf, s), axis=0))) / n1
+        place = np.where(y, below, above)
+        auc = np.where(y, place, 0).sum(axis=0) / n1
+        hit = (s >= 0.5) == y
+        acc = hit.mean(axis=0)
+        tpr, tnr = (hit & y).sum(axis=0) / n1, (hit & ~y).sum(axis=0) / n0
+        return {"auroc": (auc, np.where(y, (place - auc) / n1, (place - auc) / n0)),
+                "balanced_accuracy": ((tpr + tnr) / 2, np.where(y, (hit - tpr) / (2 * n1), (hit - tnr) / (2 * n0))),
+                "accuracy": (acc, (hit - acc) / len(y))}
 
-    With paired_with="probe", also the CI of AUROC(probe) - AUROC(other) for every other score, on the
-    same resamples: the probe beats a baseline when that difference's CI lies above 0.
-    """
-    y = np.asarray(y)
-    members = _group_index(groups)
-    rng = np.random.default_rng(seed)
-    scores = {name: np.asarray(s) for name, s in scores.items()}
-    draws = {name: {"accuracy": [], "balanced_accuracy": [], "auroc": []} for name in scores}
-    diffs = {name: [] for name in scores if paired_with is not None and name != paired_with}
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(members), len(members))
-        idx = np.concatenate([members[g] for g in pick])
-        if len(np.unique(y[idx])) < 2:
-            continue
-        values = {}
-        for name, s in scores.items():
-            m = fast_metrics(y[idx], s[idx])
-            values[name] = m["auroc"]
-            for k, v in m.items():
-                draws[name][k].append(v)
-        for name in diffs:
-            diffs[name].append(values[paired_with] - values[name])
+
+def _cluster_variance(terms, groups) -> np.ndarray:
+    """Variance of a sum of influence terms when a problem's traces are one independent unit (the problem-level
+    sandwich, with the m/(m-1) small-sample factor)."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    m = int(inverse.max()) + 1
+    if terms.shape[1] == 1:
+        sums = np.bincount(inverse, terms[:, 0], m)[:, None]
+    else:
+        sums = np.zeros((m, terms.shape[1]))
+        np.add.at(sums, inverse, terms)
+    return (sums ** 2).sum(axis=0) * m / max(m - 1, 1)
+
+
+def cv_values(y, score, folds, groups) -> dict:
+    """Per metric: (mean over folds of each fold's value, the held-out variance of that mean), per column."""
+    groups = np.asarray(groups)
+    per_fold = [(_fold_terms(np.asarray(y)[test], np.asarray(score)[test]), groups[test]) for _, test in folds]
     out = {}
-    for name, s in scores.items():
-        point = metrics(y, s)
-        out[name] = {k: {"value": float(point[k]), "ci": _ci(draws[name][k])} for k in point}
-    if paired_with is not None:
-        ref = out[paired_with]["auroc"]["value"]
-        out["paired_auroc_difference"] = {
-            name: {"value": ref - out[name]["auroc"]["value"], "ci": _ci(d)} for name, d in diffs.items()}
+    for name in METRICS:
+        values = np.array([terms[name][0] for terms, _ in per_fold])
+        variances = np.array([_cluster_variance(np.nan_to_num(terms[name][1]), g) for terms, g in per_fold])
+        variances[np.isnan(values)] = np.nan
+        defined = np.maximum((~np.isnan(values)).sum(axis=0), 1)
+        out[name] = (np.nanmean(values, axis=0) if np.isfinite(values).any() else np.full(values.shape[1], np.nan),
+                     np.nansum(variances, axis=0) / defined ** 2)
     return out
 
 
-def _ci(values) -> list[float]:
-    if not values:
-        return [float("nan"), float("nan")]
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
+def refit_variance(null_values: dict) -> dict:
+    """Per metric, what refitting adds to the held-out variance: the permutation null's spread of the CV
+    metric beyond what its own held-out variances explain (the covariance between folds that share training
+    problems). null_values: cv_values of the permuted label vectors. Zero without permutations."""
+    out = {}
+    for name, (values, variances) in null_values.items():
+        ok = np.isfinite(values)
+        out[name] = float(max(0.0, np.var(values[ok], ddof=1) - np.mean(variances[ok]))) if ok.sum() > 2 else 0.0
+    return out
+
+
+def degrees_of_freedom(folds, groups) -> int:
+    """The t interval's degrees of freedom: each fold's held-out variance rests on its own problems, so the
+    sum over folds has, at least, the smallest fold's problems minus one (Satterthwaite's lower bound)."""
+    groups = np.asarray(groups)
+    return max(1, min(len(np.unique(groups[test])) for _, test in folds) - 1)
+
+
+def interval(value: float, variance: float, df: int, bounds=(0.0, 1.0)) -> dict:
+    """value [95% CI] from a t interval with df degrees of freedom (degrees_of_freedom), kept inside bounds."""
+    se = float(np.sqrt(variance))
+    half = float(student_t.ppf(0.975, max(df, 1))) * se
+    return {"value": float(value), "ci": [float(max(bounds[0], value - half)), float(min(bounds[1], value + half))],
+            "se": se}
+
+
+def cv_metrics(y, score, folds, groups, refit: dict | None = None) -> dict:
+    """Cross-validated ROC-AUC, balanced accuracy and accuracy of out-of-fold probabilities: each the mean over
+    folds, with a 95% CI whose variance is the held-out one plus refit[metric] (from refit_variance)."""
+    values = cv_values(y, score, folds, groups)
+    df = degrees_of_freedom(folds, groups)
+    return {name: interval(values[name][0][0], values[name][1][0] + (refit or {}).get(name, 0.0), df)
+            for name in METRICS}
+
+
+def heldout_metrics(y, score, groups) -> dict:
+    """The metrics of one fitted model on held-out problems (one fold, nothing refit), with 95% CIs."""
+    y = np.asarray(y)
+    return cv_metrics(y, score, [(np.zeros(0, int), np.arange(len(y)))], groups)
+
+
+def paired_auroc_difference(y, score, other, folds, groups, refit: float = 0.0) -> dict:
+    """AUROC(score) - AUROC(other) on the same folds and traces, with its 95% CI: the per-fold differences'
+    influence terms cancel what the two share, so the interval is narrower than either's. refit: the refitting
+    variance of the difference (the probe's; a baseline of one or two features barely overfits)."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    diffs, variance = [], 0.0
+    for _, test in folds:
+        a, b = _fold_terms(y[test], np.asarray(score)[test])["auroc"], _fold_terms(y[test], np.asarray(other)[test])["auroc"]
+        if np.isnan(a[0][0]) or np.isnan(b[0][0]):
+            continue
+        diffs.append(a[0][0] - b[0][0])
+        variance += _cluster_variance(a[1] - b[1], groups[test])[0]
+    variance = variance / max(len(diffs), 1) ** 2 + refit
+    return interval(float(np.mean(diffs)) if diffs else float("nan"), variance, degrees_of_freedom(folds, groups),
+                    bounds=(-1.0, 1.0))
+
+
+def ratio_interval(numerator, denominator, groups) -> dict:
+    """sum(numerator) / sum(denominator) over traces, with a 95% CI from the problem-level influence terms
+    (the delta method for a ratio of sums): early exit's accuracy and token share."""
+    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
+    value = numerator.sum() / denominator.sum()
+    terms = ((numerator - value * denominator) / denominator.sum())[:, None]
+    return interval(value, _cluster_variance(terms, groups)[0], max(1, len(np.unique(groups)) - 1),
+                    bounds=(-1.0, 1.0))
 
 
 def calibration(y, prob, bins: int = 10) -> dict:
@@ -157,6 +227,13 @@ def calibration_verdict(cal: dict) -> str:
                 f"{ref['brier_constant_base_rate']:.3f})")
     return (f"better than always predicting the base rate {ref['base_rate']:.2f} (Brier {cal['brier']:.3f} vs "
             f"{ref['brier_constant_base_rate']:.3f})")
+
+
+def _group_index(groups) -> list[np.ndarray]:
+    """Row indices of each problem, in one sort."""
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(counts)[:-1])
 
 
 def permute_problems(y, groups, rng) -> np.ndarray:

@@ -13,6 +13,7 @@ Peak memory is the blocks plus d_model^2 floats, never the store.
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import TribunalError
 from ..store.reader import Store, overlapping_traces
@@ -52,7 +53,7 @@ def split_problems(groups, test_fraction: float, seed: int):
 
 
 def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_fraction: float = 0.25,
-                    seed: int = 0, shrinkage: float = 1e-2, n_boot: int = 500) -> dict:
+                    seed: int = 0, shrinkage: float = 1e-2, progress: bool = False) -> dict:
     """Fit LDA and mass-mean directions on training problems' tokens; evaluate on held-out problems."""
     layer = store.check_layers([layer])[0]
     labels = store.labels
@@ -68,9 +69,9 @@ def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_
     if len(np.unique(y_trace[test_trace])) < 2 or len(np.unique(y_trace[train_trace])) < 2:
         raise TribunalError("the held-out split has one class on a side; generate more problems")
     block = block_bytes_for(memory_bytes, store.d_model, 2 if store.dtype != "float32" else 4)
-    directions, midpoint, train_tokens = _fit_directions(store, layer, block, train_trace, y_trace, shrinkage)
-    evaluated = _evaluate_directions(store, layer, block, test_trace, y_trace, groups, directions, midpoint, n_boot,
-                                     seed)
+    directions, midpoint, train_tokens = _fit_directions(store, layer, block, train_trace, y_trace, shrinkage,
+                                                         progress)
+    evaluated = _evaluate_directions(store, layer, block, test_trace, y_trace, groups, directions, midpoint, progress)
     return {
         "layer": layer, "method": "streaming class means and pooled covariance (LDA with shrinkage) and mass-mean",
         "midpoint": midpoint.tolist(), "shrinkage": shrinkage, "position_bins": N_BINS,
@@ -81,14 +82,14 @@ def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_
     }
 
 
-def _fit_directions(store: Store, layer: int, block: int, train_trace, y_trace, shrinkage: float):
+def _fit_directions(store: Store, layer: int, block: int, train_trace, y_trace, shrinkage: float, progress: bool):
     """Pass 1 over the training tokens: exact class sums and the raw scatter -> (LDA and mass-mean directions,
     the midpoint of the class means, training tokens)."""
     d = store.d_model
     sums = np.zeros((2, d))
     counts = np.zeros(2)
     scatter = np.zeros((d, d))
-    for rows, trace_of_row, rel in _generated_rows(store, layer, block, train_trace):
+    for rows, trace_of_row, rel in _generated_rows(store, layer, block, train_trace, "token probe: fitting", progress):
         x = rows.astype(np.float32)
         lab = y_trace[trace_of_row].astype(np.float32)
         sums[1] += lab @ x
@@ -110,7 +111,7 @@ def _fit_directions(store: Store, layer: int, block: int, train_trace, y_trace, 
 
 
 def _evaluate_directions(store: Store, layer: int, block: int, test_trace, y_trace, groups, directions: dict,
-                         midpoint, n_boot: int, seed: int) -> dict:
+                         midpoint, progress: bool) -> dict:
     """Pass 2 over the held-out tokens: projections, AUROC overall and by position, mean projection curves."""
     n_traces = store.n_traces
     result = {}
@@ -118,7 +119,7 @@ def _evaluate_directions(store: Store, layer: int, block: int, test_trace, y_tra
     proj_counts = np.zeros((n_traces, N_BINS))
     token_scores = {k: [] for k in directions}
     token_labels, token_bins, token_groups = [], [], []
-    for rows, trace_of_row, rel in _generated_rows(store, layer, block, test_trace):
+    for rows, trace_of_row, rel in _generated_rows(store, layer, block, test_trace, "token probe: held-out", progress):
         x = rows.astype(np.float32)
         bins = np.minimum((rel * N_BINS).astype(int), N_BINS - 1)
         np.add.at(proj_counts, (trace_of_row, bins), 1)
@@ -135,11 +136,11 @@ def _evaluate_directions(store: Store, layer: int, block: int, test_trace, y_tra
     test_idx = np.flatnonzero(test_trace)
     for k, u in directions.items():
         s = np.concatenate(token_scores[k])
-        overall = ev.bootstrap(y_tok, {"p": s}, groups_tok, n_boot, seed)["p"]["auroc"]
+        overall = ev.heldout_metrics(y_tok, s, groups_tok)["auroc"]
         by_bin = []
         for b in range(N_BINS):
             sel = bins_tok == b
-            auc = ev.bootstrap(y_tok[sel], {"p": s[sel]}, groups_tok[sel], max(100, n_boot // 5), seed)["p"]["auroc"] \
+            auc = ev.heldout_metrics(y_tok[sel], s[sel], groups_tok[sel])["auroc"] \
                 if len(np.unique(y_tok[sel])) == 2 else {"value": float("nan"), "ci": [float("nan")] * 2}
             by_bin.append(auc)
         per_trace = proj_sums[k][test_idx] / np.maximum(proj_counts[test_idx], 1)
@@ -158,13 +159,13 @@ def _evaluate_directions(store: Store, layer: int, block: int, test_trace, y_tra
     return {"directions": result, "test_tokens": int(len(y_tok))}
 
 
-def _generated_rows(store: Store, layer: int, block_bytes: int, use_trace):
+def _generated_rows(store: Store, layer: int, block_bytes: int, use_trace, desc: str, progress: bool):
     """(rows, trace index per row, relative position per row) for generated tokens of the chosen traces."""
     table = store.table
     starts = table["token_start"].astype(np.int64)
     ends = table["token_end"].astype(np.int64)
     gen_start = starts + table["prompt_length"].astype(np.int64)
-    for s, first, block in store.iter_blocks(layer, block_bytes):
+    for s, first, block in tqdm(store.iter_blocks(layer, block_bytes), desc=desc, unit=" blocks", disable=not progress):
         last = first + len(block)
         local = overlapping_traces(starts, ends, store.trace_offsets, s, first, last)
         local = local[use_trace[local]]

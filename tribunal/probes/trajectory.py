@@ -15,23 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from ..errors import TribunalError
 from ..store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES, Store
 from . import evaluation as ev
+from . import search
+from .search import cv_predict, direction_of, make_probe
 
 LABEL_POSITIVE = "correct"
 BASELINES = ("majority", "length", "confidence", "random_direction")
-
-
-def make_probe(C: float = 1.0):
-    """The probe: standardize, then L2 logistic regression (scikit-learn, no hidden state)."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
 
 
 @dataclass
@@ -82,39 +75,6 @@ def _confidence(store: Store, keep) -> np.ndarray | None:
     return None if np.isnan(out).all() else np.nan_to_num(out, nan=np.nanmean(out, axis=0))
 
 
-class FoldFits:
-    """One cell's features made ready once per fold, so the probe's many refits (its own, then one per
-    permutation of the labels) redo only the logistic fit.
-
-    Hand-written instead of cross_val_predict for that reuse: standardizing depends on the features alone,
-    never on the labels being permuted, and the L2 solution lies in the span of the training rows
-    (representer theorem), so with more dimensions than training traces each fold is fitted, exactly, in
-    that span's coordinates. Each fold's model starts from its last solution (warm start).
-    """
-
-    def __init__(self, X, folds, C: float = 1.0):
-        self.parts = []
-        for train, test in folds:
-            scaler = StandardScaler().fit(X[train])
-            a, b = scaler.transform(X[train]), scaler.transform(X[test])
-            if a.shape[1] > a.shape[0]:
-                basis = np.linalg.svd(a, full_matrices=False)[2].T
-                a, b = a @ basis, b @ basis
-            self.parts.append((train, test, a, b, LogisticRegression(C=C, max_iter=2000, warm_start=True)))
-
-    def predict(self, y) -> np.ndarray:
-        """Out-of-fold probabilities of the positive class for labels y."""
-        prob = np.zeros(len(y))
-        for train, test, a, b, model in self.parts:
-            prob[test] = model.fit(a, y[train]).predict_proba(b)[:, 1]
-        return prob
-
-
-def cv_predict(make_model, X, y, folds) -> np.ndarray:
-    """Out-of-fold probabilities of the positive class (scikit-learn's cross_val_predict)."""
-    return cross_val_predict(make_model(), X, y, cv=folds, method="predict_proba")[:, 1]
-
-
 def baseline_scores(data: TrajectoryData, folds) -> dict:
     """Out-of-fold probabilities of each baseline on the given folds."""
     y = data.y
@@ -132,71 +92,44 @@ def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
     return cv_predict(make_probe, (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
 
 
-def direction_of(model) -> dict:
-    """The fitted probe as a direction in the original activation space: logit = norm * (u . x) + bias."""
-    scaler, logistic = model[0], model[-1]
-    coef = logistic.coef_[0] / scaler.scale_
-    bias = float(logistic.intercept_[0] - np.sum(logistic.coef_[0] * scaler.mean_ / scaler.scale_))
-    norm = float(np.linalg.norm(coef))
-    return {"direction": (coef / norm).tolist(), "weight_norm": norm, "bias": bias,
-            "scaler_mean": scaler.mean_.tolist(), "scaler_scale": scaler.scale_.tolist(),
-            "coef_standardized": logistic.coef_[0].tolist(), "intercept_standardized": float(logistic.intercept_[0])}
-
-
-def evaluate_cells(data: TrajectoryData, folds: int = 5, seed: int = 0, n_boot: int = 1000, permutations: int = 50,
-                   C: float = 1.0, progress: bool = False) -> dict:
+def evaluate_cells(data: TrajectoryData, folds: int = 5, seed: int = 0, permutations: int = 50, C: float = 1.0,
+                   progress: bool = False) -> dict:
     """Every cell scored beside every baseline on the same folds; one permutation null shared by all cells
     (per-cell p-values and the family-wise max-statistic p); nested selection of the best cell."""
     y, groups = data.y, data.groups
-    outer = ev.grouped_folds(y, groups, folds, seed)
-    base = baseline_scores(data, outer)
+    d = search.design(y, groups, folds, seed, permutations)
+    base = baseline_scores(data, d.outer)
     keys = sorted(data.features)
-    fits = {key: FoldFits(data.features[key], outer, C) for key in keys}
-    cells = []
-    for key in tqdm(keys, desc="probing cells", disable=not progress):
+    candidates, cells = [], []
+    for key in tqdm(keys, desc=f"probing cells (each with {permutations} permutations)", disable=not progress):
         layer, agg = key
         X = data.features[key]
-        prob = fits[key].predict(y)
-        scores = {"probe": prob, **base, "random_direction": random_direction_scores(X, y, outer, seed)}
-        boot = ev.bootstrap(y, scores, groups, n_boot, seed, paired_with="probe")
-        paired = boot.pop("paired_auroc_difference")
+        cand = search.score_candidate(d, key, X, C)
+        candidates.append(cand)
+        scores = {**base, "random_direction": random_direction_scores(X, y, d.outer, seed)}
+        paired = {name: ev.paired_auroc_difference(y, cand.oof, s, d.outer, groups, cand.refit["auroc"])
+                  for name, s in scores.items()}
         cells.append({
             "layer": int(layer), "aggregation": agg, "k": data.k if agg == "last_k" else None,
-            "metrics": boot["probe"], "baselines": {n: boot[n] for n in scores if n != "probe"},
-            "auroc_minus_baseline": paired, "beats": {name: bool(d["ci"][0] > 0) for name, d in paired.items()},
-            "permutations": permutations, "oof_probability": prob.tolist(),
-            **direction_of(make_probe(C).fit(X, y)),
+            "metrics": cand.metrics, "baselines": {name: ev.cv_metrics(y, s, d.outer, groups) for name, s in scores.items()},
+            "auroc_minus_baseline": paired,
+            "beats": {**{name: bool(v["ci"][0] > 0) for name, v in paired.items()},
+                      "permutation": bool(cand.permutation_p < 0.05)},
+            "permutations": permutations, "permutation_p": cand.permutation_p, "refit_variance": cand.refit,
+            "oof_probability": cand.oof.tolist(), **direction_of(make_probe(C).fit(X, y)),
         })
-    null = permutation_null(y, groups, [fits[key] for key in keys], permutations, seed, progress)
-    for j, cell in enumerate(cells):
-        observed = cell["metrics"]["auroc"]["value"]
-        cell["permutation_p"] = ev.permutation_pvalue(observed, null[:, j]) if permutations else float("nan")
-        cell["beats"]["permutation"] = bool(cell["permutation_p"] < 0.05)
-    selection = nested_selection(data, outer, C, seed, n_boot)
-    best = max(range(len(cells)), key=lambda j: cells[j]["metrics"]["auroc"]["value"])
-    selection["family_wise"] = {
-        "method": f"max-statistic permutation test: under each of {permutations} grouped permutations, the best "
-                  f"ROC-AUC of all {len(cells)} cells; p = share of permutations whose best reaches the observed best",
-        "best_cell": {"layer": cells[best]["layer"], "aggregation": cells[best]["aggregation"]},
-        "observed_best_auroc": cells[best]["metrics"]["auroc"]["value"], "permutations": permutations,
-        "p": ev.permutation_pvalue(cells[best]["metrics"]["auroc"]["value"], null.max(axis=1)) if permutations
-        else float("nan"),
-    }
+    chosen = search.select(d, candidates, "cells")
+    selection = nested_selection(data, d, chosen, keys, C)
+    best = chosen["best"]
+    selection["family_wise"] = {**chosen["family_wise"],
+                                "best_cell": {"layer": cells[best]["layer"], "aggregation": cells[best]["aggregation"]}}
     selection["final"] = final_cell(cells, selection)
-    return {"cells": cells, "selection": selection, "folds": folds, "n_boot": n_boot,
-            "baselines_available": sorted(base) + ["random_direction", "permutation"],
-            "notes": [] if data.confidence is not None else
-            ["the store has no log-probs/entropies: the output-confidence baseline is skipped"]}
-
-
-def permutation_null(y, groups, fits: list[FoldFits], permutations: int, seed: int, progress: bool) -> np.ndarray:
-    """(permutations, cells) ROC-AUCs of every cell under the same grouped permutations of the labels."""
-    rng = np.random.default_rng(seed + 7)
-    null = np.zeros((permutations, len(fits)))
-    for i in tqdm(range(permutations), desc="permutation null", disable=not progress or not permutations):
-        perm = ev.permute_problems(y, groups, rng)
-        null[i] = [ev.fast_metrics(perm, fit.predict(perm))["auroc"] for fit in fits]
-    return null
+    notes = [] if data.confidence is not None else [
+        "the store has no log-probs/entropies: the output-confidence baseline is skipped"]
+    if not permutations:
+        notes.append("--permutations 0: the CIs lack refitting's variance and are too narrow")
+    return {"cells": cells, "selection": selection, "folds": folds, "intervals": ev.INTERVALS,
+            "baselines_available": sorted(base) + ["random_direction", "permutation"], "notes": notes}
 
 
 def final_cell(cells: list[dict], selection: dict) -> dict:
@@ -211,34 +144,24 @@ def final_cell(cells: list[dict], selection: dict) -> dict:
                     "every problem"}
 
 
-def nested_selection(data: TrajectoryData, outer, C: float, seed: int, n_boot: int) -> dict:
-    """Choose the cell on each outer training part by inner grouped CV; score it on the untouched outer fold.
-    Platt scaling, fit by inner grouped CV on the same training part, gives the calibrated predictions."""
-    y, groups = data.y, data.groups
-    prob, calibrated = np.zeros(len(y)), np.zeros(len(y))
-    chosen = []
-    for train, test in outer:
-        inner_k = min(len(outer) - 1, len(np.unique(groups[train])))
-        inner = ev.grouped_folds(y[train], groups[train], max(2, inner_k), seed + 1)
-        best, best_auc = None, -1.0
-        for key, X in sorted(data.features.items()):
-            auc = ev.fast_metrics(y[train], FoldFits(X[train], inner, C).predict(y[train]))["auroc"]
-            if auc > best_auc:
-                best, best_auc = key, auc
-        chosen.append(best)
-        X = data.features[best]
-        prob[test] = make_probe(C).fit(X[train], y[train]).predict_proba(X[test])[:, 1]
+def nested_selection(data: TrajectoryData, d: search.Design, chosen: dict, keys: list, C: float) -> dict:
+    """The selection procedure's held-out figures (search.select), with the calibration of its predictions and
+    Platt scaling fit by inner grouped CV on each outer training part."""
+    y = data.y
+    prob, calibrated = chosen["oof_probability"], np.zeros(len(y))
+    for (train, test), inner, j in zip(d.outer, d.inner, chosen["chosen"]):
+        X = data.features[keys[j]]
         platt = CalibratedClassifierCV(make_probe(C), method="sigmoid", cv=inner, ensemble=False)
         calibrated[test] = platt.fit(X[train], y[train]).predict_proba(X[test])[:, 1]
     counts = {}
-    for layer, agg in chosen:
+    for layer, agg in (keys[j] for j in chosen["chosen"]):
         counts[f"{layer}/{agg}"] = counts.get(f"{layer}/{agg}", 0) + 1
     return {
-        "method": f"nested problem-grouped CV: {len(outer)} outer folds, each choosing the cell by inner grouped CV "
+        "method": f"nested problem-grouped CV: {len(d.outer)} outer folds, each choosing the cell by inner grouped CV "
                   "on its training problems only",
         "chosen_per_fold": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
         "folds_agree": len(counts) == 1,
-        "nested_metrics": ev.bootstrap(y, {"probe": prob}, groups, n_boot, seed)["probe"],
+        "nested_metrics": chosen["nested_metrics"], "refit_variance": chosen["refit"],
         "calibration": ev.calibration(y, prob),
         "calibrated": {"method": "Platt scaling (CalibratedClassifierCV, method='sigmoid'), fit by inner grouped CV "
                                  "on each outer training part", "calibration": ev.calibration(y, calibrated),

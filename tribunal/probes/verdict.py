@@ -88,5 +88,42 @@ def claims(cell: dict) -> list[str]:
         if other in lost:
             out.append(f"does not beat the {other.replace('_', ' ')} baseline")
     if not out:
-        out.append("beats every baseline (paired bootstrap over problems) and the permutation null")
+        out.append("beats every baseline (paired CI of the CV ROC-AUC difference above 0) and the permutation null")
     return out
+
+
+SAVES = "saves tokens with no loss of accuracy"
+
+
+def early_exit(exit_: dict, signal: bool) -> dict:
+    """Whether the probe's exit rule may be claimed to save tokens with no loss of accuracy, and the sentence.
+
+    The claim needs all of: evidence that the chunk probe knows anything (signal: its nested headline is not
+    a null), tokens saved with a CI above 0, an accuracy change whose CI stays above -margin, and more tokens
+    saved than every baseline rule that keeps accuracy within the margin. Otherwise the sentence says which
+    part fails."""
+    margin, rules = exit_["margin"], exit_["rules"]
+    probe = rules["probe"]
+    others = {n: r for n, r in rules.items() if n != "probe"}
+    keeps = lambda r: r["accuracy_change_ci"][0] >= -margin  # noqa: E731
+    saves = probe["tokens_saved_ci"][0] > 0
+    beats = {n: bool(keeps(probe) and saves and (not keeps(r) or probe["tokens_saved"] > r["tokens_saved"]))
+             for n, r in others.items()}
+    lost = [n.replace("_", " ") for n, ok in beats.items() if not ok]
+    figures = (f"accuracy change {probe['accuracy_change']:+.3f} [{probe['accuracy_change_ci'][0]:+.3f}, "
+               f"{probe['accuracy_change_ci'][1]:+.3f}], tokens saved {probe['tokens_saved']:.1%} "
+               f"[{probe['tokens_saved_ci'][0]:.1%}, {probe['tokens_saved_ci'][1]:.1%}]")
+    if not signal:
+        text = (f"no early-exit claim: the chunk probe shows no evidence of a signal, so whatever its rule saves is not "
+                f"the probe's doing ({figures})")
+    elif not keeps(probe):
+        text = f"the probe rule may lose more accuracy than the margin {margin:.2f} allows ({figures})"
+    elif not saves:
+        text = f"the probe rule's token saving is not distinguishable from none ({figures})"
+    elif lost:
+        text = f"the probe rule keeps accuracy within the margin and saves tokens, but does not beat: {', '.join(lost)}"
+    else:
+        text = (f"the probe rule {SAVES} beyond the margin {margin:.2f}, and more than every baseline rule "
+                f"({figures})")
+    claim = bool(signal and keeps(probe) and saves and not lost)
+    return {"probe_beats": beats, "claim": claim, "verdict": text}

@@ -15,7 +15,7 @@ from tribunal.probes.trajectory import load_trajectory_data, make_probe, ungroup
 from tribunal.report.outputs import token_outputs, trajectory_outputs
 from tribunal.store import open_store
 
-FAST = dict(n_boot=300, permutations=20, progress=False)
+FAST = dict(permutations=20, progress=False)
 
 
 def synth(path, **kw):
@@ -105,14 +105,14 @@ def test_directions_round_trip_through_score(tmp_path):
 
 def test_token_probe_memory_bound_and_outputs(tmp_path):
     path = synth(tmp_path / "s.h5", traces=200, problems=50, signal=0.85)
-    out = token_outputs(path, tmp_path / "out", layer=4, memory_bytes=400 << 20, n_boot=100)
+    out = token_outputs(path, tmp_path / "out", layer=4, memory="400M")
     lda = out["token"]["directions"]["lda"]
     assert lda["auroc"]["value"] > 0.7 and len(lda["auroc_by_position"]) == 10
     w, _ = planted(path)
     assert abs(np.dot(lda["direction"], w)) > 0.9
     assert (tmp_path / "out" / "token_probe.png").stat().st_size > 0
     with pytest.raises(TribunalError, match="too small"):
-        token_outputs(path, tmp_path / "out2", layer=4, memory_bytes=64 << 20)
+        token_outputs(path, tmp_path / "out2", layer=4, memory="64M")
 
 
 def test_bad_input(tmp_path):

@@ -12,7 +12,7 @@ from tribunal.probes.run import probe_chunks
 from tribunal.store import open_store
 from tribunal.traces.models import piece_decoder
 
-FAST = dict(n_boot=200, permutations=19, progress=False)
+FAST = dict(permutations=19, progress=False)
 
 
 def chunk_store(path, **kw):
@@ -39,9 +39,7 @@ def test_no_chunk_signal_covers_chance(tmp_path):
     path = chunk_store(tmp_path / "null.h5", chunk_signal=0.5)
     done = run(path, tmp_path / "out")
     auroc = done["result"]["selection"]["nested_metrics"]["auroc"]
-    # No false signal: the CI reaches below 0.5. (Cross-validated AUROC under the null is biased slightly below 0.5,
-    # folds' class balance moving against their training parts', so the CI may sit just under 0.5: conservative.)
-    assert auroc["ci"][0] < 0.5 and auroc["value"] < 0.55, auroc
+    assert auroc["ci"][0] <= 0.5 <= auroc["ci"][1], auroc
     assert done["summary"].startswith("No evidence of a signal")
 
 
@@ -57,14 +55,14 @@ def test_a_position_only_confound_is_caught_by_the_position_baseline(tmp_path):
 def test_cli_outputs(tmp_path):
     path = chunk_store(tmp_path / "s.h5", traces=120, problems=40)
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["probe", "chunks", str(path), "--out", str(out), "--quiet", "--bootstrap", "100",
+    r = CliRunner().invoke(main, ["probe", "chunks", str(path), "--out", str(out), "--quiet",
                                   "--permutations", "9"])
     assert r.exit_code == 0, r.output
     for name in ("chunks.csv", "chunk_metrics.json", "chunk_probe.png", "early_exit.png",
                  "implicit_value_directions.json"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "chunk_metrics.json").read_text())
-    assert {"layer", "auroc", "auroc_ci", "early_exit"} <= set(metrics)
+    assert {"auroc", "auroc_ci", "family_wise_p"} <= set(metrics["nested"]) and "layer" in metrics["direction_cell"]
     assert {"accuracy", "full_accuracy", "tokens_saved", "tokens_saved_ci"} <= set(metrics["early_exit"])
     header = (out / "chunks.csv").read_text().splitlines()[0]
     assert header == "trace,problem_id,chunk,token_start,token_end,answer,label,oof_probability"

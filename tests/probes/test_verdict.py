@@ -9,7 +9,7 @@ from tribunal.report.markdown import write_report
 from tribunal.report.outputs import token_outputs, trajectory_outputs
 from conftest import synth_store
 
-FAST = dict(n_boot=200, permutations=19, progress=False)
+FAST = dict(permutations=19, progress=False)
 
 
 def synth(path, **kw):
@@ -19,7 +19,7 @@ def synth(path, **kw):
 
 def report_of(tmp_path, store, **options):
     traj = trajectory_outputs(store, tmp_path / "out", aggregations=("mean", "last"), **{**FAST, **options})
-    tok = token_outputs(store, tmp_path / "out", layer=4, memory_bytes=256 << 20, n_boot=50)
+    tok = token_outputs(store, tmp_path / "out", layer=4, memory="256M")
     write_report(tmp_path / "report.md", "done: 240 traces", traj, tok, 1.0)
     return traj, (tmp_path / "report.md").read_text()
 
@@ -90,7 +90,7 @@ def test_family_wise_p_holds_its_level_under_the_null(tmp_path):
     family, uncorrected = [], []
     for seed in range(10):
         store = synth(tmp_path / f"n{seed}.h5", signal=0.5, seed=100 + seed, traces=160, problems=40)
-        result = probe_trajectory(store, tmp_path / f"o{seed}", aggregations=("mean", "last"), n_boot=50,
+        result = probe_trajectory(store, tmp_path / f"o{seed}", aggregations=("mean", "last"),
                                   permutations=19, progress=False)["result"]
         family.append(result["selection"]["family_wise"]["p"])
         uncorrected.append(min(c["permutation_p"] for c in result["cells"]))

@@ -65,5 +65,5 @@ def test_nested_choice_never_sees_its_test_problems():
     for k, (_, test) in enumerate(folds):
         assert not seen[k] & set(case.trace_group[test].tolist())
     assert len(chosen) == 4 and correct.shape == (n,) and np.all(tokens > 0)
-    s = ee.bootstrap_summary(correct, tokens, case.trace_tokens, case.trace_correct, case.trace_group, 200, 0)
+    s = ee.interval_summary(correct, tokens, case.trace_tokens, case.trace_correct, case.trace_group)
     assert s["tokens_saved_ci"][0] <= s["tokens_saved"] <= s["tokens_saved_ci"][1]
