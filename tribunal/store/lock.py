@@ -98,7 +98,7 @@ class WriterLock:
                     raise StoreLockedError(self._held_message(read_holder(self.store_path) or {})) from None
                 raise StoreLockedError(
                     f"cannot lock {self.path}: {exc.strerror}. On Lustre/GPFS mount with flock support "
-                    f"or keep stores on a file system that has it (see README, 'Cluster file systems')"
+                    f"or keep stores on a file system that has it (see docs/cluster.md, 'Cluster file systems')"
                 ) from None
             # The file may have been unlinked by a closing writer between open and flock.
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
