@@ -195,11 +195,14 @@ def test_aggregates_match_direct_computation(tmp_path):
             store.aggregate(7)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_float16_aggregates_are_numpys_arithmetic_bit_for_bit(tmp_path, monkeypatch, threads):
+@pytest.mark.parametrize("threads,piece_rows", [(1, None), (2, None), (2, 3)])
+def test_float16_aggregates_are_numpys_arithmetic_bit_for_bit(tmp_path, monkeypatch, threads, piece_rows):
     """In one block, each aggregate is numpy's float32 cast of the stored words summed per segment (prompt,
-    generated before the last k, last k), whichever thread reduces which segment."""
+    generated before the last k, last k), whichever thread reduces which segment, and however many pieces
+    a segment is decoded and reduced in."""
     monkeypatch.setattr(reader, "REDUCE_THREADS", threads)
+    if piece_rows:
+        monkeypatch.setattr(reader, "PIECE_BYTES", piece_rows * 4 * 64)
     path = tmp_path / "s.h5"
     recs = [make_record(i, prompt=3, d_model=64) for i in range(30)] + [make_record(30, tokens=3, prompt=3, d_model=64)]
     with StoreWriter(path, **writer_kwargs(d_model=64)) as w:
