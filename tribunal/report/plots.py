@@ -2,10 +2,10 @@
 
 Each `*_figure` builds a figure from what a probe returned and `save` writes it. The rules every figure keeps,
 so it reads at page width: panels in a grid two wide (never a long row), legends outside the data, axis limits
-taken from the data and its CIs (no error bar is cut off), overlapping distributions drawn as outlines,
-reliability bins of fewer than MIN_BIN_TRACES merged with their neighbours (each drawn bin shows its count),
-CI bands drawn as outlines,
-and points that could coincide drawn where they cannot hide each other (dodged, or one row each).
+taken from the data and its CIs (no error bar is cut off), overlapping distributions and CI bands drawn as
+outlines (no fills to mix into a third colour), reliability bins of fewer than MIN_BIN_TRACES merged with their
+neighbours (each drawn bin shows its count), and points that could coincide drawn where they cannot hide each
+other (dodged, nested hollow markers, or one row each).
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ BASELINE_STYLE = {"length": ("tab:orange", "s"), "confidence": ("tab:green", "^"
                   "random_direction": ("tab:gray", "v"), "majority": ("black", "x")}
 CHUNK_BASELINE_STYLE = {"position": ("tab:orange", "s"), "tokens_so_far": ("tab:brown", "D"),
                         "confidence": ("tab:green", "^"), "equals_final": ("tab:purple", "v")}
-# (colour, marker, marker size, line style): hollow markers of distinct shapes and sizes, so rules that land on one
-# point stay visible one inside the other
-EXIT_STYLE = {"probe": ("tab:blue", "o", 15, "-"), "confidence": ("tab:green", "^", 11, "--"),
-              "fixed_fraction": ("tab:orange", "s", 8, "-."), "first_answer": ("tab:purple", "D", 5, ":")}
+# (colour, marker, marker size, line style, line width, line alpha): hollow markers of distinct shapes and sizes, so
+# rules that land on one point stay visible one inside the other; curves of decreasing width, widest drawn first,
+# so curves that run together show as a thin line inside a wide one
+EXIT_STYLE = {"probe": ("tab:blue", "o", 15, "-", 5.0, 0.4), "confidence": ("tab:green", "^", 11, "--", 2.4, 0.9),
+              "fixed_fraction": ("tab:orange", "s", 8, "-.", 1.2, 1.0),
+              "first_answer": ("tab:purple", "D", 5, ":", 1.0, 1.0)}
 LABEL_COLOURS = (("correct", 1, "tab:green"), ("incorrect", 0, "tab:red"))
 
 
@@ -38,20 +40,18 @@ def save(fig, path) -> None:
     plt.close(fig)
 
 
-def _grid(rows: int, cols: int = 2, height: float = PANEL[1]):
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL[0], rows * height), squeeze=False,
-                             layout="constrained")
-    return fig, axes
+def _grid(rows: int):
+    """Panels two wide: `rows` rows of PANEL-sized axes."""
+    return plt.subplots(rows, 2, figsize=(2 * PANEL[0], rows * PANEL[1]), squeeze=False, layout="constrained")
 
 
 def _name(key: str) -> str:
     return key.replace("_", " ")
 
 
-def _legend_below(ax, ncol: int = 2, handles=None, labels=None) -> None:
+def _legend_below(ax, ncol: int = 2) -> None:
     """A legend under the axes (below its x label), never over the data."""
-    args = (handles, labels) if handles is not None else ()
-    ax.legend(*args, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=7, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=7, frameon=False)
 
 
 def _legend_slot(ax, handles, labels) -> None:
@@ -60,24 +60,24 @@ def _legend_slot(ax, handles, labels) -> None:
     ax.legend(handles, labels, loc="center", fontsize=8, frameon=False)
 
 
-def _limits(lows, highs, include=(0.5,), pad: float = 0.04) -> tuple[float, float]:
-    """Axis limits that hold every CI (and the chance line), with a margin so caps are not on the frame."""
-    values = [v for v in [*lows, *highs, *include] if v is not None and math.isfinite(v)]
+def _limits(values, include=(0.5,), pad: float = 0.04) -> tuple[float, float]:
+    """Axis limits that hold every value (CI ends; the chance line), with a margin so caps are not on the frame."""
+    values = [v for v in [*values, *include] if math.isfinite(v)]
     lo, hi = min(values), max(values)
     margin = max(hi - lo, 0.05) * pad
     return lo - margin, hi + margin
 
 
-def _chance(ax, label: bool = True, horizontal: bool = True) -> None:
-    line = ax.axhline if horizontal else ax.axvline
-    line(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)" if label else None)
+def _chance(ax) -> None:
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
 
 
-def _errorbars(ax, x, values, color, marker, label, line=False, ms=5) -> None:
+def _errorbars(ax, x, values, color, marker, label, line=False) -> None:
     val = np.array([v["value"] for v in values], float)
     ci = np.array([v["ci"] for v in values], float)
-    ax.errorbar(x, val, yerr=[np.maximum(val - ci[:, 0], 0), np.maximum(ci[:, 1] - val, 0)], fmt=marker + ("-" if line else ""),
-                color=color, capsize=2, ms=ms, lw=1, label=label)
+    yerr = [np.maximum(val - ci[:, 0], 0), np.maximum(ci[:, 1] - val, 0)]
+    ax.errorbar(x, val, yerr=yerr, fmt=marker + ("-" if line else ""), color=color, capsize=2, ms=5, lw=1,
+                label=label)
 
 
 def _band(ax, x, lower, upper, color) -> None:
@@ -116,7 +116,7 @@ def probe_results_figure(trajectory: dict):
     fig, axes = _grid(agg_rows + 1)
     flat = list(axes[:agg_rows].flat)
     every = [c["metrics"]["auroc"] for c in cells] + [c["baselines"][n]["auroc"] for c in cells for n in names]
-    ylim = _limits([m["ci"][0] for m in every], [m["ci"][1] for m in every])
+    ylim = _limits([end for m in every for end in m["ci"]])
     for ax, agg in zip(flat, aggs):
         row = sorted((c for c in cells if c["aggregation"] == agg), key=lambda c: c["layer"])
         layers = np.array([c["layer"] for c in row], float)
@@ -257,7 +257,7 @@ def chunk_probe_figure(result: dict):
     value = next(c for c in rows if c["layer"] == final["layer"])["metrics"]["auroc"]["value"]
     _ring(ax, final["layer"], value, f"the direction cell (layer {final['layer']})")
     _chance(ax)
-    ax.set_ylim(*_limits([c["metrics"]["auroc"]["ci"][0] for c in rows], [c["metrics"]["auroc"]["ci"][1] for c in rows]))
+    ax.set_ylim(*_limits([end for c in rows for end in c["metrics"]["auroc"]["ci"]]))
     _layer_axis(ax, layers)
     ax.set_ylabel("chunk ROC-AUC (95% CI)")
     ax.set_title("does the chunk end know its answer is right?", fontsize=9)
@@ -270,7 +270,7 @@ def chunk_probe_figure(result: dict):
         color, marker = CHUNK_BASELINE_STYLE.get(name, ("gray", "x"))
         beaten = "beaten" if result["beats"].get(name) else "not beaten"
         entries.append((f"{_name(name)} ({beaten})", b["auroc"], color, marker))
-    _forest(ax, entries, chance=0.5)
+    _forest(ax, entries, lines=[(0.5, ":")])
     ax.set_xlabel("chunk ROC-AUC (95% CI; same folds)")
     ax.set_title("the folds' choice against the baselines\n(beaten: the paired difference's 95% CI lies above 0)",
                  fontsize=8)
@@ -282,20 +282,19 @@ def chunk_probe_figure(result: dict):
     return fig
 
 
-def _forest(ax, entries, chance: float | None = None, lines=()) -> None:
-    """One row per entry (label, {"value", "ci"}, colour, marker): a point and its 95% CI, none on another."""
+def _forest(ax, entries, lines) -> None:
+    """One row per entry (label, {"value", "ci"}, colour, marker): a point and its 95% CI, none on another;
+    lines: (x, line style) reference lines."""
     for i, (label, m, color, marker) in enumerate(entries):
         v, (lo, hi) = m["value"], m["ci"]
-        ax.errorbar([v], [i], xerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt=marker, color=color, ms=7, capsize=3, lw=1.2)
-    if chance is not None:
-        ax.axvline(chance, color="gray", lw=0.8, ls=":")
+        ax.errorbar([v], [i], xerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt=marker, color=color, ms=7, capsize=3,
+                    lw=1.2)
     for x, style in lines:
         ax.axvline(x, color="gray", lw=0.8, ls=style)
     ax.set_yticks(range(len(entries)))
     ax.set_yticklabels([e[0] for e in entries], fontsize=7)
     ax.set_ylim(len(entries) - 0.5, -0.5)
-    include = ([chance] if chance is not None else []) + [x for x, _ in lines]
-    ax.set_xlim(*_limits([e[1]["ci"][0] for e in entries], [e[1]["ci"][1] for e in entries], include, pad=0.08))
+    ax.set_xlim(*_limits([end for e in entries for end in e[1]["ci"]], [x for x, _ in lines], pad=0.08))
 
 
 def early_exit_figure(result: dict):
@@ -306,13 +305,13 @@ def early_exit_figure(result: dict):
     fig, axes = plt.subplot_mosaic([["curves", "curves"], ["accuracy", "saved"]], layout="constrained",
                                    figsize=(2 * PANEL[0], 2.15 * PANEL[1]), height_ratios=[1.25, 1])
     ax = axes["curves"]
-    for name, curve in exit_["curves"].items():
-        color, marker, _, style = EXIT_STYLE[name]
+    for name, curve in sorted(exit_["curves"].items(), key=lambda kv: -EXIT_STYLE[kv[0]][4]):
+        color, _, _, style, width, alpha = EXIT_STYLE[name]
         setting = "fraction" if name == "fixed_fraction" else "threshold"
-        ax.plot([c["tokens_used"] for c in curve], [c["accuracy"] for c in curve], style, color=color, lw=1.6,
-                marker=".", ms=4, label=f"{_name(name)} rule, every {setting}")
+        ax.plot([c["tokens_used"] for c in curve], [c["accuracy"] for c in curve], ls=style, color=color, lw=width,
+                alpha=alpha, marker=".", ms=4, label=f"{_name(name)} rule, every {setting}")
     for name, r in exit_["rules"].items():
-        color, marker, size, _ = EXIT_STYLE[name]
+        color, marker, size = EXIT_STYLE[name][:3]
         ax.plot([1 - r["tokens_saved"]], [r["accuracy"]], marker, ms=size, mfc="none", mec=color, mew=1.6,
                 label=f"{_name(name)}: nested choice")
     full = exit_["full"]["accuracy"]
@@ -320,16 +319,19 @@ def early_exit_figure(result: dict):
     ax.axhline(full - exit_["margin"], color="gray", lw=0.8, ls=":", label=f"full accuracy - margin {exit_['margin']}")
     ax.set_xlabel("generated tokens used (fraction of the full traces')")
     ax.set_ylabel("accuracy over traces")
+    accuracies = [c["accuracy"] for curve in exit_["curves"].values() for c in curve]
+    accuracies += [r["accuracy"] for r in exit_["rules"].values()] + [full - exit_["margin"]]
+    ax.set_ylim(*_limits(accuracies, include=(), pad=0.1))  # room for the largest hollow marker
     ax.set_xlim(0, 1.05)
     ax.set_title("early exit: each rule's accuracy and tokens over its settings\n(the nested choice: settings "
                  "chosen on training folds; its CIs in the panels below)", fontsize=8)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    rules = list(exit_["rules"].items())
-    style = lambda name: EXIT_STYLE[name][:2]  # noqa: E731
-    _forest(axes["accuracy"], [(_name(n), {"value": r["accuracy_change"], "ci": r["accuracy_change_ci"]}, *style(n))
-                               for n, r in rules], lines=[(0.0, "-"), (-exit_["margin"], ":")])
+    rules = exit_["rules"]
+    _forest(axes["accuracy"], [(_name(n), {"value": r["accuracy_change"], "ci": r["accuracy_change_ci"]},
+                                *EXIT_STYLE[n][:2]) for n, r in rules.items()],
+            lines=[(0.0, "-"), (-exit_["margin"], ":")])
     axes["accuracy"].set_xlabel("accuracy change against the full traces\n(dotted: the margin)")
-    _forest(axes["saved"], [(_name(n), {"value": r["tokens_saved"], "ci": r["tokens_saved_ci"]}, *style(n))
-                            for n, r in rules], lines=[(0.0, "-")])
+    _forest(axes["saved"], [(_name(n), {"value": r["tokens_saved"], "ci": r["tokens_saved_ci"]}, *EXIT_STYLE[n][:2])
+                            for n, r in rules.items()], lines=[(0.0, "-")])
     axes["saved"].set_xlabel("generated tokens saved (fraction)")
     return fig
