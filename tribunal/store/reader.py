@@ -145,11 +145,10 @@ class Shard:
             offsets = None
             if ds.chunks is not None and ds.id.get_create_plist().get_nfilters() == 0:
                 chunk_rows = ds.chunks[0]
-                found = {}
-                ds.id.chunk_iter(lambda info: found.__setitem__(info.chunk_offset[0] // chunk_rows, info.byte_offset))
-                n_chunks = -(-self.n_tokens // chunk_rows)
-                if all(i in found and found[i] is not None for i in range(n_chunks)):
-                    offsets = np.array([found[i] for i in range(n_chunks)], np.int64)
+                found = [ds.id.get_chunk_info_by_coord((row, 0)).byte_offset
+                         for row in range(0, self.n_tokens, chunk_rows)]
+                if None not in found:
+                    offsets = np.array(found, np.int64)
             self._offsets[layer] = offsets
         return self._offsets[layer]
 
