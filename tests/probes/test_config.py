@@ -1,0 +1,64 @@
+"""ProbeConfig: the one definition of the probes' options, its checks and the arguments it writes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tribunal.errors import TribunalError
+from tribunal.probes.config import ProbeConfig
+from tribunal.store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES
+
+
+def test_aggregations_take_the_command_lines_comma_list_or_names():
+    assert ProbeConfig().aggregations == AGGREGATIONS
+    assert ProbeConfig(aggregations="mean, last").aggregations == ("mean", "last")
+    assert ProbeConfig(aggregations=["max"]).aggregations == ("max",)
+
+
+@pytest.mark.parametrize("options, flag", [
+    ({"folds": 1}, "--folds"), ({"permutations": -1}, "--permutations"), ({"memory": "lots"}, "--memory"),
+    ({"memory": 0}, "--memory"), ({"aggregations": "mean,median"}, "--aggregations"), ({"aggregations": ""}, "--aggregations"),
+    ({"last_k": 0}, "--last-k"), ({"C": 0}, "-C"), ({"margin": 1.0}, "--margin"), ({"margin": -0.1}, "--margin"),
+    ({"test_fraction": 1.0}, "--test-fraction"),
+])
+def test_bad_values_are_refused_naming_the_option(options, flag):
+    with pytest.raises(TribunalError) as err:
+        ProbeConfig(**options).validate()
+    assert str(err.value).startswith(flag + " "), str(err.value)
+
+
+def test_arguments_are_the_non_defaults_of_each_probe():
+    cfg = ProbeConfig(folds=3, seed=7, aggregations="mean,last", last_k=4, test_fraction=0.3, margin=0.05)
+    assert cfg.arguments("trajectory") == ["--folds", "3", "--seed", "7", "--aggregations", "mean,last", "--last-k", "4"]
+    assert cfg.arguments("tokens") == ["--seed", "7", "--test-fraction", "0.3"]
+    assert cfg.arguments("chunks") == ["--folds", "3", "--seed", "7", "--margin", "0.05"]
+    assert ProbeConfig().arguments("trajectory") == []
+
+
+def test_each_probe_takes_only_its_options():
+    names = {p: {f.name for f in ProbeConfig.cli_fields(p)} for p in ("trajectory", "tokens", "chunks")}
+    assert names["tokens"] == {"seed", "memory", "test_fraction"}
+    assert "margin" in names["chunks"] and "margin" not in names["trajectory"]
+    assert {"aggregations", "last_k"} <= names["trajectory"] and not {"aggregations", "last_k"} & names["chunks"]
+    assert {f.name for f in ProbeConfig.cli_fields()} == set().union(*names.values())
+
+
+def test_block_bytes_follow_the_memory_budget_within_bounds():
+    assert ProbeConfig(memory="1G").block_bytes == DEFAULT_BLOCK_BYTES
+    assert ProbeConfig(memory="16M").block_bytes == 4 << 20
+    assert ProbeConfig(memory=1000).block_bytes == 1 << 20
+    assert ProbeConfig(memory="512M").memory_bytes == 512 << 20
+
+
+def test_the_early_exit_margin_default_is_probe_configs():
+    from tribunal.probes import early_exit
+
+    assert early_exit.DEFAULT_MARGIN == ProbeConfig().margin
+
+
+def test_the_probes_never_import_click():
+    code = ("import sys, tribunal.probes.config, tribunal.probes.run; "
+            "assert 'click' not in sys.modules, 'click imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,60 @@
+"""pipeline.py: options split between the generator and the probes, checked before anything is created; the
+chunk probe and `score` behind the CLI."""
+
+import csv
+
+import pytest
+
+from conftest import synth_store
+from tribunal.errors import TribunalError
+from tribunal.pipeline import chunk_probe, run_pipeline, score_stores, split_options
+from tribunal.probes.run import probe_trajectory
+
+
+def test_one_seed_goes_to_the_generator_and_the_probes():
+    generate, probes = split_options({"seed": 5, "temperature": 0.7, "folds": 3, "margin": 0.1})
+    assert generate == {"seed": 5, "temperature": 0.7}
+    assert probes == {"seed": 5, "folds": 3, "margin": 0.1}
+    with pytest.raises(TribunalError, match="bootstrap"):
+        split_options({"bootstrap": 100})
+
+
+@pytest.mark.parametrize("options, message", [({"shard": "3/2"}, "--shard"), ({"folds": 1}, "--folds"),
+                                              ({"memory": "lots"}, "--memory"), ({"temperature": 0}, "--temperature")])
+def test_bad_run_options_are_refused_before_the_run_folder_exists(tmp_path, options, message):
+    with pytest.raises(TribunalError, match=message):
+        run_pipeline(tmp_path / "runs" / "x", options, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p")
+    store = synth_store(root / "s.h5", traces=80, problems=20, layers=(2, 4), d_model=16, tokens_per_trace=(20, 40))
+    probe_trajectory(store, root / "probes", aggregations="mean", permutations=0, folds=3, progress=False)
+    return store, root / "probes"
+
+
+def test_score_writes_into_a_new_folder(probed, tmp_path):
+    store, directions = probed
+    out = tmp_path / "new" / "deeper" / "scores.csv"
+    result = score_stores(directions, store, out, layer=2, aggregation="mean")
+    rows = list(csv.DictReader(out.open()))
+    assert result["layer"] == 2 and len({r["trace"] for r in rows}) == 80
+
+
+@pytest.mark.parametrize("bad, message", [({"layer": 9}, "no direction"), ({"chunk_ends": True}, "no chunk probe")])
+def test_score_with_bad_input_leaves_nothing(probed, tmp_path, bad, message):
+    store, directions = probed
+    with pytest.raises(TribunalError, match=message):
+        score_stores(directions, store, tmp_path / "new" / "scores.csv", **bad)
+    assert not (tmp_path / "new").exists()
+
+
+def test_chunk_probe_reads_chunk_ends_with_the_stores_tokenizer(tmp_path):
+    store = synth_store(tmp_path / "c.h5", traces=80, problems=20, layers=(2, 4), d_model=16, chunk_signal=0.8)
+    with pytest.raises(TribunalError, match="--margin"):
+        chunk_probe(store, tmp_path / "bad", margin=2, progress=False)
+    assert not (tmp_path / "bad").exists()
+    done = chunk_probe(store, tmp_path / "out", cues="wait,hmm", permutations=0, folds=3, progress=False)
+    assert done["result"]["traces"] == 80 and (tmp_path / "out" / "chunk_metrics.json").exists()
