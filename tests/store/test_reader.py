@@ -15,6 +15,7 @@ from conftest import make_record, writer_kwargs
 from tribunal.cli import main
 from tribunal.errors import IncompatibleStoreError, StoreError
 from tribunal.store import StoreWriter, open_store
+from tribunal.store import format as fmt
 from tribunal.store import reader
 from tribunal.store.verify import verify_store
 
@@ -154,6 +155,10 @@ def test_rows_read_from_the_file_are_hdf5s_rows(tmp_path, dtype, compression):
             np.testing.assert_array_equal(shard.read_rows(5, start, end), expected[start:end])
         rows = np.array([0, 31, 32, 64, n - 1])
         np.testing.assert_array_equal(shard.read_scattered(5, rows), expected[rows])
+        for i in range(store.n_traces):  # and a trace's float32 values are its words decoded, bit for bit
+            start, end = int(store.table["token_start"][i]), int(store.table["token_end"][i])
+            values = fmt.decode_activations(expected[start:end], dtype).astype(np.float32)
+            assert store.activations(5, i).tobytes() == values.tobytes()
         with pytest.raises(StoreError, match="outside the committed"):
             shard.read_rows(5, 0, n + 1)
 

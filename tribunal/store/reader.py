@@ -322,7 +322,8 @@ class Store:
         """(tokens, d_model) float32 activations of one trace at one layer."""
         shard, row = self._locate(index)
         words = shard.read_rows(int(layer), int(row["token_start"]), int(row["token_end"]))
-        return fmt.decode_activations(words, self.dtype).astype(np.float32, copy=False)
+        decode = _decoder(self.dtype)
+        return words if decode is None else decode(words, np.empty(words.shape, np.float32))
 
     # -- streaming -------------------------------------------------------------------------
 
