@@ -58,3 +58,15 @@ def test_chunk_probe_reads_chunk_ends_with_the_stores_tokenizer(tmp_path):
     assert not (tmp_path / "bad").exists()
     done = chunk_probe(store, tmp_path / "out", cues="wait,hmm", permutations=0, folds=3, progress=False)
     assert done["result"]["traces"] == 80 and (tmp_path / "out" / "chunk_metrics.json").exists()
+
+
+def test_submit_config_gives_the_probe_job_the_non_default_probe_options(tmp_path):
+    from tribunal.pipeline import submit_config
+
+    cfg = submit_config(tmp_path / "r", {"seed": 2, "max_new_tokens": 64, "folds": 3, "test_fraction": 0.3},
+                        ["--layers", "4"], shards=2)
+    assert cfg.generate == {"seed": 2, "max_new_tokens": 64} and cfg.shards == 2
+    assert cfg.probe_args == {"trajectory": ["--folds", "3", "--seed", "2", "--layers", "4"],
+                              "tokens": ["--seed", "2", "--test-fraction", "0.3"]}
+    with pytest.raises(TribunalError, match="--margin"):
+        submit_config(tmp_path / "r", {"margin": 5})

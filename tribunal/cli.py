@@ -331,14 +331,12 @@ def slurm_submit(run_dir, shards, time_limit, partition, gpus, cpus, mem, setup,
 
     Every `tribunal generate` option is accepted here and passed to each array task; the probe options go to the
     probe job (--seed to both)."""
-    from .cluster.slurm import SubmitConfig, commands, submit, write_scripts
-    from .pipeline import split_options
+    from .cluster.slurm import commands, submit, write_scripts
+    from .pipeline import submit_config
 
-    generate, probes = split_options(options)
-    cfg = SubmitConfig(run_dir=run_dir, shards=shards, generate=generate, probes=probes, time=time_limit,
-                       partition=partition, gpus=gpus, cpus=cpus, mem=mem, setup=list(setup), python=python,
-                       max_requeues=max_requeues, probe_time=probe_time, generate_args=list(generate_args),
-                       probe_args=list(probe_args))
+    cfg = submit_config(run_dir, options, probe_args, shards=shards, time=time_limit, partition=partition, gpus=gpus,
+                        cpus=cpus, mem=mem, setup=list(setup), python=python, max_requeues=max_requeues,
+                        probe_time=probe_time, generate_args=list(generate_args))
     gen, probe_script = write_scripts(cfg)
     for line in commands(gen, probe_script):
         click.echo(line)

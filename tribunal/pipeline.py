@@ -1,5 +1,6 @@
 """The commands that chain steps across packages: `tribunal run` (generate, the three probes, one-page report, in
-one run folder), the chunk probe and `tribunal score` (which need the store's tokenizer from traces/).
+one run folder), the settings of `slurm submit`'s generate and probe jobs, the chunk probe and `tribunal score`
+(which need the store's tokenizer from traces/).
 
 The one module that chains the steps (problems -> traces -> store -> probes -> report); the steps never
 import each other backwards. Every option is checked before anything is created, so bad input leaves nothing
@@ -13,6 +14,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 
+from .cluster.slurm import PROBE_JOB, SubmitConfig
 from .errors import TribunalError
 from .probes.config import ProbeConfig
 from .report.markdown import write_report
@@ -34,6 +36,17 @@ def split_options(options: dict) -> tuple[dict, dict]:
     if unknown:
         raise TribunalError(f"unknown option(s) {unknown}")
     return ({k: v for k, v in options.items() if k in generate}, {k: v for k, v in options.items() if k in probes})
+
+
+def submit_config(run_dir, options: dict, probe_args=(), **slurm) -> SubmitConfig:
+    """`tribunal slurm submit`'s settings: the generator's options go to every array task, ProbeConfig's
+    (checked here) become the probe job's arguments (`probe_args` extra ones for the trajectory probe); one
+    --seed seeds both. slurm: the other SubmitConfig fields."""
+    generate, probe_options = split_options(options)
+    probes = ProbeConfig(**probe_options).validate()
+    args = {probe: probes.arguments(probe) for probe in PROBE_JOB}
+    args["trajectory"] += [str(a) for a in probe_args]
+    return SubmitConfig(run_dir=run_dir, generate=generate, probe_args=args, **slurm)
 
 
 def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:

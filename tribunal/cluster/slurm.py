@@ -21,6 +21,7 @@ from ..errors import TribunalError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TASK_SCRIPT = TEMPLATES / "tribunal-task"
+PROBE_JOB = ("trajectory", "tokens")  # the probes that probe.sbatch runs, in order
 SIGNAL_LEAD_S = 300  # sbatch --signal=B:USR1@300: the stop signal comes this long before the time limit
 
 
@@ -29,7 +30,6 @@ class SubmitConfig:
     run_dir: str
     shards: int = 4
     generate: dict = field(default_factory=dict)  # `tribunal generate` options (GenerateConfig names) for every task
-    probes: dict = field(default_factory=dict)  # the probe job's options (ProbeConfig names)
     time: str = "04:00:00"
     partition: str | None = None
     gpus: int = 1
@@ -40,7 +40,7 @@ class SubmitConfig:
     max_requeues: int = 5
     probe_time: str = "02:00:00"
     generate_args: list = field(default_factory=list)
-    probe_args: list = field(default_factory=list)
+    probe_args: dict = field(default_factory=dict)  # probe (trajectory, tokens) -> its arguments in the probe job
 
 
 def _site_lines(cfg: SubmitConfig, gpus: int, mem: str | None) -> str:
@@ -65,16 +65,6 @@ def generate_arguments(cfg: SubmitConfig) -> list[str]:
         raise TribunalError(f"unknown generate option(s) {unknown}")
     GenerateConfig(out="shard.h5", **cfg.generate).validate()
     return GenerateConfig.arguments(cfg.generate) + [str(a) for a in cfg.generate_args]
-
-
-def probe_arguments(cfg: SubmitConfig) -> dict[str, list[str]]:
-    """Per probe of the probe job (trajectory, tokens): its arguments that differ from ProbeConfig's defaults;
-    the trajectory probe also gets the extra --probe-arg arguments."""
-    from ..probes.config import ProbeConfig
-
-    probes = ProbeConfig(**cfg.probes).validate()
-    return {"trajectory": probes.arguments("trajectory") + [str(a) for a in cfg.probe_args],
-            "tokens": probes.arguments("tokens")}
 
 
 def fill(template: str, values: dict) -> str:
@@ -122,7 +112,7 @@ def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
             f"{SIGNAL_LEAD_S // 60} minutes")
     time_limit_seconds(cfg.probe_time)
     _local_paths_absolute(cfg)
-    generate_args, probe_args = generate_arguments(cfg), probe_arguments(cfg)
+    generate_args = generate_arguments(cfg)
     run = Path(cfg.run_dir).resolve()
     (run / "slurm").mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(exist_ok=True)
@@ -141,7 +131,8 @@ def write_scripts(cfg: SubmitConfig) -> tuple[Path, Path]:
     })
     probe = fill((TEMPLATES / "probe.sbatch").read_text(), {
         **common, "SITE_SBATCH_PROBE": _site_lines(cfg, 0, cfg.mem), "PROBE_TIME": cfg.probe_time,
-        **{f"{probe.upper()}_ARGS": " ".join(shlex.quote(a) for a in args) for probe, args in probe_args.items()},
+        **{f"{probe.upper()}_ARGS": " ".join(shlex.quote(str(a)) for a in cfg.probe_args.get(probe, []))
+           for probe in PROBE_JOB},
     })
     gen_path, probe_path = run / "slurm" / "generate.sbatch", run / "slurm" / "probe.sbatch"
     gen_path.write_text(gen)
