@@ -113,7 +113,6 @@ def inspect(stores, trace_index, as_json, tokenizer):
     """Summarize STORES (files, globs or a run folder), also while a writer is running."""
     from .store import open_store
     from .store.summary import format_summary, format_trace, summarize
-
     from .traces.models import token_decoder
 
     with open_store(stores) as store:
@@ -245,7 +244,6 @@ def run(out, quiet, **options):
     from .traces.generate import EXIT_INTERRUPTED, format_summary
 
     result = run_pipeline(out, options, progress=not quiet)
-
     click.echo(format_summary(result["generate"]))
     if result["generate"]["status"] != "done":
         sys.exit(EXIT_INTERRUPTED)
