@@ -25,7 +25,7 @@ class ProbeConfig:
     seed: int = option(0, "Seed of the folds, the permutations and the token probe's held-out split.")
     permutations: int = option(50, "Grouped permutations of the labels, shared by all cells (0 = skip).",
                                ("trajectory", "chunks"))
-    memory: str = option("1G", "Memory budget of a pass over the store, e.g. 512M; sets the block size.")
+    memory: str | int = option("1G", "Memory budget of a pass over the store, e.g. 512M (or bytes); sets the block size.")
     aggregations: tuple = option(AGGREGATIONS, "Trajectory aggregations of each layer's tokens, a comma list.",
                                  ("trajectory",))
     last_k: int = option(10, "k of the last_k aggregation.", ("trajectory",), flags=("-k", "--last-k"))
