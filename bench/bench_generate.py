@@ -35,7 +35,9 @@ from tribunal.grading import grade  # noqa: E402
 from tribunal.problems.loading import build_prompt, load_problems  # noqa: E402
 from tribunal.traces.generate import GenerateConfig, run_generation  # noqa: E402
 from tribunal.traces.models import decoder_blocks, load_model, resolve_layers  # noqa: E402
-from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch, trace_seed  # noqa: E402
+from tribunal.traces.capture.hooks import BlockCapture  # noqa: E402
+from tribunal.traces.engines.hf import SamplingSettings, sample_batch  # noqa: E402
+from tribunal.traces.ledger import trace_seed  # noqa: E402
 
 
 def sampling_rate(model_id, device_map, problems, samples, batch_size, max_new, capture_layers=False):

@@ -124,7 +124,7 @@ def plain_forward(model_path, store_path, capture_memory: str) -> tuple[float, i
     from tribunal.store import open_store
     from tribunal.traces.models import load_model
     from tribunal.config import parse_budget
-    from tribunal.traces.teacher_forcing import forcer_for, length_batches
+    from tribunal.traces.capture.teacher_forcing import forcer_for, length_batches
 
     t0 = time.perf_counter()  # like capture: the model's load and the store's reading on the clock
     net, _ = load_model(model_path)
@@ -166,7 +166,7 @@ def main():
     model = None if args.shape == "embedded" else str(random_qwen2(args.shape, work / "model"))
 
     from tribunal.traces.models import load_model
-    from tribunal.traces.vllm_engine import start_engine
+    from tribunal.traces.engines.vllm import start_engine
 
     net, tokenizer = load_model(model)
     prompts = [build_prompt(tokenizer, p.question) for p in load_problems(None, "test")[: args.problems]
@@ -209,7 +209,7 @@ def main():
                 ["path", "tokens/s", "x plain vLLM", "peak GPU GiB"], rows)
 
     from tribunal.config import parse_budget
-    from tribunal.traces.capture import capture_store
+    from tribunal.traces.capture.recapture import recapture_store
 
     source = work / "vllm.h5"
     capture_rates, plain_rates = [], []
@@ -217,7 +217,7 @@ def main():
         out = work / "captured.h5"
         out.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        done = capture_store(source, out, model=model, capture_memory=parse_budget(args.capture_memory), progress=False)
+        done = recapture_store(source, out, model=model, capture_memory=parse_budget(args.capture_memory), progress=False)
         capture_rates.append(done["tokens"] / (time.perf_counter() - t0))
         seconds, tokens = plain_forward(model, source, args.capture_memory)
         plain_rates.append(tokens / seconds)

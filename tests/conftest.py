@@ -119,3 +119,11 @@ def small_problems(tmp_path_factory):
         for p in make_problems(40, seed=7):
             fh.write(json.dumps({"question": p["question"], "answer": p["answer"]}) + "\n")
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """The vLLM engine's tests run last (a stable sort keeps every other order): the in-process vLLM engine they
+    start is kept for reuse by later runs in this process, with what vLLM sets up around it, and must not reach
+    other tests."""
+    vllm_tests = Path(__file__).parent / "traces" / "engines" / "test_vllm.py"
+    items.sort(key=lambda item: item.path == vllm_tests)

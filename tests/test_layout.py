@@ -1,6 +1,7 @@
-"""The dependency rules of the tree, checked on the source: store never imports torch/transformers, probes never
-import the generator or the report, the report never the generator, only the pipeline chains them, grading stands
-alone, only the CLI imports click."""
+"""The dependency rules of the tree, checked on the source: no import cycles anywhere in the package, store never
+imports torch/transformers, probes never import the generator or the report, the report never the generator, only
+the pipeline chains them, grading stands alone, only the CLI imports click, and each sampling engine imports
+neither the other engines nor the generate module that picks them."""
 
 import ast
 from pathlib import Path
@@ -8,18 +9,91 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "tribunal"
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PKG.rglob("*.py")}
+
+
 def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function (lazy imports count: they run too).
+    `from .x import y` names x, and x.y too where y is a module of its own."""
     names = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             mod = node.module or ""
             if node.level:
-                base = list(path.relative_to(PKG.parent).with_suffix("").parts[:-node.level])
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 mod = ".".join(base + ([mod] if mod else []))
-            names.add(mod)
+            submodules = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES}
+            # `from . import x` of a module x imports x alone; `from .x import y` runs x (its __init__) first
+            if node.module or len(submodules) < len(node.names):
+                names.add(mod)
+            names |= submodules
     return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports (outside libraries left out)."""
+    return {name: {n for n in imports(path) if n in MODULES and n != name} for name, path in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_module_imports_itself_back_through_any_chain():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_direct_and_chained_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_counts_lazy_and_from_package_imports():
+    graph = import_graph()
+    assert "tribunal.store.format" in graph["tribunal.store.verify"]  # from . import format as fmt
+    assert "tribunal.traces.stop" in graph["tribunal.__main__"]  # inside main()
+
+
+def test_each_engine_imports_neither_the_other_engines_nor_generate():
+    graph = import_graph()
+    engines = {name for name in MODULES if name.startswith("tribunal.traces.engines.")}
+    assert len(engines) >= 2, engines
+    for engine in engines:
+        found = graph[engine]
+        assert "tribunal.traces.generate" not in found, f"{engine} imports generate"
+        assert not found & (engines - {engine}), f"{engine} imports {sorted(found & (engines - {engine}))}"
 
 
 def test_dependencies_point_one_way():
@@ -40,20 +114,3 @@ def test_dependencies_point_one_way():
         assert not chains or rel in ("pipeline.py", "cli.py"), f"{rel}: only the pipeline chains generation and probes"
         if rel == "grading.py":
             assert not any(n.startswith("tribunal") for n in found), rel
-
-
-def test_prompt_uses_the_chat_template_when_there_is_one():
-    from transformers import AutoTokenizer
-
-    from tribunal.problems.loading import build_prompt
-    from tribunal.traces.models import EMBEDDED_MODEL
-
-    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
-    plain = tok.decode(build_prompt(tok, "What is 2+2?"))
-    assert plain == "Question: What is 2+2?\nAnswer:"
-    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|><think>\n"
-    chat = tok.decode(build_prompt(tok, "What is 2+2?"))
-    assert chat.startswith("<|user|>What is 2+2?\nPlease reason step by step") and "\\boxed{}" in chat
-    assert chat.rstrip().endswith("<|assistant|><think>")
-    assert tok.decode(build_prompt(tok, "Q", use_chat_template=False)) == "Question: Q\nAnswer:"
-    assert tok.decode(build_prompt(tok, "Q", template="Solve: {question}")).startswith("<|user|>Solve: Q<|assistant|>")

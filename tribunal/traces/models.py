@@ -164,6 +164,13 @@ def local_fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
     return "local:" + digest.hexdigest()[:16]
 
 
+def _tokenizer_source(model_id: str, tokenizer: str | None) -> str | None:
+    """Where the store's tokenizer loads from: `tokenizer` when given, else the embedded model or the store's model
+    when it is a local path; None for a hub id (no network lookups unless asked with --tokenizer)."""
+    source = tokenizer or (str(EMBEDDED_MODEL) if model_id == EMBEDDED_MODEL_ID else model_id)
+    return source if tokenizer is not None or Path(source).exists() else None
+
+
 def piece_decoder(model_id: str, tokenizer: str | None = None):
     """decode(token_ids) -> each token decoded alone, with .prefix(token_ids, n) -> the first n decoded together:
     what the chunk probe needs to find a chunk's last token. The store's model's tokenizer (the embedded one,
@@ -176,8 +183,8 @@ def piece_decoder(model_id: str, tokenizer: str | None = None):
 
         chars.prefix = lambda ids, n: "".join(chr(int(i)) for i in ids[:n])
         return chars
-    source = tokenizer or (str(EMBEDDED_MODEL) if model_id == EMBEDDED_MODEL_ID else model_id)
-    if tokenizer is None and not Path(source).exists():
+    source = _tokenizer_source(model_id, tokenizer)
+    if source is None:
         raise TribunalError(f"the store's model {model_id!r} is not on this machine: give its tokenizer with --tokenizer "
                             "(a local path, or a hub id where the network allows)")
     from transformers import AutoTokenizer
@@ -192,3 +199,15 @@ def piece_decoder(model_id: str, tokenizer: str | None = None):
 
     pieces.prefix = lambda ids, n: tok.decode([int(i) for i in ids[:n]], skip_special_tokens=False)
     return pieces
+
+
+def token_decoder(model_id: str, tokenizer: str | None = None):
+    """token id -> its text (what `tribunal inspect --trace` prints beside each token), from piece_decoder's
+    tokenizer; None where the store's model is a hub id and no tokenizer is given (inspect makes no network
+    lookups unless asked)."""
+    from .synthetic import SYNTH_MODEL_ID
+
+    if tokenizer is None and model_id != SYNTH_MODEL_ID and _tokenizer_source(model_id, tokenizer) is None:
+        return None
+    pieces = piece_decoder(model_id, tokenizer)
+    return lambda token_id: pieces([token_id])[0]

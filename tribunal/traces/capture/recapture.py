@@ -12,22 +12,21 @@ from __future__ import annotations
 import json
 import logging
 
-from ..errors import TribunalError
-from ..store import open_store
-from ..store.writer import StoreWriter, TraceRecord
-from .stop import GracefulStop
+from ...errors import TribunalError
+from ...store import open_store
+from ...store.writer import StoreWriter, TraceRecord
+from ..models import EMBEDDED_MODEL_ID, decoder_blocks, load_model, model_identity, resolve_layers
+from ..stop import GracefulStop
 from .teacher_forcing import forcer_for
 
 log = logging.getLogger("tribunal.capture")
 
 
-def capture_store(sources, out, model: str | None = None, layers=None, capture_memory: int | None = None,
+def recapture_store(sources, out, model: str | None = None, layers=None, capture_memory: int | None = None,
                   compute_dtype: str = "auto", device_map: str | None = None, progress: bool = True) -> dict:
     """Write `out`: the traces of `sources` with activations of `layers` re-captured by `model` (default: the
     store's own model when it is on this machine); capture_memory: bytes per forward batch (None: sized to the device). Returns {'status', 'traces', 'tokens', 'layers'}."""
     from tqdm import tqdm
-
-    from .models import EMBEDDED_MODEL_ID, decoder_blocks, load_model, model_identity, resolve_layers
 
     with GracefulStop() as stop, open_store(sources) as src:
         spec = model if model is not None else (None if src.model_id == EMBEDDED_MODEL_ID else src.model_id)

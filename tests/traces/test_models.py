@@ -1,10 +1,13 @@
-"""Decoder blocks and layer indices across model families, on tiny random models built from configs."""
+"""tribunal.traces.models: decoder blocks and layer indices across model families (tiny random models built from
+configs), and the tokenizers that decode a store's tokens."""
 
 import pytest
 import transformers
 
 from tribunal.errors import TribunalError
-from tribunal.traces.models import decoder_blocks, default_layers, resolve_layers
+from tribunal.traces.models import (EMBEDDED_MODEL, EMBEDDED_MODEL_ID, decoder_blocks, default_layers, piece_decoder,
+                                    resolve_layers, token_decoder)
+from tribunal.traces.synthetic import SYNTH_MODEL_ID
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=3,
              max_position_embeddings=64)
@@ -52,3 +55,19 @@ def test_layer_specs():
         resolve_layers("2,4", 4)
     with pytest.raises(TribunalError, match="comma list"):
         resolve_layers("a,b", 4)
+
+
+def test_token_decoder_uses_the_stores_tokenizer_and_never_the_network_unasked(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    ids = tok("Tom has 3 apples.")["input_ids"]
+    for decode in (token_decoder(EMBEDDED_MODEL_ID), token_decoder(str(tiny_model)),
+                   token_decoder("org/a-hub-model", tokenizer=str(EMBEDDED_MODEL))):
+        assert [decode(i) for i in ids] == [tok.decode([i]) for i in ids] == piece_decoder(EMBEDDED_MODEL_ID)(ids)
+    assert token_decoder("org/a-hub-model") is None  # a hub id: no lookup unless a tokenizer is given
+    assert token_decoder(SYNTH_MODEL_ID)(ord("x")) == "x"
+    with pytest.raises(TribunalError, match="cannot load tokenizer '/nonexistent/tok'"):
+        token_decoder(EMBEDDED_MODEL_ID, tokenizer="/nonexistent/tok")
+    with pytest.raises(TribunalError, match="not on this machine: give its tokenizer with --tokenizer"):
+        piece_decoder("org/a-hub-model")

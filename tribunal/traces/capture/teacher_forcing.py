@@ -1,7 +1,7 @@
 """Capture by teacher forcing: finished traces go through one forward pass of the transformers model, hooks
 on the target blocks keep every position's residual, and the log-prob of each sampled token and the entropy
-of its sampling distribution come from that forward's logits. Used by `tribunal capture` (re-capture a store)
-and by `generate --engine vllm` (vLLM samples, this captures), so both store the same quantities as the hf
+of its sampling distribution come from that forward's logits. Used by `tribunal capture` (recapture.py: re-capture
+a store) and by `generate --engine vllm` (vLLM samples, this captures), so both store the same quantities as the hf
 engine, which captures while it decodes.
 
 Traces are packed into forward batches by a token budget (longest x traces, right-padded and attention-
@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TribunalError
+from ...errors import TribunalError
+from ...store.format import DTYPES
+from ..models import decoder_blocks
+from .hooks import host_words
 
 log = logging.getLogger("tribunal.capture")
 LOGIT_SLICE = 512  # positions whose vocabulary-wide logits are materialized at once
@@ -57,9 +60,6 @@ def device_budget_bytes(device) -> int:
 
 def forcer_for(net, layers, temperature: float, store_dtype: str, budget_bytes: int | None) -> "TeacherForcer":
     """A TeacherForcer on `net`'s decoder blocks, its token budget from --capture-memory (bytes; None: auto)."""
-    from ..store.format import DTYPES
-    from .models import decoder_blocks
-
     weights = net.get_input_embeddings().weight
     budget = budget_bytes or device_budget_bytes(weights.device)
     tokens = tokens_per_batch(budget, len(layers), net.config, weights.element_size(), DTYPES[store_dtype][2])
@@ -145,7 +145,7 @@ class TeacherForcer:
                                             attention_mask=mask.to(self.device)).last_hidden_state
             logprobs, entropies, raw = self._scores(hidden, ids, sequences)
             # every layer's states of the whole batch to the host at once, in the store's words
-            states = _store_words(torch.stack([self._seen[layer] for layer in self.layers]), self.store_dtype)
+            states = host_words(torch.stack([self._seen[layer] for layer in self.layers]), self.store_dtype)
         self._seen.clear()
         out, start = [], 0
         for r, (token_ids, p) in enumerate(sequences):
@@ -182,12 +182,3 @@ class TeacherForcer:
                 logits.gather(1, target)[:, 0] - logits.logsumexp(-1)).cpu().numpy()
             entropies[at] = (-(logp.exp() * logp).sum(-1)).cpu().numpy()
         return logprobs, entropies, raw
-
-
-def _store_words(states, store_dtype: str) -> np.ndarray:
-    """(layers, tokens, d_model) on the host in the store's dtype (bfloat16 as its 16-bit words)."""
-    import torch
-
-    if store_dtype == "bfloat16":
-        return states.to(torch.bfloat16).view(torch.int16).cpu().numpy()
-    return states.to(getattr(torch, store_dtype)).cpu().numpy()

@@ -1,11 +1,12 @@
-"""`generate --engine vllm`: vLLM samples, the transformers model captures by teacher forcing.
+"""The vLLM engine (`generate --engine vllm`): vLLM samples, the transformers model captures by teacher forcing.
 
 vLLM does not expose per-layer residuals while it generates, so the work splits in two. vLLM's engine is fed
 (problem, sample) requests continuously, a bounded number in flight so its scheduler stays full while long and
 short traces finish at their own pace; finished traces gather until they make a capture group (see
-_time_to_capture), which a worker thread pushes through teacher_forcing.py (hooks at the target layers; log-probs and entropies from that
-forward's logits, as the hf engine stores them), grades and hands to the store's writer process, while vLLM
-samples on. The prompt ids, temperature, top-p, stop tokens and max new tokens are the hf engine's.
+_time_to_capture), which a worker thread pushes through capture/teacher_forcing.py (hooks at the target layers;
+log-probs and entropies from that forward's logits, as the hf engine stores them), grades (ledger.py) and hands
+to the store's writer process, while vLLM samples on. The prompt ids, temperature, top-p, stop tokens and max
+new tokens are the hf engine's.
 
 What the hf engine guarantees holds: a stop signal aborts the requests in flight, lets the capture in flight
 finish, commits and returns 'interrupted' (exit 75); a kill -9 leaves a store the next open repairs; only
@@ -26,9 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import parse_budget
-from ..errors import TribunalError
-from .sampling import SampledTrace, trace_seed
+from ...config import parse_budget
+from ...errors import TribunalError
+from ..capture.teacher_forcing import forcer_for
+from ..ledger import RunLedger, SampledTrace, no_wait, trace_seed
+from ..models import EMBEDDED_MODEL
 
 log = logging.getLogger("tribunal.generate")
 
@@ -51,8 +54,6 @@ def start_engine(config, model, tokenizer, max_model_len: int):
     """vLLM's offline engine for `config.model` at the capture model's dtype (reused when a run in this process
     already started one with the same settings)."""
     global _ENGINE
-    from .models import EMBEDDED_MODEL
-
     on_cpu = runs_on_cpu()
     if on_cpu:  # the engine in this process: it starts in seconds, not a minute, and dies with it on kill -9
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -84,18 +85,16 @@ def start_engine(config, model, tokenizer, max_model_len: int):
     return llm
 
 
-def sample_with_vllm(run, held: dict, writes, started: float) -> str:
-    """Sample, capture, grade and hand over traces until the targets are met, the pairs run out or a stop comes."""
-    from .generate import grade, pairs_to_sample, postfix, progress_bar, targets_met
-    from .teacher_forcing import forcer_for
-
-    config, llm = run.config, run.vllm
+def sample_with_vllm(config, llm, model, layers: list[int], store_dtype: str, ledger: RunLedger, writes, stop,
+                     per_trace_seeds: bool) -> tuple[str, dict]:
+    """Sample, capture, grade and hand over traces until the targets are met, the pairs run out or a stop comes.
+    Returns ('done' or 'interrupted', what the engine measured: {'vllm_logprob_gap': ...}, for the summary).
+    config: the run's GenerateConfig; llm: start_engine's; model: the transformers model that captures."""
     engine = llm.llm_engine
-    forcer = forcer_for(run.model, run.layers, config.temperature, run.store_dtype, parse_budget(config.capture_memory))
-    pairs = pairs_to_sample(run, held)
+    forcer = forcer_for(model, layers, config.temperature, store_dtype, parse_budget(config.capture_memory))
+    pairs = ledger.pairs
     cap = IN_FLIGHT_PER_SEQ * int(engine.vllm_config.scheduler_config.max_num_seqs)
-    gap = run.notes.setdefault("vllm_logprob_gap", {"max": 0.0, "sum": 0.0, "tokens": 0})
-    bar = progress_bar(config, len(run.mine), len(held["problems_done"]))
+    gap = {"max": 0.0, "sum": 0.0, "tokens": 0}
     in_flight: dict[str, tuple] = {}
     finished: list[tuple] = []
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tribunal-capture")
@@ -110,11 +109,10 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
             _record_gap(gap, d.vllm_logprobs, f.raw_logprobs)
             sampled.append(SampledTrace(prompt_ids=d.prompt_ids, generated_ids=d.generated_ids,
                                         activations=f.activations, logprobs=f.logprobs, entropies=f.entropies,
-                                        finished=d.finished, ready=_no_wait))
-        records, finished_problems = grade(run, [(p, s) for p, s, _ in done], sampled, [d.seed for _, _, d in done])
-        writes.put(records, finished_problems, _no_wait)
-        bar.update(len(finished_problems))
-        bar.set_postfix_str(postfix(run.counts, run.new_tokens, started, config.out))
+                                        finished=d.finished))
+        records, finished_problems = ledger.grade([(p, s) for p, s, _ in done], sampled, [d.seed for _, _, d in done])
+        writes.put(records, finished_problems, no_wait)
+        ledger.advance(finished_problems)
 
     def hand_over(done):
         nonlocal capturing
@@ -125,15 +123,15 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
     status, i, waiting_tokens, sampled = "done", 0, 0, 0
     try:
         while True:
-            if run.stop():
+            if stop():
                 status = "interrupted"
                 break
-            if targets_met(run.counts, run.target) and not config.keep_all:
+            if ledger.has_enough():
                 break
-            allowed = _traces_to_start(run, cap) - (sampled - sum(run.graded.values()))
+            allowed = _traces_to_start(ledger, cap) - (sampled - sum(ledger.graded.values()))
             while len(in_flight) < min(cap, allowed) and i < len(pairs):
                 problem, sample = pairs[i]
-                in_flight[_submit(engine, run, problem, sample)] = (problem, sample)
+                in_flight[_submit(engine, config, ledger.prompts, problem, sample, per_trace_seeds)] = (problem, sample)
                 i += 1
             if not in_flight:  # all sampled, or as many as the targets may need until the captures are graded
                 if finished:
@@ -146,14 +144,14 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
             try:
                 outputs = engine.step()
             except Exception:
-                if run.stop():  # the engine's own processes took the signal (Ctrl-C reaches the process group)
+                if stop():  # the engine's own processes took the signal (Ctrl-C reaches the process group)
                     status = "interrupted"
                     break
                 raise
             for out in outputs:
                 if out.finished:
                     problem, sample = in_flight.pop(out.request_id)
-                    finished.append((problem, sample, _done(run, problem, sample, out)))
+                    finished.append((problem, sample, _done(ledger.prompts, config.seed, problem, sample, out)))
                     waiting_tokens += len(finished[-1][2].prompt_ids) + len(finished[-1][2].generated_ids)
                     sampled += 1
             if finished and _time_to_capture(waiting_tokens, forcer.budget_tokens, bool(in_flight),
@@ -168,23 +166,22 @@ def sample_with_vllm(run, held: dict, writes, started: float) -> str:
             _abort(engine, list(in_flight))
         worker.shutdown(wait=True)
         forcer.remove()
-        bar.close()
     if gap["tokens"]:
-        _judge_gap(gap, str(run.model.dtype).replace("torch.", ""))
-    return status
+        _judge_gap(gap, str(model.dtype).replace("torch.", ""))
+    return status, {"vllm_logprob_gap": gap}
 
 
-def _traces_to_start(run, cap: int) -> int:
+def _traces_to_start(ledger: RunLedger, cap: int) -> int:
     """How many traces may be sampling or waiting to be graded: vLLM's full batch with --keep-all, else about
     what the targets still need (each unmet label's shortfall over its share of the traces graded so far,
     x1.5, at least 8), so a run whose targets are near does not sample hundreds of traces it will not store."""
-    if run.config.keep_all:
+    if ledger.keep_all:
         return cap
-    graded, need = sum(run.graded.values()), 0
-    for label, target in run.target.items():
-        short = target - run.counts[label]
+    graded, need = sum(ledger.graded.values()), 0
+    for label, target in ledger.target.items():
+        short = target - ledger.counts[label]
         if short > 0:
-            share = (run.graded[label] + 1) / (graded + 2)  # a uniform prior until traces are graded
+            share = (ledger.graded[label] + 1) / (graded + 2)  # a uniform prior until traces are graded
             need = max(need, math.ceil(short / share))
     return min(cap, max(8, math.ceil(1.5 * need)))
 
@@ -207,17 +204,16 @@ class _Done:
     seed: int
 
 
-def _submit(engine, run, problem, sample) -> str:
+def _submit(engine, config, prompts, problem, sample, per_trace_seeds: bool) -> str:
     """Hand one (problem, sample) to vLLM with the hf engine's settings; returns its request id."""
     from vllm import SamplingParams
 
-    config = run.config
-    seed = trace_seed(config.seed, problem.problem_id, sample) if run.per_trace_seeds else None
+    seed = trace_seed(config.seed, problem.problem_id, sample) if per_trace_seeds else None
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
-                            stop_token_ids=sorted(run.eos_ids), logprobs=0, seed=seed, skip_special_tokens=False,
+                            stop_token_ids=sorted(prompts.eos_ids), logprobs=0, seed=seed, skip_special_tokens=False,
                             detokenize=False)
     request_id = f"{problem.problem_id}/{sample}"
-    prompt = {"prompt_token_ids": list(run.prompt(problem))}
+    prompt = {"prompt_token_ids": list(prompts.ids(problem))}
     renderer = getattr(engine, "renderer", None)
     if hasattr(renderer, "render_cmpl"):  # newer vLLM takes rendered prompts (raw ones are deprecated there)
         prompt = renderer.render_cmpl([prompt])[0]
@@ -225,13 +221,13 @@ def _submit(engine, run, problem, sample) -> str:
     return request_id
 
 
-def _done(run, problem, sample, out) -> _Done:
+def _done(prompts, run_seed: int, problem, sample, out) -> _Done:
     completion = out.outputs[0]
     ids = list(completion.token_ids)
     reported = np.array([entries[token].logprob if entries and token in entries else np.nan
                          for token, entries in zip(ids, completion.logprobs or [None] * len(ids))], np.float32)
-    return _Done(list(run.prompt(problem)), ids, reported, completion.finish_reason == "stop",
-                 trace_seed(run.config.seed, problem.problem_id, sample))
+    return _Done(list(prompts.ids(problem)), ids, reported, completion.finish_reason == "stop",
+                 trace_seed(run_seed, problem.problem_id, sample))
 
 
 def _abort(engine, request_ids) -> None:
@@ -262,7 +258,3 @@ def _judge_gap(gap: dict, dtype: str) -> None:
                     "(weights, dtype, or kernels)", message, dtype, tolerance)
     else:
         log.info(message)
-
-
-def _no_wait():
-    return None

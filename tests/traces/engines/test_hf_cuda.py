@@ -1,6 +1,6 @@
-"""The generator's CUDA paths, on a real GPU: the pinned asynchronous copy, accelerate's device_map
+"""The hf engine's CUDA paths, on a real GPU: the pinned asynchronous copy, accelerate's device_map
 with offload, and a real CUDA out-of-memory. Skipped where torch sees no GPU (CI has none); run
-`python -m pytest tests/test_cuda.py` on a GPU node."""
+`python -m pytest tests/traces/engines/test_hf_cuda.py` on a GPU node."""
 
 import json
 
@@ -13,7 +13,8 @@ from tribunal.store import open_store
 from tribunal.store.verify import verify_store
 from tribunal.traces.generate import GenerateConfig, run_generation
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU and torch's CUDA build (torch.cuda.is_available() is False here)")
 
 
 def generate(tmp_path, model, problems, name, **kw):
@@ -60,8 +61,9 @@ def test_real_cuda_out_of_memory_halves_the_batch(tmp_path, small_problems, capl
     rows: batch 16 raises a real torch.OutOfMemoryError, the generator halves the batch until it fits."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from tribunal.traces.capture.hooks import BlockCapture
+    from tribunal.traces.engines.hf import SamplingSettings, sample_batch
     from tribunal.traces.models import EMBEDDED_MODEL, load_model
-    from tribunal.traces.sampling import BlockCapture, SamplingSettings, sample_batch
 
     path = tmp_path / "wide-llama"
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
