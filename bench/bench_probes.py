@@ -30,7 +30,7 @@ D_MODEL = 2048
 def token_probe_peak_rss(path, out, memory):
     code = ("import sys\nfrom tribunal.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit:\n    pass" + PRINT_OWN_PEAK_RSS)
-    args = ["probe", "tokens", str(path), "--out", str(out), "--memory", memory, "--bootstrap", "100"]
+    args = ["probe", "tokens", str(path), "--out", str(out), "--memory", memory]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return own_peak_rss_bytes(done.stdout)
 

@@ -161,7 +161,7 @@ def test_array_preempt_requeue_resume_merge_probe(slurm, tmp_path, monkeypatch):
     run = tmp_path / "run dir's \"quoted\""  # a space and both quotes: nothing in the scripts may break
     gen_args = ["--keep-all", "--samples-per-problem", "2", "--batch-size", "1", "--max-new-tokens", "48"]
     args = ["slurm", "submit", "--run-dir", str(run), "--shards", "3", "--gpus", "0", "--cpus", "1", "--time", "30",
-            "--max-problems", "60", "--probe-time", "30", "--probe-memory", "1G", "--submit"]
+            "--max-problems", "60", "--probe-time", "30", "--memory", "1G", "--submit"]
     args += [f"--generate-arg={a}" for a in gen_args] + ["--probe-arg=--permutations", "--probe-arg=5"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
