@@ -240,7 +240,7 @@ def test_stores_of_both_engines_probe_together(tmp_path):
     assert run_generation(GenerateConfig(out=str(hf), shard="0/2", **common))["status"] == "done"
     assert run_generation(vllm_config(vl, shard="1/2", **common))["status"] == "done"
     r = CliRunner().invoke(main, ["probe", "trajectory", str(hf), str(vl), "--out", str(tmp_path / "probe"),
-                                  "--aggregations", "mean", "--bootstrap", "50", "--permutations", "0", "--quiet"])
+                                  "--aggregations", "mean", "--permutations", "0", "--quiet"])
     assert r.exit_code == 0, r.output
     provenance = json.loads((tmp_path / "probe" / "implicit_value_directions.json").read_text())["provenance"]
     assert [s["traces"] for s in provenance["stores"]] == [48, 48] and provenance["problems"] == 24
