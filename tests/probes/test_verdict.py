@@ -10,6 +10,8 @@ from tribunal.report.outputs import token_outputs, trajectory_outputs
 from conftest import synth_store
 
 FAST = dict(permutations=19, progress=False)
+GENERATION = {"status": "done", "problems_tried": 60, "problems_in_shard": 60, "traces": 240, "tokens": 17000,
+              "labels": {"correct": 120, "incorrect": 120}, "targets_met": True, "seconds": 4.0, "new_tokens": 17000}
 
 
 def synth(path, **kw):
@@ -20,7 +22,7 @@ def synth(path, **kw):
 def report_of(tmp_path, store, **options):
     traj = trajectory_outputs(store, tmp_path / "out", aggregations=("mean", "last"), **{**FAST, **options})
     tok = token_outputs(store, tmp_path / "out", layer=4, memory="256M")
-    write_report(tmp_path / "report.md", "done: 240 traces", traj, tok, 1.0)
+    write_report(tmp_path / "report.md", GENERATION, traj, tok, 1.0)
     return traj, (tmp_path / "report.md").read_text()
 
 
@@ -43,7 +45,7 @@ def test_a_planted_signal_reads_as_a_signal(tmp_path):
     assert "family-wise permutation p = 0.025" in first  # 39 permutations: the smallest p there is
     sel = traj["result"]["selection"]
     final = sel["final"]
-    assert final["layer"] == 4 and "of 5 outer folds chose it" in report
+    assert final["layer"] in (2, 4) and "of 5 outer folds chose it" in report  # synth plants the signal in both
     assert "![probe results](probe_results.png)" in report and "reliability diagram" in report
     assert (tmp_path / "out" / "probe_results.png").stat().st_size > 0
 

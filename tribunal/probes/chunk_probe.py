@@ -3,9 +3,10 @@ intermediate answer is right? And how many tokens would stopping on it save?
 
 Chunks and their answers come from tribunal/chunks.py, located in the stored tokens with the model's
 tokenizer. Features: each chunk's last-token residual, per stored layer, gathered in one sequential pass
-over each layer dataset (one layer's features in memory at a time). Per layer: the logistic probe on
-problem-grouped folds, bootstrap CIs over problems, one permutation null shared by all layers (so the
-best layer gets a family-wise p), and for each outer fold the inner-CV score that nested selection uses.
+over each layer dataset (one layer's features in memory at a time). Per layer, through the trajectory
+probe's own search (probes/search.py): the logistic probe on problem-grouped folds, per-fold metrics with
+CIs that include refitting, one permutation null shared by all layers (so the best layer gets a
+family-wise p), and for each outer fold the inner-CV score that nested selection uses.
 Baselines on the same folds: the chunk's position (index, relative), tokens so far, output confidence over
 the chunk (mean log-prob, entropy), and whether its answer equals the trace's final answer.
 """

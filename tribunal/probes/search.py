@@ -59,21 +59,34 @@ class FoldFeatures:
             mean, scale = X[train].mean(axis=0), X[train].std(axis=0)  # StandardScaler's, without its checks
             scale[scale == 0] = 1.0
             a, b = (X[train] - mean) / scale, (X[test] - mean) / scale
-            if a.shape[1] >= a.shape[0]:
-                basis = np.linalg.qr(a.T)[0]  # an orthonormal basis of the training rows' span
+            basis = np.linalg.qr(a.T)[0] if a.shape[1] >= a.shape[0] else None  # the training rows' span
+            if basis is not None:
                 a, b = a @ basis, b @ basis
             self.parts.append((train, test, np.column_stack([np.ones(len(a)), a]),
-                               np.column_stack([np.ones(len(b)), b])))
+                               np.column_stack([np.ones(len(b)), b]), (mean, scale, basis)))
+
+    def fit(self, labels) -> list[np.ndarray]:
+        """Every fold's probe fit to labels ((n, columns)): per fold, (features + 1, columns) coefficients."""
+        return [fit_logistic(a, labels[train], self.C) for train, _, a, _, _ in self.parts]
 
     def fit_out_of_fold(self, labels) -> np.ndarray:
         """Fit every fold's probe to labels ((n,) or (n, columns)); return the out-of-fold probabilities."""
         labels = np.asarray(labels, float)
         Y = labels[:, None] if labels.ndim == 1 else labels
         prob = np.zeros(Y.shape)
-        for train, test, a, b in self.parts:
-            theta = fit_logistic(a, Y[train], self.C)
+        for (_, test, _, b, _), theta in zip(self.parts, self.fit(Y)):
             prob[test] = 1 / (1 + np.exp(-(b @ theta)))
         return prob[:, 0] if labels.ndim == 1 else prob
+
+    def logits_of(self, thetas: list[np.ndarray], X) -> list[np.ndarray]:
+        """Each fold's fitted probe (fit's output) applied to other traces X: per fold, (rows, columns) logits.
+        The simulation scores fresh data with it, for the population AUROC of the very models a CV scored."""
+        out = []
+        for (_, _, _, _, (mean, scale, basis)), theta in zip(self.parts, thetas):
+            z = (X - mean) / scale
+            z = z @ basis if basis is not None else z
+            out.append(theta[0] + z @ theta[1:])
+        return out
 
 
 def fit_logistic(Z, Y, C: float = 1.0, tol: float = 1e-4, majorizer_steps: int = 200) -> np.ndarray:
@@ -149,8 +162,10 @@ def design(y, groups, folds: int, seed: int, permutations: int) -> Design:
     inner = [ev.grouped_folds(y[tr], groups[tr], max(2, min(folds - 1, len(np.unique(groups[tr])))), seed + 1)
              for tr, _ in outer]
     rng = np.random.default_rng(seed + 7)
-    permuted = np.column_stack([ev.permute_problems(y, groups, rng) for _ in range(permutations)]) if permutations \
-        else np.zeros((len(y), 0), int)
+    permuted = np.zeros((len(y), permutations), int)
+    for _, test in outer:  # within each outer fold, so every fold keeps its observed label composition
+        for j in range(permutations):
+            permuted[test, j] = ev.permute_problems(y[test], groups[test], rng)
     return Design(y, groups, outer, inner, permuted)
 
 
@@ -186,20 +201,39 @@ def score_candidate(d: Design, key, X, C: float = 1.0) -> Candidate:
     return Candidate(key, prob[:, 0], metrics, refit, null["auroc"][0], p, inner_auroc, inner_oof)
 
 
+def nested_refit_variance(candidates: list[Candidate], chosen: list[int]) -> dict:
+    """Refitting's variance for the nested figure, whose folds may use different candidates. Refitting adds the
+    covariance between pairs of folds; a pair that chose one candidate covaries as that candidate's folds do, a
+    pair that chose two covaries as much as those two candidates' CV ROC-AUCs correlate under the permutation
+    null (1 for one set of features, near 0 for unrelated ones): the mean over pairs of
+    rho(a, b) * sqrt(refit(a) * refit(b))."""
+    k = len(chosen)
+    nulls = np.array([c.null_auroc for c in candidates])
+    if nulls.shape[1] > 2 and len(candidates) > 1:
+        with np.errstate(invalid="ignore"):
+            rho = np.nan_to_num(np.corrcoef(nulls), nan=1.0).clip(0, 1)
+        np.fill_diagonal(rho, 1.0)
+    else:
+        rho = np.ones((len(candidates), len(candidates)))
+    pairs = [(a, b) for a in chosen for b in chosen] if k == 1 else \
+        [(chosen[i], chosen[j]) for i in range(k) for j in range(k) if i != j]
+    return {name: float(np.mean([rho[a, b] * np.sqrt(candidates[a].refit[name] * candidates[b].refit[name])
+                                 for a, b in pairs])) for name in ev.METRICS}
+
+
 def select(d: Design, candidates: list[Candidate], what: str = "candidates") -> dict:
     """Nested selection and the family-wise p over all candidates.
 
     Each outer fold takes the candidate with the best inner-CV ROC-AUC on its training part; its held-out
-    probabilities are that candidate's outer ones (the same fit). The nested metrics' refitting variance is
-    the mean of the chosen candidates'. The family-wise p compares the best observed CV ROC-AUC with the best
-    of all candidates under each permutation."""
+    probabilities are that candidate's outer ones (the same fit). The family-wise p compares the best observed
+    CV ROC-AUC with the best of all candidates under each permutation."""
     nested = np.zeros(len(d.y))
     chosen = []
     for k, (_, test) in enumerate(d.outer):
         best = max(range(len(candidates)), key=lambda j: candidates[j].inner_auroc[k])
         chosen.append(best)
         nested[test] = candidates[best].oof[test]
-    refit = {name: float(np.mean([candidates[j].refit[name] for j in chosen])) for name in ev.METRICS}
+    refit = nested_refit_variance(candidates, chosen)
     values = ev.cv_values(d.y, nested, d.outer, d.groups)
     best = max(range(len(candidates)), key=lambda j: candidates[j].metrics["auroc"]["value"])
     observed = candidates[best].metrics["auroc"]["value"]

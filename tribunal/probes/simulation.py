@@ -24,7 +24,10 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from . import early_exit as ee
+from . import evaluation as ev
 from . import search
+
+FRESH = 4000  # fresh problems scored by each fold model, for the population AUROC of the probe as fit
 
 
 @dataclass
@@ -63,6 +66,21 @@ def simulate(shape: Shape, rng, auroc: float = 0.5):
     return features, y, groups, shift
 
 
+def fitted_auroc(shape: Shape, features: dict, y, d: search.Design, rng, auroc: float) -> list[float]:
+    """Per cell, the population AUROC of the fold models a CV scored (their mean over folds): exactly 0.5 under
+    the null; with a signal, measured on FRESH new problems of one trace each."""
+    if auroc == 0.5:
+        return [0.5] * len(features)
+    fresh, y_fresh, _, _ = simulate(Shape(FRESH, 1, shape.dim, shape.cells, shape.difficulty_sd, shape.effect_sd),
+                                    rng, auroc)
+    out = []
+    for key, X in features.items():
+        fits = search.FoldFeatures(X, d.outer)
+        logits = fits.logits_of(fits.fit(y[:, None].astype(float)), fresh[key])
+        out.append(float(np.mean([ev.auroc(y_fresh, z[:, 0]) for z in logits])))
+    return out
+
+
 def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = 5, permutations: int = 50) -> dict:
     """One data set through the trajectory probe's search: every cell's CV ROC-AUC and CI and permutation p,
     the nested figure and CI, the family-wise p."""
@@ -73,8 +91,9 @@ def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = 5, permuta
     d = search.design(y, groups, folds, seed, permutations)
     candidates = [search.score_candidate(d, key, X) for key, X in features.items()]
     chosen = search.select(d, candidates)
-    return {"cells": [{"auroc": c.metrics["auroc"]["value"], "ci": c.metrics["auroc"]["ci"], "p": c.permutation_p}
-                      for c in candidates],
+    fitted = fitted_auroc(shape, features, y, d, rng, auroc)
+    return {"cells": [{"auroc": c.metrics["auroc"]["value"], "ci": c.metrics["auroc"]["ci"], "p": c.permutation_p,
+                       "fitted": f} for c, f in zip(candidates, fitted)],
             "nested": {"auroc": chosen["nested_metrics"]["auroc"]["value"], "ci": chosen["nested_metrics"]["auroc"]["ci"]},
             "family_wise_p": chosen["family_wise"]["p"]}
 
@@ -82,7 +101,9 @@ def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = 5, permuta
 def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, folds: int = 5, permutations: int = 50,
           progress: bool = False) -> dict:
     """Coverage, centre and p-value figures over `sets` data sets. The truth a CI should cover is the
-    planted auroc (0.5 under the null)."""
+    planted auroc (0.5 under the null); for the cells also the population AUROC of the fold models
+    themselves (mean_fitted_auroc, coverage_of_fitted: what cross-validation estimates, below the planted
+    value by what fitting d dimensions on (K-1)/K of the problems loses)."""
     runs = [one_set(shape, seed + i, auroc, folds, permutations)
             for i in tqdm(range(sets), desc="simulated data sets", disable=not progress)]
     cells = [c for r in runs for c in r["cells"]]
@@ -97,6 +118,10 @@ def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, fold
 
     out = {"shape": asdict(shape), "planted_auroc": auroc, "sets": sets, "permutations": permutations,
            "cells": figures(cells), "nested": figures(nested)}
+    fitted = np.array([c["fitted"] for c in cells])
+    lo, hi = np.array([c["ci"] for c in cells]).T
+    out["cells"]["mean_fitted_auroc"] = float(fitted.mean())
+    out["cells"]["coverage_of_fitted"] = float(np.mean((lo <= fitted) & (fitted <= hi)))
     if permutations:
         out["cells"]["p_below_0.05"] = float(np.mean([c["p"] < 0.05 for c in cells]))
         out["family_wise_p_below_0.05"] = float(np.mean([r["family_wise_p"] < 0.05 for r in runs]))
