@@ -19,7 +19,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import drop_cache, export_layers_to_npy, machine_load, print_table  # noqa: E402
+from common import drop_cache, export_layers_to_npy, machine_load, print_table, timed  # noqa: E402
 
 from tribunal.probes.trajectory import load_trajectory_data  # noqa: E402
 from tribunal.store import StoreWriter, TraceRecord, open_store  # noqa: E402
@@ -73,14 +72,6 @@ def plain_numpy_aggregates(npy_path: Path, starts, ends, prompt_lengths, k: int)
         out["max"][t] = generated.max(axis=0)
         out["mean_all"][t] = rows.mean(axis=0)
     return out
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of one call: on a shared machine the CPU
-    seconds say what each method costs, the wall seconds what it gets of the machine."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main():

@@ -16,7 +16,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import export_layers_to_npy, machine_load, print_table  # noqa: E402
+from common import export_layers_to_npy, machine_load, print_table, timed  # noqa: E402
 
 from tribunal.probes.chunk_probe import chunk_features, load_chunks  # noqa: E402
 from tribunal.store import open_store  # noqa: E402
@@ -72,14 +71,15 @@ def main():
         for r in range(args.rounds):
             order = [("plain numpy memmap gather", baseline), ("tribunal chunk pass", tribunal_pass)]
             for name, fn in order if r % 2 == 0 else reversed(order):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        base = statistics.median(times["plain numpy memmap gather"])
+                times[name].append(timed(fn))
+        wall = {name: statistics.median(w for w, _ in ts) for name, ts in times.items()}
+        cpu = {name: statistics.median(c for _, c in ts) for name, ts in times.items()}
+        base = "plain numpy memmap gather"
         print(f"# chunk pass: {len(data.y)} chunks of {args.traces} traces, {len(LAYERS)} layers x {args.d_model} fp16, "
               f"store {size / 1e9:.2f} GB, warm page cache, {args.rounds} rounds; {machine_load()}")
-        print_table(None, ["method", "median s", "x baseline time"],
-                    [(name, f"{statistics.median(ts):.3f}", f"{statistics.median(ts) / base:.2f}") for name, ts in times.items()])
+        print_table(None, ["method", "median s", "x baseline time", "median CPU s", "x baseline CPU"],
+                    [(name, f"{wall[name]:.3f}", f"{wall[name] / wall[base]:.2f}", f"{cpu[name]:.3f}",
+                      f"{cpu[name] / cpu[base]:.2f}") for name in times])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """Helpers the benchmarks share."""
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,14 @@ def machine_load() -> str:
     """The load averages beside the core count, printed with every figure: the machines are shared."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cpus"
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call: on a shared machine the CPU
+    seconds say what each method costs, the wall seconds what it gets of the machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def print_table(title, header, rows) -> None:
