@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import early_exit as ee
 from . import evaluation as ev
 from . import search
+from .chunk_probe import ChunkData, evaluate_chunk_layers
 
 FRESH = 4000  # fresh problems scored by each fold model, for the population AUROC of the probe as fit
 
@@ -132,8 +133,6 @@ def simulate_chunks(shape: Shape, rng, layers: int = 2):
     """A chunk data set with no chunk signal: 2-5 answering chunks per trace, the last one's answer the trace's;
     earlier ones right with a per-problem chance; features with problem random effects, independent of
     whether a chunk is right. Returns (ChunkData, {layer: features})."""
-    from .chunk_probe import ChunkData
-
     difficulty = rng.normal(0, shape.difficulty_sd, shape.problems)
     rows = {k: [] for k in ("trace", "problem", "index", "start", "end", "y", "final", "n")}
     traces, trace_correct, trace_tokens, trace_problem = [], [], [], []
@@ -147,11 +146,14 @@ def simulate_chunks(shape: Shape, rng, layers: int = 2):
             early = rng.random(n - 1) < p * 0.8
             labels = list(early) + [correct]
             for k in range(n):
-                rows["trace"].append(t), rows["problem"].append(problem), rows["index"].append(k)
-                rows["start"].append(0 if k == 0 else int(ends[k - 1]) + 1), rows["end"].append(int(ends[k]) - 1)
-                rows["y"].append(int(labels[k])), rows["final"].append(float(labels[k] == correct and correct or k == n - 1))
-                rows["n"].append(n)
-            traces.append(t), trace_correct.append(correct), trace_tokens.append(float(ends[-1] + rng.integers(0, 40)))
+                chunk = {"trace": t, "problem": problem, "index": k, "start": 0 if k == 0 else int(ends[k - 1]) + 1,
+                         "end": int(ends[k]) - 1, "y": int(labels[k]), "n": n,
+                         "final": float(k == n - 1 or (labels[k] and correct))}  # its answer is the trace's
+                for key, value in chunk.items():
+                    rows[key].append(value)
+            traces.append(t)
+            trace_correct.append(correct)
+            trace_tokens.append(float(ends[-1] + rng.integers(0, 40)))
             trace_problem.append(problem)
             t += 1
     index, end, n_chunks = np.array(rows["index"]), np.array(rows["end"]), np.array(rows["n"])
@@ -176,8 +178,6 @@ def chunk_study(shape: Shape, sets: int = 100, seed: int = 0, folds: int = 5, pe
                 margin: float = ee.DEFAULT_MARGIN, progress: bool = False) -> dict:
     """Null chunk data sets through the chunk probe and its early exit: how often the nested chunk CI covers
     0.5, and how often the summary claims the probe's exit rule saves tokens with no loss of accuracy."""
-    from .chunk_probe import evaluate_chunk_layers
-
     covered, claims, values = [], [], []
     for i in tqdm(range(sets), desc="simulated chunk data sets", disable=not progress):
         data, features = simulate_chunks(shape, np.random.default_rng(seed + i))
