@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K = Path(__file__).resolve().parent / "data" / "gsm8k"  # 200 rows of each split (tests/data/gsm8k/README.md)
 
 
+# In the style of DeepSeek-R1-Distill-Qwen's tokenizer_config.json: the generation prompt ends with <think>\n.
+R1_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<\uff5cUser\uff5c>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<\uff5cAssistant\uff5c>' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<\uff5cAssistant\uff5c><think>\\n' }}{% endif %}"
+)
+
+
 def make_record(index: int, layers=(2, 5), d_model: int = 16, tokens=None, prompt: int = 4, label=None):
     """Trace `index` of a deterministic stream: problem index // 3, sample index % 3."""
     from tribunal.store import TraceRecord

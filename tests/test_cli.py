@@ -10,6 +10,7 @@ from conftest import synth_store
 from tribunal.cli import main
 from tribunal.probes.config import ProbeConfig
 from tribunal.probes.run import probe_trajectory
+from tribunal.report.outputs import trajectory_outputs
 from tribunal.traces.synthetic import SynthSettings
 
 
@@ -145,3 +146,21 @@ def test_score_writes_into_a_new_folder_and_bad_input_leaves_none(store, tmp_pat
     r = invoke("score", probes, store, "--out", tmp_path / "new" / "x.csv")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "new" / "x.csv").read_text().startswith("trace,")
+
+
+def test_probe_and_score_name_what_is_wrong_with_their_input(tmp_path):
+    """A layer the store lacks, too few problems for the folds, a direction of another width or layer."""
+    one = synth_store(tmp_path / "one.h5", traces=40, problems=10, layers=(2, 4), d_model=24)
+    runner = CliRunner()
+    r = runner.invoke(main, ["probe", "trajectory", str(one), "--out", str(tmp_path / "o"), "--layers", "3", "--quiet"])
+    assert r.exit_code == 1 and "layer(s) [3] are not in the store" in r.output
+    few = synth_store(tmp_path / "few.h5", traces=12, problems=3, layers=(2, 4), d_model=24)
+    r = runner.invoke(main, ["probe", "trajectory", str(few), "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 1 and "too few for 5-fold" in r.output
+    other = tmp_path / "wide.h5"
+    synth_store(other, traces=40, problems=10, layers=(2, 4), d_model=32)
+    trajectory_outputs(one, tmp_path / "o", layers=[2], aggregations=("mean",), permutations=20, progress=False)
+    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(other), "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and "d_model 24, the store 32" in r.output
+    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(one), "--layer", "4", "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and "no direction for layer 4" in r.output

@@ -6,11 +6,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import GSM8K
+from conftest import GSM8K, R1_TEMPLATE
 from tribunal.grading import (answers_match, extract_answer, grade, grade_with_answer, is_plain_number, parse_gold,
                               prompt_opens_thinking)
 from tribunal.problems.loading import build_prompt
-from tribunal.store import open_store
 from tribunal.traces.models import EMBEDDED_MODEL
 
 # (model output, expected extract_answer)
@@ -166,14 +165,6 @@ def test_gold_from_real_gsm8k():
 
 # -- reasoning models: thinking opened by the prompt -------------------------------------------------------
 
-# In the style of DeepSeek-R1-Distill-Qwen's tokenizer_config.json: the generation prompt ends with <think>\n.
-R1_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<\uff5cUser\uff5c>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<\uff5cAssistant\uff5c>' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<\uff5cAssistant\uff5c><think>\\n' }}{% endif %}"
-)
 # A template that closes thinking itself (some "no-think" variants) and a plain one without any.
 CLOSED_TEMPLATE = R1_TEMPLATE.replace("<think>\\n' }}", "<think>\\n\\n</think>\\n\\n' }}")
 PLAIN_TEMPLATE = R1_TEMPLATE.replace("<think>\\n' }}", "' }}")
@@ -256,32 +247,3 @@ def test_the_answer_is_kept_as_written_for_latex_golds():
 
 
 # -- the generator grades with its prompt's thinking -----------------------------------------------------------
-
-def test_generator_grades_with_the_prompts_thinking(tmp_path, tiny_model, small_problems):
-    """A tiny random model behind an R1 template never closes its thinking in 24 tokens: every trace is
-    unparsed, although the texts hold numbers the old grader took as answers; the store records both the
-    thinking prompt and each finish reason."""
-    import shutil
-
-    from tribunal.traces.generate import GenerateConfig, run_generation
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.chat_template = R1_TEMPLATE
-    model_dir = tmp_path / "r1-model"
-    shutil.copytree(tiny_model, model_dir)
-    tok.save_pretrained(model_dir)
-    summary = run_generation(GenerateConfig(out=str(tmp_path / "r1.h5"), model=str(model_dir), dataset=str(small_problems),
-                                            layers="1", max_new_tokens=24, samples_per_problem=2, batch_size=4,
-                                            max_problems=6, keep_all=True, progress=False))
-    assert summary["status"] == "done"
-    with open_store(tmp_path / "r1.h5") as store:
-        settings = store.attrs["generation_settings"]
-        settings = json.loads(settings) if isinstance(settings, str) else settings
-        assert settings["prompt_opens_thinking"] is True
-        texts = [store.trace(i) for i in range(store.n_traces)]
-    assert all(t.label == "unparsed" for t in texts if "</think>" not in t.text)
-    assert {t.finish_reason for t in texts} <= {"stop", "length"}
-    with_numbers = [t for t in texts if any(ch.isdigit() for ch in t.text)]
-    assert with_numbers, "the random model wrote no digit at all; the check above proves nothing"
-    # a grader blind to thinking and to the finish reason would have labelled some of them
-    assert any(extract_answer(t.text) is not None for t in with_numbers)

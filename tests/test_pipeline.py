@@ -4,10 +4,13 @@ chunk probe and `score` behind the CLI."""
 import csv
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import synth_store
+from tribunal.cli import main
 from tribunal.errors import TribunalError
 from tribunal.pipeline import chunk_probe, run_pipeline, score_stores, split_options
+from tribunal.probes import directions as dirs
 from tribunal.probes.run import probe_trajectory
 
 
@@ -70,3 +73,24 @@ def test_submit_config_gives_the_probe_job_the_non_default_probe_options(tmp_pat
                               "tokens": ["--seed", "2", "--test-fraction", "0.3"]}
     with pytest.raises(TribunalError, match="--margin"):
         submit_config(tmp_path / "r", {"margin": 5})
+
+
+def test_run_end_to_end_on_the_embedded_default(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
+    assert result.exit_code == 0, result.output
+    for name in ("store.h5", "implicit_value_directions.json", "metrics.csv", "probe_results.png", "token_probe.png",
+                 "report.md", "chunks.csv", "chunk_metrics.json", "chunk_probe.png", "early_exit.png"):
+        assert (run / name).stat().st_size > 0, name
+    report = (run / "report.md").read_text()
+    assert "![probe results](probe_results.png)" in report and "![token probe](token_probe.png)" in report
+    assert "The selection procedure (nested problem-grouped CV" in report and "## Calibration" in report
+    first = next(line for line in report.splitlines()[1:] if line.strip())
+    assert first.startswith(("**No evidence of a signal", "**The residual stream predicts")), first
+    assert "## Does the model know mid-thought? Chunk probes and early exit" in report and "### Early exit" in report
+    assert "Sampled by tribunal's hf engine, captured while decoding." in report
+    doc = dirs.load(run)
+    assert "chunk" in doc and "early_exit" in doc["chunk"]
+    assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
+    again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
+    assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice

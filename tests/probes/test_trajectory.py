@@ -3,11 +3,8 @@
 import json
 
 import numpy as np
-from click.testing import CliRunner
 
 from conftest import synth_store
-from tribunal.cli import main
-from tribunal.probes import directions as dirs
 from tribunal.probes.trajectory import load_trajectory_data, ungrouped_auroc
 from tribunal.report.outputs import trajectory_outputs
 from tribunal.store import open_store
@@ -77,45 +74,7 @@ def test_length_confound_is_reported(tmp_path):
     assert "does NOT beat the trace-length baseline" in out["summary"]
 
 
-def test_bad_input(tmp_path):
-    one = synth(tmp_path / "one.h5", traces=40, problems=10)
-    runner = CliRunner()
-    r = runner.invoke(main, ["probe", "trajectory", str(one), "--out", str(tmp_path / "o"), "--layers", "3", "--quiet"])
-    assert r.exit_code == 1 and "layer(s) [3] are not in the store" in r.output
-    few = synth(tmp_path / "few.h5", traces=12, problems=3)
-    r = runner.invoke(main, ["probe", "trajectory", str(few), "--out", str(tmp_path / "o"), "--quiet"])
-    assert r.exit_code == 1 and "too few for 5-fold" in r.output
-    other = tmp_path / "wide.h5"
-    synth(other, traces=40, problems=10, d_model=32)
-    trajectory_outputs(one, tmp_path / "o", layers=[2], aggregations=("mean",), **FAST)
-    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(other), "--out", str(tmp_path / "x.csv")])
-    assert r.exit_code == 1 and "d_model 24, the store 32" in r.output
-    r = runner.invoke(main, ["score", str(tmp_path / "o"), str(one), "--layer", "4", "--out", str(tmp_path / "x.csv")])
-    assert r.exit_code == 1 and "no direction for layer 4" in r.output
-
-
 def test_shards_read_together(tmp_path):
     synth(tmp_path / "a.h5", traces=200, problems=50, seed=1)
     out = trajectory_outputs(str(tmp_path / "a.h5"), tmp_path / "o", layers=[4], aggregations=("mean",), **FAST)
     assert out["document"]["provenance"]["traces"] == 200
-
-
-def test_run_end_to_end_on_the_embedded_default(tmp_path):
-    run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
-    assert result.exit_code == 0, result.output
-    for name in ("store.h5", "implicit_value_directions.json", "metrics.csv", "probe_results.png", "token_probe.png",
-                 "report.md", "chunks.csv", "chunk_metrics.json", "chunk_probe.png", "early_exit.png"):
-        assert (run / name).stat().st_size > 0, name
-    report = (run / "report.md").read_text()
-    assert "![probe results](probe_results.png)" in report and "![token probe](token_probe.png)" in report
-    assert "The selection procedure (nested problem-grouped CV" in report and "## Calibration" in report
-    first = next(line for line in report.splitlines()[1:] if line.strip())
-    assert first.startswith(("**No evidence of a signal", "**The residual stream predicts")), first
-    assert "## Does the model know mid-thought? Chunk probes and early exit" in report and "### Early exit" in report
-    assert "Sampled by tribunal's hf engine, captured while decoding." in report
-    doc = dirs.load(run)
-    assert "chunk" in doc and "early_exit" in doc["chunk"]
-    assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
-    again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
-    assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from conftest import R1_TEMPLATE
 
 from tribunal.cli import main
 from tribunal.errors import TribunalError
+from tribunal.grading import extract_answer
 from tribunal.problems.loading import load_problems, shard_problems
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
@@ -277,3 +281,33 @@ def test_sigusr1_gives_the_resumable_exit_code(tmp_path, tiny_model, small_probl
     from tribunal.store.lock import lock_path
 
     assert not lock_path(out).exists()
+
+
+def test_generator_grades_with_the_prompts_thinking(tmp_path, tiny_model, small_problems):
+    """A tiny random model behind an R1 template never closes its thinking in 24 tokens: every trace is
+    unparsed, although the texts hold numbers the old grader took as answers; the store records both the
+    thinking prompt and each finish reason."""
+    import shutil
+
+    from tribunal.traces.generate import GenerateConfig, run_generation
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = R1_TEMPLATE
+    model_dir = tmp_path / "r1-model"
+    shutil.copytree(tiny_model, model_dir)
+    tok.save_pretrained(model_dir)
+    summary = run_generation(GenerateConfig(out=str(tmp_path / "r1.h5"), model=str(model_dir), dataset=str(small_problems),
+                                            layers="1", max_new_tokens=24, samples_per_problem=2, batch_size=4,
+                                            max_problems=6, keep_all=True, progress=False))
+    assert summary["status"] == "done"
+    with open_store(tmp_path / "r1.h5") as store:
+        settings = store.attrs["generation_settings"]
+        settings = json.loads(settings) if isinstance(settings, str) else settings
+        assert settings["prompt_opens_thinking"] is True
+        texts = [store.trace(i) for i in range(store.n_traces)]
+    assert all(t.label == "unparsed" for t in texts if "</think>" not in t.text)
+    assert {t.finish_reason for t in texts} <= {"stop", "length"}
+    with_numbers = [t for t in texts if any(ch.isdigit() for ch in t.text)]
+    assert with_numbers, "the random model wrote no digit at all; the check above proves nothing"
+    # a grader blind to thinking and to the finish reason would have labelled some of them
+    assert any(extract_answer(t.text) is not None for t in with_numbers)
