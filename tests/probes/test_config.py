@@ -51,10 +51,21 @@ def test_block_bytes_follow_the_memory_budget_within_bounds():
     assert ProbeConfig(memory="512M").memory_bytes == 512 << 20
 
 
-def test_the_early_exit_margin_default_is_probe_configs():
-    from tribunal.probes import early_exit
+def test_the_library_defaults_are_probe_configs():
+    """Each probe default is written once: the estimators' keyword defaults are read from ProbeConfig."""
+    import inspect
 
-    assert early_exit.DEFAULT_MARGIN == ProbeConfig().margin
+    from tribunal.probes import chunk_probe, early_exit, tokens, trajectory
+
+    config = ProbeConfig()
+    for func, name, field in [(trajectory.evaluate_cells, "folds", "folds"),
+                              (trajectory.evaluate_cells, "permutations", "permutations"),
+                              (trajectory.load_trajectory_data, "k", "last_k"),
+                              (chunk_probe.evaluate_chunk_probe, "margin", "margin"),
+                              (early_exit.choose_threshold, "margin", "margin"),
+                              (tokens.fit_token_probe, "memory_bytes", "memory_bytes"),
+                              (tokens.fit_token_probe, "test_fraction", "test_fraction")]:
+        assert inspect.signature(func).parameters[name].default == getattr(config, field), (func, name)
 
 
 def test_the_probes_never_import_click():

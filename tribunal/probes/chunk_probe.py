@@ -27,6 +27,7 @@ from . import early_exit as ee
 from . import evaluation as ev
 from . import search, verdict
 from .search import cv_predict, direction_of, make_probe
+from .config import DEFAULTS
 
 BASELINES = ("position", "tokens_so_far", "confidence", "equals_final")
 
@@ -141,8 +142,8 @@ def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int =
     return out
 
 
-def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: int = 0, permutations: int = 50,
-                         C: float = 1.0, margin: float = ee.DEFAULT_MARGIN, block_bytes: int = DEFAULT_BLOCK_BYTES,
+def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations,
+                         C: float = DEFAULTS.C, margin: float = DEFAULTS.margin, block_bytes: int = DEFAULT_BLOCK_BYTES,
                          progress: bool = False) -> dict:
     """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit, reading one
     layer's chunk-end features at a time."""
@@ -150,8 +151,8 @@ def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = 5, seed: in
                                  folds, seed, permutations, C, margin, progress)
 
 
-def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = 5, seed: int = 0, permutations: int = 50,
-                          C: float = 1.0, margin: float = ee.DEFAULT_MARGIN, progress: bool = False) -> dict:
+def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations,
+                          C: float = DEFAULTS.C, margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
     """evaluate_chunk_probe on features(layer) -> (chunks, d) arrays: what the store supplies, or a simulation."""
     y, groups = data.y, data.problem
     d = search.design(y, groups, folds, seed, permutations)

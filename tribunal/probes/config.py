@@ -97,3 +97,6 @@ class ProbeConfig:
         if not 0 < self.test_fraction < 1:
             raise TribunalError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         return self
+
+
+DEFAULTS = ProbeConfig()  # the library functions' defaults, so each is written once (above)

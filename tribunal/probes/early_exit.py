@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import evaluation as ev
-from .config import ProbeConfig
+from .config import DEFAULTS
 
 THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2).tolist()) + (0.97, 0.99)
 FRACTIONS = tuple(np.round(np.linspace(0.1, 1.0, 10), 2).tolist())
-DEFAULT_MARGIN = ProbeConfig.margin  # the one definition: probes/config.py
 
 
 @dataclass
@@ -84,7 +83,7 @@ def summary(correct, tokens, full_tokens) -> dict:
             "tokens_saved": float(1 - np.sum(tokens) / np.sum(full_tokens))}
 
 
-def choose_threshold(case: ExitCase, score, margin: float = DEFAULT_MARGIN, grid=THRESHOLDS) -> float:
+def choose_threshold(case: ExitCase, score, margin: float = DEFAULTS.margin, grid=THRESHOLDS) -> float:
     """The threshold saving the most tokens at accuracy >= full accuracy - margin on this case; inf (never
     exit early) when none qualifies."""
     full = float(np.mean(case.trace_correct))
@@ -97,7 +96,7 @@ def choose_threshold(case: ExitCase, score, margin: float = DEFAULT_MARGIN, grid
     return best
 
 
-def choose_fraction(case: ExitCase, margin: float = DEFAULT_MARGIN, grid=FRACTIONS) -> float:
+def choose_fraction(case: ExitCase, margin: float = DEFAULTS.margin, grid=FRACTIONS) -> float:
     full = float(np.mean(case.trace_correct))
     for fraction in sorted(grid):
         if np.mean(case.fraction_rule(fraction)[0]) >= full - margin:

@@ -18,9 +18,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from . import evaluation as ev
+from .config import DEFAULTS
 
 
-def make_probe(C: float = 1.0):
+def make_probe(C: float = DEFAULTS.C):
     """The probe: standardize, then L2 logistic regression (scikit-learn, no hidden state)."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
 
@@ -53,7 +54,7 @@ class FoldFeatures:
     scikit-learn's fit.
     """
 
-    def __init__(self, X, folds, C: float = 1.0):
+    def __init__(self, X, folds, C: float = DEFAULTS.C):
         self.folds, self.C, self.parts = folds, C, []
         for train, test in folds:
             mean, scale = X[train].mean(axis=0), X[train].std(axis=0)  # StandardScaler's, without its checks
@@ -89,7 +90,7 @@ class FoldFeatures:
         return out
 
 
-def fit_logistic(Z, Y, C: float = 1.0, tol: float = 1e-4, majorizer_steps: int = 200) -> np.ndarray:
+def fit_logistic(Z, Y, C: float = DEFAULTS.C, tol: float = 1e-4, majorizer_steps: int = 200) -> np.ndarray:
     """(features + 1, columns) coefficients, intercept first, of L2 logistic regressions on Z = [1, features]:
     minimize C * sum(log-loss) + |w|^2 / 2, one per column of Y. tol: the largest coefficient step at which a
     column counts as converged (its probabilities are then within about 1e-6 of the optimum's)."""
@@ -184,7 +185,7 @@ class Candidate:
     inner_oof: list = field(default_factory=list)
 
 
-def score_candidate(d: Design, key, X, C: float = 1.0) -> Candidate:
+def score_candidate(d: Design, key, X, C: float = DEFAULTS.C) -> Candidate:
     """The probe on the outer folds for the observed and every permuted label vector (one batched fit), and
     on each outer training part's inner folds for nested selection."""
     labels = np.column_stack([d.y, d.permuted])

@@ -23,10 +23,10 @@ import numpy as np
 from scipy.stats import norm
 from tqdm import tqdm
 
-from . import early_exit as ee
 from . import evaluation as ev
 from . import search
 from .chunk_probe import ChunkData, evaluate_chunk_layers
+from .config import DEFAULTS
 
 FRESH = 4000  # fresh problems scored by each fold model, for the population AUROC of the probe as fit
 
@@ -82,7 +82,7 @@ def fitted_auroc(shape: Shape, features: dict, y, d: search.Design, rng, auroc: 
     return out
 
 
-def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = 5, permutations: int = 50) -> dict:
+def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations) -> dict:
     """One data set through the trajectory probe's search: every cell's CV ROC-AUC and CI and permutation p,
     the nested figure and CI, the family-wise p."""
     rng = np.random.default_rng(seed)
@@ -99,7 +99,7 @@ def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = 5, permuta
             "family_wise_p": chosen["family_wise"]["p"]}
 
 
-def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, folds: int = 5, permutations: int = 50,
+def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations,
           progress: bool = False) -> dict:
     """Coverage, centre and p-value figures over `sets` data sets. The truth a CI should cover is the
     planted auroc (0.5 under the null); for the cells also the population AUROC of the fold models
@@ -174,8 +174,8 @@ def simulate_chunks(shape: Shape, rng, layers: int = 2):
     return data, features
 
 
-def chunk_study(shape: Shape, sets: int = 100, seed: int = 0, folds: int = 5, permutations: int = 50,
-                margin: float = ee.DEFAULT_MARGIN, progress: bool = False) -> dict:
+def chunk_study(shape: Shape, sets: int = 100, seed: int = 0, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations,
+                margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
     """Null chunk data sets through the chunk probe and its early exit: how often the nested chunk CI covers
     0.5, and how often the summary claims the probe's exit rule saves tokens with no loss of accuracy."""
     covered, claims, values = [], [], []

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..errors import TribunalError
 from ..store.reader import Store, overlapping_traces
 from . import evaluation as ev
+from .config import DEFAULTS
 
 N_BINS = 10
 
@@ -52,7 +53,7 @@ def split_problems(groups, test_fraction: float, seed: int):
     return np.isin(groups, test)
 
 
-def fit_token_probe(store: Store, layer: int, memory_bytes: int = 1 << 30, test_fraction: float = 0.25,
+def fit_token_probe(store: Store, layer: int, memory_bytes: int = DEFAULTS.memory_bytes, test_fraction: float = DEFAULTS.test_fraction,
                     seed: int = 0, shrinkage: float = 1e-2, progress: bool = False) -> dict:
     """Fit LDA and mass-mean directions on training problems' tokens; evaluate on held-out problems."""
     layer = store.check_layers([layer])[0]

@@ -22,6 +22,7 @@ from ..store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES, Store
 from . import evaluation as ev
 from . import search
 from .search import cv_predict, direction_of, make_probe
+from .config import DEFAULTS
 
 LABEL_POSITIVE = "correct"
 BASELINES = ("majority", "length", "confidence", "random_direction")
@@ -37,10 +38,10 @@ class TrajectoryData:
     lengths: np.ndarray
     confidence: np.ndarray | None
     features: dict = field(default_factory=dict)  # (layer, aggregation) -> (n, d_model) float32
-    k: int = 10
+    k: int = DEFAULTS.last_k
 
 
-def load_trajectory_data(store: Store, layers=None, aggregations=AGGREGATIONS, k: int = 10,
+def load_trajectory_data(store: Store, layers=None, aggregations=AGGREGATIONS, k: int = DEFAULTS.last_k,
                          block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> TrajectoryData:
     layers = store.check_layers(layers)
     labels = store.labels
@@ -92,7 +93,7 @@ def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
     return cv_predict(make_probe, (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
 
 
-def evaluate_cells(data: TrajectoryData, folds: int = 5, seed: int = 0, permutations: int = 50, C: float = 1.0,
+def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
                    progress: bool = False) -> dict:
     """Every cell scored beside every baseline on the same folds; one permutation null shared by all cells
     (per-cell p-values and the family-wise max-statistic p); nested selection of the best cell."""
@@ -170,7 +171,7 @@ def nested_selection(data: TrajectoryData, d: search.Design, chosen: dict, keys:
     }
 
 
-def ungrouped_auroc(data: TrajectoryData, key, folds: int = 5, seed: int = 0, C: float = 1.0) -> float:
+def ungrouped_auroc(data: TrajectoryData, key, folds: int = DEFAULTS.folds, seed: int = 0, C: float = DEFAULTS.C) -> float:
     """The leaky estimate (samples of a problem on both sides): for showing what grouping prevents."""
     from sklearn.model_selection import StratifiedKFold
 
