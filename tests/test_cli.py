@@ -164,3 +164,10 @@ def test_probe_and_score_name_what_is_wrong_with_their_input(tmp_path):
     assert r.exit_code == 1 and "d_model 24, the store 32" in r.output
     r = runner.invoke(main, ["score", str(tmp_path / "o"), str(one), "--layer", "4", "--out", str(tmp_path / "x.csv")])
     assert r.exit_code == 1 and "no direction for layer 4" in r.output
+
+
+@pytest.mark.parametrize("command", [["generate", "--out"], ["capture", "missing.h5", "--out"]])
+def test_an_unknown_compute_dtype_is_a_usage_error_that_leaves_nothing(tmp_path, command):
+    r = invoke(*command, tmp_path / "new" / "x.h5", "--compute-dtype", "bogus")
+    assert r.exit_code == 2 and "Invalid value for '--compute-dtype'" in r.output, r.output
+    assert not (tmp_path / "new").exists()

@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .config import parse_budget, parse_index_list, parse_size
 from .errors import TribunalError
+from .traces.settings import COMPUTE_DTYPE_CHOICES
 
 
 def show_progress_log():
@@ -262,7 +263,7 @@ def run(out, quiet, **options):
               callback=parsed(parse_budget),
               help="Memory of a forward batch at most (its activations and working set), e.g. 4G; auto: half of the "
                    "device's free memory, 2G on a CPU.")
-@click.option("--compute-dtype", default="auto", show_default=True)
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPE_CHOICES), default="auto", show_default=True)
 @click.option("--device-map", default=None)
 @click.option("--quiet", is_flag=True)
 @user_errors

@@ -10,6 +10,7 @@ from ..config import parse_budget
 from ..errors import TribunalError
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+COMPUTE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ENGINE_CHOICES = ("hf", "vllm")
 
 
@@ -51,7 +52,8 @@ class GenerateConfig:
     seed: int = option(0, "Run seed; each trace's seed derives from (run seed, problem, sample).")
     dtype: str = option("auto", "Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16.",
                         choices=DTYPE_CHOICES)
-    compute_dtype: str = option("auto", "Model dtype: auto, float32, bfloat16, float16.")
+    compute_dtype: str = option("auto", "Model dtype (auto: bfloat16 or float16 on a GPU, float32 on a CPU).",
+                                 choices=COMPUTE_DTYPE_CHOICES)
     device_map: str | None = option(None, "auto, cpu, cuda, or a JSON map / .json file (accelerate).")
     trust_remote_code: bool = option(False, "Allow the model repo's own code (off by default).")
     prompt_template: str | None = option(None, "Prompt with {question}; default R1-style for chat models.")
@@ -108,6 +110,8 @@ class GenerateConfig:
             raise TribunalError(f"--engine {self.engine!r}: choose {', '.join(ENGINE_CHOICES)}")
         if not 0 < self.vllm_memory < 1:
             raise TribunalError(f"--vllm-memory must be a fraction in (0, 1), got {self.vllm_memory}")
+        if self.compute_dtype not in COMPUTE_DTYPE_CHOICES:
+            raise TribunalError(f"--compute-dtype {self.compute_dtype!r}: choose {', '.join(COMPUTE_DTYPE_CHOICES)}")
         if self.dtype not in DTYPE_CHOICES:
             raise TribunalError(f"--dtype {self.dtype!r}: choose {', '.join(DTYPE_CHOICES)}")
         self.shard_pair()
