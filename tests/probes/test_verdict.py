@@ -66,7 +66,7 @@ def test_disagreeing_folds_are_named_with_their_counts():
     text = " ".join(verdict.selection_sentences(sel))
     assert "The outer folds disagree: they chose 5 different cells (3/max in 1 of 5" in text
     assert "belongs to the selection procedure, not to any one cell" in text
-    assert "use layer 6, `max`: the selection refit on all problems; 0 of 5 outer folds chose it" in text
+    assert "The direction cell (the directions file and `tribunal score` use it) is layer 6, `max`: the selection refit on all problems; 0 of 5 outer folds chose it" in text
     assert verdict.headline(sel).startswith("No evidence of a signal")
     sel.update(chosen_per_fold={"4/mean": 5}, folds_agree=True)
     assert verdict.selection_sentences(sel)[0] == "All 5 outer folds chose layer 4, `mean`."

@@ -43,7 +43,8 @@ def headline(selection: dict) -> str:
 
 
 def selection_sentences(selection: dict) -> list[str]:
-    """Which cells the folds chose, and which cell directions and `score` use, by which rule."""
+    """The folds' choice (which cells the outer folds chose) and the direction cell (what the directions file and
+    `score` use), by which rule: the names the report uses."""
     per_fold = selection["chosen_per_fold"]
     folds = sum(per_fold.values())
     final = selection["final"]
@@ -55,8 +56,8 @@ def selection_sentences(selection: dict) -> list[str]:
         spread = ", ".join(f"{name} in {n} of {folds}" for name, n in per_fold.items())
         out = [f"The outer folds disagree: they chose {len(per_fold)} different cells ({spread}), so the nested figure "
                "belongs to the selection procedure, not to any one cell."]
-    out.append(f"Directions and `tribunal score` use layer {final['layer']}, `{final['aggregation']}`: "
-               f"{final['rule']}; {final['folds_won']} of {final['folds']} outer folds chose it.")
+    out.append(f"The direction cell (the directions file and `tribunal score` use it) is layer {final['layer']}, "
+               f"`{final['aggregation']}`: {final['rule']}; {final['folds_won']} of {final['folds']} outer folds chose it.")
     return out
 
 
