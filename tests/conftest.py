@@ -86,6 +86,24 @@ def synth_store(path, **settings):
     return path
 
 
+def probe_store(path, **settings):
+    """A synthetic store shaped for the probe tests: 400 traces of 100 problems, layers 2 and 4, d_model 24, a planted
+    signal of AUROC 0.8 (each setting can be overridden)."""
+    return synth_store(path, **{**dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120),
+                                       signal=0.8), **settings})
+
+
+def planted_direction(path):
+    """The direction synth planted in a store, and synth's settings as the store records them."""
+    import json
+
+    from tribunal.store import open_store
+
+    with open_store(path) as store:
+        settings = store.attrs["synth"]
+        return store.shards[0].file["synth/direction"][:], json.loads(settings) if isinstance(settings, str) else settings
+
+
 @pytest.fixture
 def python_env():
     """Environment for subprocesses that import tribunal from this checkout."""

@@ -1,25 +1,12 @@
 """The per-token probe on a synthetic store with a planted direction: recovered within a memory budget."""
 
-import json
-
 import numpy as np
 import pytest
 
-from conftest import synth_store
+from conftest import planted_direction as planted
+from conftest import probe_store as synth
 from tribunal.errors import TribunalError
 from tribunal.report.outputs import token_outputs
-from tribunal.store import open_store
-
-
-def synth(path, **kw):
-    return synth_store(path, **{**dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120),
-                                       signal=0.8), **kw})
-
-
-def planted(path):
-    with open_store(path) as store:
-        return store.shards[0].file["synth/direction"][:], json.loads(store.attrs["synth"]) if isinstance(
-            store.attrs["synth"], str) else store.attrs["synth"]
 
 
 def test_token_probe_memory_bound_and_outputs(tmp_path):

@@ -4,23 +4,13 @@ import json
 
 import numpy as np
 
-from conftest import synth_store
+from conftest import planted_direction as planted
+from conftest import probe_store as synth
 from tribunal.probes.trajectory import load_trajectory_data, ungrouped_auroc
 from tribunal.report.outputs import trajectory_outputs
 from tribunal.store import open_store
 
 FAST = dict(permutations=20, progress=False)
-
-
-def synth(path, **kw):
-    return synth_store(path, **{**dict(traces=400, problems=100, layers=(2, 4), d_model=24, tokens_per_trace=(40, 120),
-                                       signal=0.8), **kw})
-
-
-def planted(path):
-    with open_store(path) as store:
-        return store.shards[0].file["synth/direction"][:], json.loads(store.attrs["synth"]) if isinstance(
-            store.attrs["synth"], str) else store.attrs["synth"]
 
 
 def cell(result, layer, agg):
