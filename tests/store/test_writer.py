@@ -166,9 +166,10 @@ def test_disk_full_while_creating_leaves_nothing_behind(small_disk, python_env, 
         w.append([make_record(0)])
 
 
-def test_disk_full_through_the_cli_is_one_line(small_disk):
+def test_disk_full_through_the_cli_is_one_line_and_leaves_no_folder(small_disk):
     fill_leaving(small_disk, 8192)
-    result = CliRunner().invoke(main, ["synth", str(small_disk / "s.h5"), "--quiet", "--traces", "4", "--problems", "2"])
+    result = CliRunner().invoke(main, ["synth", str(small_disk / "new" / "run" / "s.h5"), "--quiet", "--traces", "4",
+                                       "--problems", "2"])
     lines = [line for line in result.output.splitlines() if line]
     assert result.exit_code == 1 and len(lines) == 1 and "disk full" in lines[0], result.output
     assert sorted(p.name for p in small_disk.iterdir()) == ["fill"]

@@ -141,7 +141,20 @@ class StoreWriter:
         self.close()
 
     def open(self) -> "StoreWriter":
-        """Take the lock, create or repair the file, truncate to the last commit, start SWMR."""
+        """Take the lock, create or repair the file, truncate to the last commit, start SWMR. A failed open
+        leaves none of the folders it made for a new store."""
+        made = _missing_folders(self.path.parent)
+        try:
+            return self._open()
+        except BaseException:
+            for folder in reversed(made):  # deepest first; a folder someone else filled meanwhile stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _open(self) -> "StoreWriter":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -586,6 +599,15 @@ def _answer_bytes(value) -> bytes:
     if value is None:
         return b""
     return str(value).encode("utf-8")[: fmt.ANSWER_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """folder and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 def _is_disk_full(exc: Exception) -> bool:
