@@ -23,7 +23,8 @@ def test_one_seed_goes_to_the_generator_and_the_probes():
 
 
 @pytest.mark.parametrize("options, message", [({"shard": "3/2"}, "--shard"), ({"folds": 1}, "--folds"),
-                                              ({"memory": "lots"}, "--memory"), ({"temperature": 0}, "--temperature")])
+                                              ({"memory": "lots"}, "--memory"), ({"temperature": 0}, "--temperature"),
+                                              ({"seed": -1}, "--seed"), ({"max_problems": 3}, "--max-problems 3")])
 def test_bad_run_options_are_refused_before_the_run_folder_exists(tmp_path, options, message):
     with pytest.raises(TribunalError, match=message):
         run_pipeline(tmp_path / "runs" / "x", options, progress=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from .cluster.slurm import PROBE_JOB, SubmitConfig
 from .errors import TribunalError
 from .probes.config import ProbeConfig
+from .probes.tokens import MIN_PROBLEMS as MIN_TOKEN_PROBE_PROBLEMS
 from .report.markdown import write_report
 from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
 from .store import open_store
@@ -58,6 +59,10 @@ def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:
     generate, probe_options = split_options(options)
     config = GenerateConfig(out=str(run / STORE_NAME), progress=progress, **generate).validate()
     probes = asdict(ProbeConfig(**probe_options).validate())
+    enough = max(probes["folds"], MIN_TOKEN_PROBE_PROBLEMS)
+    if config.max_problems < enough:
+        raise TribunalError(f"--max-problems {config.max_problems} cannot fill {probes['folds']} problem-grouped folds "
+                            f"and the token probe's held-out problems: give at least {enough}")
     started = time.time()
     gen = run_generation(config)
     result = {"generate": gen, "run_dir": str(run)}

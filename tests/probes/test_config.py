@@ -20,7 +20,7 @@ def test_aggregations_take_the_command_lines_comma_list_or_names():
     ({"folds": 1}, "--folds"), ({"permutations": -1}, "--permutations"), ({"memory": "lots"}, "--memory"),
     ({"memory": 0}, "--memory"), ({"aggregations": "mean,median"}, "--aggregations"), ({"aggregations": ""}, "--aggregations"),
     ({"last_k": 0}, "--last-k"), ({"C": 0}, "-C"), ({"margin": 1.0}, "--margin"), ({"margin": -0.1}, "--margin"),
-    ({"test_fraction": 1.0}, "--test-fraction"),
+    ({"test_fraction": 1.0}, "--test-fraction"), ({"seed": -1}, "--seed"),
 ])
 def test_bad_values_are_refused_naming_the_option(options, flag):
     with pytest.raises(TribunalError) as err:

@@ -77,6 +77,8 @@ class ProbeConfig:
         """Refuse bad values before any work or output (a run must not sample for an hour and then fail here)."""
         if self.folds < 2:
             raise TribunalError(f"--folds must be at least 2 (grouped cross-validation), got {self.folds}")
+        if self.seed < 0:
+            raise TribunalError(f"--seed must be 0 or more, got {self.seed}")
         if self.permutations < 0:
             raise TribunalError(f"--permutations must be 0 (skip) or more, got {self.permutations}")
         try:

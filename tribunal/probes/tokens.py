@@ -27,6 +27,9 @@ N_BINS = 10
 BASELINE_BYTES = 240 << 20
 
 
+MIN_PROBLEMS = 4  # a problem-grouped held-out split needs problems on both sides of it, of both labels
+
+
 def block_bytes_for(memory_bytes: int, d_model: int, dtype_bytes: int) -> int:
     """Stored bytes per block so that everything fits in memory_bytes.
 
@@ -46,8 +49,9 @@ def block_bytes_for(memory_bytes: int, d_model: int, dtype_bytes: int) -> int:
 def split_problems(groups, test_fraction: float, seed: int):
     """Held-out problems (all their samples) for testing; the rest for fitting."""
     uniq = np.unique(groups)
-    if len(uniq) < 4:
-        raise TribunalError(f"{len(uniq)} problems are too few for a problem-grouped held-out split (need 4+)")
+    if len(uniq) < MIN_PROBLEMS:
+        raise TribunalError(f"{len(uniq)} problems are too few for a problem-grouped held-out split "
+                            f"(need {MIN_PROBLEMS}+)")
     rng = np.random.default_rng(seed)
     test = rng.choice(uniq, max(1, int(round(len(uniq) * test_fraction))), replace=False)
     return np.isin(groups, test)

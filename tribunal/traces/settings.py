@@ -49,7 +49,7 @@ class GenerateConfig:
     max_problems: int = option(200, "Try at most this many problems (all shards together).")
     keep_all: bool = option(False, "Store every trace, even past the targets.")
     shard: str = option("0/1", "i/N: take problems whose index = i (mod N).", per_shard=True)
-    seed: int = option(0, "Run seed; each trace's seed derives from (run seed, problem, sample).")
+    seed: int = option(0, "Run seed; each trace's seed derives from (run seed, problem, sample); `run` seeds its probes with it too.")
     dtype: str = option("auto", "Storage dtype; auto = bfloat16 for bf16 models (lossless), else float16.",
                         choices=DTYPE_CHOICES)
     compute_dtype: str = option("auto", "Model dtype (auto: bfloat16 or float16 on a GPU, float32 on a CPU).",
@@ -99,6 +99,8 @@ class GenerateConfig:
             raise TribunalError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise TribunalError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise TribunalError(f"--seed must be 0 or more, got {self.seed}")
         for name in ("max_new_tokens", "samples_per_problem", "batch_size", "max_problems"):
             if getattr(self, name) < 1:
                 raise TribunalError(f"--{name.replace('_', '-')} must be at least 1")
