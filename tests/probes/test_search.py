@@ -25,3 +25,10 @@ def test_out_of_fold_probabilities_equal_scikit_learns(dim):
     np.testing.assert_allclose(fits.fit_out_of_fold(y), expected, atol=1e-4)
     permuted = np.column_stack([y, rng.permutation(y)])
     np.testing.assert_allclose(fits.fit_out_of_fold(permuted)[:, 0], expected, atol=1e-4)  # batched: the same fit
+
+
+def test_an_undefined_roc_auc_never_wins_the_selection():
+    from tribunal.probes.search import _best
+
+    assert _best([0.6, float("nan"), 0.7, 0.7]) == 2  # NaN compares false both ways: max() could have kept it
+    assert _best([float("nan"), 0.55]) == 1 and _best([float("nan"), float("nan")]) == 0

@@ -222,6 +222,12 @@ def nested_refit_variance(candidates: list[Candidate], chosen: list[int]) -> dic
                                  for a, b in pairs])) for name in ev.METRICS}
 
 
+def _best(aurocs) -> int:
+    """The index of the highest ROC-AUC; an undefined one (NaN: a fold with one class) never wins, unless all are."""
+    aurocs = np.asarray(aurocs, dtype=float)
+    return 0 if np.isnan(aurocs).all() else int(np.nanargmax(aurocs))
+
+
 def select(d: Design, candidates: list[Candidate], what: str = "candidates") -> dict:
     """Nested selection and the family-wise p over all candidates.
 
@@ -231,12 +237,12 @@ def select(d: Design, candidates: list[Candidate], what: str = "candidates") -> 
     nested = np.zeros(len(d.y))
     chosen = []
     for k, (_, test) in enumerate(d.outer):
-        best = max(range(len(candidates)), key=lambda j: candidates[j].inner_auroc[k])
+        best = _best([c.inner_auroc[k] for c in candidates])
         chosen.append(best)
         nested[test] = candidates[best].oof[test]
     refit = nested_refit_variance(candidates, chosen)
     values = ev.cv_values(d.y, nested, d.outer, d.groups)
-    best = max(range(len(candidates)), key=lambda j: candidates[j].metrics["auroc"]["value"])
+    best = _best([c.metrics["auroc"]["value"] for c in candidates])
     observed = candidates[best].metrics["auroc"]["value"]
     permutations = d.permuted.shape[1]
     null_best = np.max([c.null_auroc for c in candidates], axis=0) if permutations else np.zeros(0)
