@@ -3,14 +3,23 @@
 import json
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 from conftest import planted_direction as planted
 from conftest import probe_store as synth
-from tribunal.probes.trajectory import load_trajectory_data, ungrouped_auroc
+from tribunal.probes import evaluation as ev
+from tribunal.probes.search import cv_predict, make_probe
+from tribunal.probes.trajectory import load_trajectory_data
 from tribunal.report.outputs import trajectory_outputs
 from tribunal.store import open_store
 
 FAST = dict(permutations=20, progress=False)
+
+
+def ungrouped_auroc(data, key, folds: int = 5, seed: int = 0) -> float:
+    """The leaky estimate (samples of a problem on both sides of a split): what grouping prevents."""
+    split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.y, data.y))
+    return ev.metrics(data.y, cv_predict(make_probe, data.features[key], data.y, split))["auroc"]
 
 
 def cell(result, layer, agg):

@@ -29,8 +29,6 @@ from . import search, verdict
 from .search import cv_predict, direction_of, make_probe
 from .config import DEFAULTS
 
-BASELINES = ("position", "tokens_so_far", "confidence", "equals_final")
-
 
 @dataclass
 class ChunkData:

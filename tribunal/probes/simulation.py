@@ -82,7 +82,8 @@ def fitted_auroc(shape: Shape, features: dict, y, d: search.Design, rng, auroc: 
     return out
 
 
-def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations) -> dict:
+def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = DEFAULTS.folds,
+            permutations: int = DEFAULTS.permutations) -> dict:
     """One data set through the trajectory probe's search: every cell's CV ROC-AUC and CI and permutation p,
     the nested figure and CI, the family-wise p."""
     rng = np.random.default_rng(seed)
@@ -99,8 +100,8 @@ def one_set(shape: Shape, seed: int, auroc: float = 0.5, folds: int = DEFAULTS.f
             "family_wise_p": chosen["family_wise"]["p"]}
 
 
-def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations,
-          progress: bool = False) -> dict:
+def study(shape: Shape, auroc: float = 0.5, sets: int = 200, seed: int = 0, folds: int = DEFAULTS.folds,
+          permutations: int = DEFAULTS.permutations, progress: bool = False) -> dict:
     """Coverage, centre and p-value figures over `sets` data sets. The truth a CI should cover is the
     planted auroc (0.5 under the null); for the cells also the population AUROC of the fold models
     themselves (mean_fitted_auroc, coverage_of_fitted: what cross-validation estimates, below the planted
@@ -201,8 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--effect-sd", type=float, default=1.0)
     parser.add_argument("--auroc", type=float, default=0.5, help="planted population ROC-AUC (0.5: the null)")
     parser.add_argument("--sets", type=int, default=200)
-    parser.add_argument("--permutations", type=int, default=50)
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--permutations", type=int, default=DEFAULTS.permutations)
+    parser.add_argument("--folds", type=int, default=DEFAULTS.folds)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunks", action="store_true", help="null chunk data sets: chunk probe and early exit")
     args = parser.parse_args(argv)

@@ -25,7 +25,6 @@ from .search import cv_predict, direction_of, make_probe
 from .config import DEFAULTS
 
 LABEL_POSITIVE = "correct"
-BASELINES = ("majority", "length", "confidence", "random_direction")
 
 
 @dataclass
@@ -169,11 +168,3 @@ def nested_selection(data: TrajectoryData, d: search.Design, chosen: dict, keys:
                        "oof_probability": calibrated.tolist()},
         "oof_probability": prob.tolist(),
     }
-
-
-def ungrouped_auroc(data: TrajectoryData, key, folds: int = DEFAULTS.folds, seed: int = 0, C: float = DEFAULTS.C) -> float:
-    """The leaky estimate (samples of a problem on both sides): for showing what grouping prevents."""
-    from sklearn.model_selection import StratifiedKFold
-
-    split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.y, data.y))
-    return ev.metrics(data.y, cv_predict(lambda: make_probe(C), data.features[key], data.y, split))["auroc"]
