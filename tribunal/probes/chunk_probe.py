@@ -26,8 +26,8 @@ from ..store.reader import DEFAULT_BLOCK_BYTES, Store
 from . import early_exit as ee
 from . import evaluation as ev
 from . import search, verdict
-from .search import cv_predict, direction_of, make_probe
 from .config import DEFAULTS
+from .search import cv_predict, direction_of, make_probe
 
 
 @dataclass
@@ -140,8 +140,9 @@ def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int =
     return out
 
 
-def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations,
-                         C: float = DEFAULTS.C, margin: float = DEFAULTS.margin, block_bytes: int = DEFAULT_BLOCK_BYTES,
+def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = 0,
+                         permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
+                         margin: float = DEFAULTS.margin, block_bytes: int = DEFAULT_BLOCK_BYTES,
                          progress: bool = False) -> dict:
     """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit, reading one
     layer's chunk-end features at a time."""
@@ -149,8 +150,9 @@ def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.fo
                                  folds, seed, permutations, C, margin, progress)
 
 
-def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations,
-                          C: float = DEFAULTS.C, margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
+def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = 0,
+                          permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
+                          margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
     """evaluate_chunk_probe on features(layer) -> (chunks, d) arrays: what the store supplies, or a simulation."""
     y, groups = data.y, data.problem
     d = search.design(y, groups, folds, seed, permutations)

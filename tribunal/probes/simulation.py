@@ -175,8 +175,9 @@ def simulate_chunks(shape: Shape, rng, layers: int = 2):
     return data, features
 
 
-def chunk_study(shape: Shape, sets: int = 100, seed: int = 0, folds: int = DEFAULTS.folds, permutations: int = DEFAULTS.permutations,
-                margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
+def chunk_study(shape: Shape, sets: int = 100, seed: int = 0, folds: int = DEFAULTS.folds,
+                permutations: int = DEFAULTS.permutations, margin: float = DEFAULTS.margin,
+                progress: bool = False) -> dict:
     """Null chunk data sets through the chunk probe and its early exit: how often the nested chunk CI covers
     0.5, and how often the summary claims the probe's exit rule saves tokens with no loss of accuracy."""
     covered, claims, values = [], [], []

@@ -21,8 +21,8 @@ from ..errors import TribunalError
 from ..store.reader import AGGREGATIONS, DEFAULT_BLOCK_BYTES, Store
 from . import evaluation as ev
 from . import search
-from .search import cv_predict, direction_of, make_probe
 from .config import DEFAULTS
+from .search import cv_predict, direction_of, make_probe
 
 LABEL_POSITIVE = "correct"
 
@@ -92,8 +92,8 @@ def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
     return cv_predict(make_probe, (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
 
 
-def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int = 0, permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
-                   progress: bool = False) -> dict:
+def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int = 0,
+                   permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C, progress: bool = False) -> dict:
     """Every cell scored beside every baseline on the same folds; one permutation null shared by all cells
     (per-cell p-values and the family-wise max-statistic p); nested selection of the best cell."""
     y, groups = data.y, data.groups
