@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_store import table_print  # noqa: E402
+from common import print_table  # noqa: E402
 from tribunal.problems.loading import build_prompt, load_problems  # noqa: E402
 from tribunal.traces.generate import GenerateConfig, run_generation  # noqa: E402
 
@@ -204,7 +204,7 @@ def main():
         med = statistics.median(rates[name])
         peak = max((p for p in peaks[name] if p is not None), default=None)
         rows.append((name, f"{med:.0f}", f"{med / base:.2f}", "-" if peak is None else f"{peak / 1024:.1f}"))
-    table_print(f"Generated tokens/s, shape {args.shape}, {len(prompts)} traces x up to {args.max_new_tokens} new "
+    print_table(f"Generated tokens/s, shape {args.shape}, {len(prompts)} traces x up to {args.max_new_tokens} new "
                 f"tokens, layers {args.layers}, medians of {args.rounds} rounds (vLLM start-up {startup:.0f} s, once)",
                 ["path", "tokens/s", "x plain vLLM", "peak GPU GiB"], rows)
 
@@ -222,7 +222,7 @@ def main():
         seconds, tokens = plain_forward(model, source, args.capture_memory)
         plain_rates.append(tokens / seconds)
     capture, plain = statistics.median(capture_rates), statistics.median(plain_rates)
-    table_print(f"tribunal capture of that store ({done['tokens']} tokens, layers {args.layers}), medians of "
+    print_table(f"tribunal capture of that store ({done['tokens']} tokens, layers {args.layers}), medians of "
                 f"{args.rounds} rounds", ["path", "tokens/s", "x plain forward"],
                 [("plain forward (no hooks, full logits, no store)", f"{plain:.0f}", "1.00"),
                  ("tribunal capture (hooks, sliced log-probs, store)", f"{capture:.0f}", f"{capture / plain:.2f}")])
