@@ -24,6 +24,8 @@ _TIME = re.compile(r"(?<![\d.])\d{1,2}:\d{2}(?!\d)")  # 3:30 is a time (or a rat
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\(?\s*([+-]?\d+)\s*\)?")
 _MIXED = re.compile(r"(?<![\d.,/])(-?\d+)\s*\(?\s*(\d+)\s*\)?\s*/\s*\(?\s*(\d+)\s*\)?(?![\d.])")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# What a forced answer appends after a chunk (early exit, the trial answers of DEER): thinking ends, the answer opens.
+ANSWER_CUE = "\n" + THINK_CLOSE + "\n\nThe answer is \\boxed{"
 _ANSWER_PHRASE = re.compile(
     r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=|would\s+be|will\s+be)\s*:?", re.IGNORECASE
 )
