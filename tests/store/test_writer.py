@@ -1,4 +1,5 @@
-"""StoreWriter (tribunal/store/writer.py): what goes in comes out, reopening, refusals, a full disk, kill -9."""
+"""StoreWriter (tribunal/store/writer.py): what goes in comes out, reopening, refusals, a full disk, kill -9;
+the optional monitor scores and exit records likewise."""
 
 import random
 import signal
@@ -18,6 +19,7 @@ from tribunal.store.superblock import read_status
 from tribunal.store.verify import verify_store
 
 from .killed_writers import check_store, crash_record, crash_writer_kwargs, run_writer
+from .monitored import FIELDS, assert_same_scores, monitored_kwargs, monitored_record
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 1e-2), ("float32", 0)])
@@ -108,6 +110,113 @@ def test_a_file_that_is_not_hdf5_is_refused_and_left_as_it_was(tmp_path):
     with pytest.raises(StoreError, match="not an HDF5 file"):
         StoreWriter(tmp_path / "notes.h5", **writer_kwargs()).open()
     assert (tmp_path / "notes.h5").read_text() == "hello"
+
+
+# -- monitor scores and exit records ----------------------------------------------------------------------
+
+
+def test_monitor_scores_and_exit_records_round_trip_and_resume(tmp_path):
+    path = tmp_path / "s.h5"
+    recs = [monitored_record(i) for i in range(9)]
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        w.append(recs[:4])
+    with StoreWriter(path, **monitored_kwargs()) as w:  # reopened: the same fields, appended under the same commit
+        assert w.n_traces == 4
+        w.append(recs[4:])
+    with open_store(path) as store:
+        assert store.monitor_fields == FIELDS and len(store.exit_table) == store.n_traces == 9
+        for i, rec in enumerate(recs):
+            assert_same_scores(store.trace(i), rec)
+        assert verify_store(store) == []
+        f = store.shards[0].file
+        assert f["monitor/chunk_probability"].chunks == f["tokens/logprob"].chunks  # chunked like the token axis
+        for name in ("monitor", "monitor/chunk_probability", "monitor/token_score", "traces/exit"):
+            assert "NaN" in f[name].attrs["description"] or "exit_chunk" in f[name].attrs["description"], name
+        assert dict(f["traces/exit"].dtype.fields["rule"][0].metadata["enum"]) == {"none": 0, "probe": 1,
+                                                                                   "confidence": 2}
+    with StoreWriter(tmp_path / "plain.h5", **writer_kwargs()) as w:  # a store without them reads as before
+        w.append([make_record(0)])
+    with open_store(tmp_path / "plain.h5") as store:
+        assert store.monitor_fields == () and store.exit_table is None
+        assert store.trace(0).monitor is None and store.trace(0).exit is None
+        assert "monitor" not in store.shards[0].file and "traces/exit" not in store.shards[0].file
+
+
+@pytest.mark.parametrize("created,asked,needle", [
+    (dict(monitor_fields=FIELDS, exit_table=True), dict(monitor_fields=("token_score",), exit_table=True),
+     "monitor fields: store has ['chunk_probability', 'token_score'], asked ['token_score']"),
+    (dict(monitor_fields=FIELDS, exit_table=True), dict(monitor_fields=FIELDS), "exit table: store has one, asked none"),
+    ({}, dict(monitor_fields=FIELDS), "monitor fields: store has [], asked ['chunk_probability', 'token_score']"),
+    ({}, dict(exit_table=True), "exit table: store has none, asked one"),
+])
+def test_reopen_with_other_monitor_fields_or_exit_table_is_refused(tmp_path, created, asked, needle):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **writer_kwargs(**created)) as w:
+        w.append([monitored_record(0, monitor="monitor_fields" in created, exit="exit_table" in created)])
+    with pytest.raises(IncompatibleStoreError, match="different settings") as info:
+        StoreWriter(path, **writer_kwargs(**asked)).open()
+    assert needle in str(info.value)
+    with open_store(path) as store:
+        assert store.n_traces == 1
+
+
+def _broken(index, change):
+    rec = monitored_record(index)
+    change(rec)
+    return rec
+
+
+def _set(mapping, key, value):
+    mapping[key] = value
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: setattr(r, "monitor", None), "has monitor fields []"),
+    (lambda r: r.monitor.pop("token_score"), "has monitor fields ['chunk_probability']"),
+    (lambda r: _set(r.monitor, "token_score", r.monitor["token_score"][:-1]), "expected one per token"),
+    (lambda r: _set(r.monitor["token_score"], 0, 1.0), "values on prompt tokens"),
+    (lambda r: _set(r.monitor["chunk_probability"], -1, 1.5), "outside [0, 1]"),
+    (lambda r: setattr(r, "exit", None), "lacks an exit record"),
+    (lambda r: r.exit.pop("score"), "exit record has keys"),
+    (lambda r: _set(r.exit, "rule", "maybe"), "not one of ['none', 'probe', 'confidence']"),
+    (lambda r: _set(r.exit, "exit_chunk", 2), "with exit_chunk 2 (rule 'none' exactly when -1)"),
+    (lambda r: _set(r.exit, "thinking_tokens", r.exit["thinking_tokens"] - 1), "generated tokens"),
+    (lambda r: r.exit.update(rule="probe", exit_chunk=0, thinking_tokens=r.exit["thinking_tokens"] + 1,
+                             forced_tokens=-1), "negative token counts"),
+])
+def test_records_that_do_not_fit_the_stores_scores_are_refused_before_writing(tmp_path, change, needle):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        w.append([monitored_record(0)])
+        with pytest.raises(StoreError) as info:
+            w.append([monitored_record(2), _broken(4, change)])  # 4: an even trace, no exit
+        assert needle in str(info.value) and "problem 1, sample 1" in str(info.value)
+    with StoreWriter(tmp_path / "plain.h5", **writer_kwargs()) as w:
+        with pytest.raises(StoreError, match="has monitor fields .* stores none"):
+            w.append([monitored_record(0, exit=False)])
+        with pytest.raises(StoreError, match="has an exit record, but .* has no exit table"):
+            w.append([monitored_record(0, monitor=False)])
+    with open_store(path) as store:
+        assert store.n_traces == 1 and verify_store(store) == []
+
+
+def test_a_store_appended_without_its_monitor_scores_is_refused_on_reopen(tmp_path):
+    """A store whose monitor dataset is shorter than the commit (an older tribunal appended to it) is not
+    silently padded: the writer refuses it and verify names it."""
+    import h5py
+
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        w.append([monitored_record(i) for i in range(3)])
+    with h5py.File(path, "r+") as f:
+        f["monitor/token_score"].resize((5,))
+        f["traces/exit"].resize((2,))
+    with pytest.raises(StoreError, match="monitor/token_score has 5 rows, fewer than the"):
+        StoreWriter(path, **monitored_kwargs()).open()
+    with open_store(path) as store:
+        problems = verify_store(store)
+    assert any("/monitor/token_score has 5 rows" in p for p in problems), problems
+    assert any("/traces/exit has 2 rows" in p for p in problems), problems
 
 
 # -- a full disk ------------------------------------------------------------------------------------------
@@ -266,3 +375,25 @@ def test_kill_while_reopening_leaves_a_readable_store(tmp_path, python_env):
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert read_status(path)["flags"] != 0  # it really died holding the file
     assert check_store(path, 3) == 3  # read-only, no repair
+
+
+def test_sigkill_keeps_monitor_scores_and_exit_records_with_their_traces(tmp_path, python_env):
+    """A few kill -9 rounds mid-append of a store with monitor scores and exit records: every round the
+    committed traces carry exactly their scores and records (verify checks them all), and the next open
+    truncates /monitor/* and /traces/exit with the rest, then resumes."""
+    path = tmp_path / "crash.h5"
+    rng = random.Random(99)
+    committed = 0
+    for _ in range(5):
+        proc = run_writer(path, python_env, monitored=True)
+        opened = proc.stdout.readline()
+        assert opened.startswith("opened"), proc.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        printed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+        committed = check_store(path, max(printed, default=committed), monitored=True)
+    with StoreWriter(path, **crash_writer_kwargs(monitored=True)) as w:
+        assert w.n_traces == committed
+        w.append([crash_record(i, monitored=True) for i in range(committed, committed + 2)])
+    assert check_store(path, committed + 2, monitored=True) == committed + 2

@@ -29,6 +29,25 @@ PROBLEMS = "problems"
 COMMIT_FIELDS = ("traces", "tokens", "text_bytes", "problems", "commits")
 PROBLEM_DTYPE = np.dtype([("problem_id", "<i8"), ("samples", "<i4")])
 
+# Optional datasets (a store has them when its writer was asked for them; older readers ignore them):
+# per-token monitor scores on the token axis, and one exit record per trace, aligned with /traces/table.
+MONITOR = "monitor"
+TRACE_EXIT = "traces/exit"
+CHUNK_PROBABILITY = "chunk_probability"
+EXIT_RULES = ("none", "probe", "confidence")
+EXIT_RULE_CODES = {name: code for code, name in enumerate(EXIT_RULES)}
+EXIT_RULE_DTYPE = h5py.enum_dtype(EXIT_RULE_CODES, basetype="i1")
+EXIT_DTYPE = np.dtype(
+    [
+        ("exit_chunk", "<i4"),
+        ("rule", EXIT_RULE_DTYPE),
+        ("score", "<f4"),
+        ("thinking_tokens", "<i4"),
+        ("forced_tokens", "<i4"),
+    ]
+)
+EXIT_KEYS = EXIT_DTYPE.names
+
 TOKEN_ARRAYS = {
     "token_id": np.dtype("int32"),
     "is_generated": np.dtype("bool"),
@@ -83,9 +102,72 @@ DESCRIPTIONS = {
     TRACE_TEXT: "UTF-8 bytes of the generated texts, concatenated",
     PROBLEMS: "problems whose every sample was tried (stored or not: a label whose target was met is not stored); "
               "a resumed run skips them",
+    MONITOR: "live-monitor scores, one float32 per token of /tokens (NaN where not scored: prompt tokens, and "
+             "for chunk_probability every token but an answering chunk's last)",
+    f"{MONITOR}/chunk_probability": "the chunk probe's probability (sigmoid of its logit) at the last token of each "
+                                    "answering chunk, scored while sampling; NaN at every other token",
+    f"{MONITOR}/token_score": "the token direction's score (direction . x - direction . midpoint) at each generated "
+                              "token, scored while sampling; NaN for prompt tokens",
+    TRACE_EXIT: "one row per trace of /traces/table (same order): exit_chunk = answering chunk (0-based) at whose end "
+                "the early-exit rule fired, -1 = ran to the end; rule = which rule fired (none = no exit); score = "
+                "the rule's value there (NaN if none); thinking_tokens = generated tokens up to and including the exit "
+                "chunk's last token (all if none); forced_tokens = tokens appended after the exit (end-of-thinking "
+                "marker, answer cue, answer); thinking_tokens + forced_tokens = the trace's generated tokens",
     COMMIT: "committed counts: traces, tokens, text bytes, problems, commits. Rows past these counts are uncommitted "
             "and are discarded on the next open for append",
 }
+
+
+def monitor_description(field: str) -> str:
+    return DESCRIPTIONS.get(f"{MONITOR}/{field}", f"live-monitor score '{field}' at each token; NaN where not scored")
+
+
+def monitor_path(field: str) -> str:
+    return f"{MONITOR}/{field}"
+
+
+def optional_datasets(h5file) -> tuple[tuple, bool]:
+    """(monitor fields, has an exit table) of an open store: what its optional datasets are."""
+    fields = tuple(sorted(h5file[MONITOR].keys())) if MONITOR in h5file else ()
+    return fields, TRACE_EXIT in h5file
+
+
+def optional_differences(mine: tuple, theirs: tuple) -> list[str]:
+    """'monitor fields: store has [...], asked [...]' / 'exit table: ...' for two (fields, exit) pairs."""
+    out = []
+    if tuple(sorted(mine[0])) != tuple(sorted(theirs[0])):
+        out.append(f"monitor fields: store has {sorted(mine[0])}, asked {sorted(theirs[0])}")
+    if bool(mine[1]) != bool(theirs[1]):
+        out.append(f"exit table: store has {'one' if mine[1] else 'none'}, asked {'one' if theirs[1] else 'none'}")
+    return out
+
+
+def exit_problems(rows: np.ndarray, generated) -> list[tuple[int, str]]:
+    """(row index, what is wrong) for exit records (EXIT_DTYPE rows) against their traces' generated token
+    counts: rule none exactly when exit_chunk is -1, token counts that add up, none negative. The writer
+    refuses such a record; `verify` reports it."""
+    chunk, rule = rows["exit_chunk"].astype(np.int64), rows["rule"].astype(np.int64)
+    thinking, forced = rows["thinking_tokens"].astype(np.int64), rows["forced_tokens"].astype(np.int64)
+    generated = np.asarray(generated, np.int64)
+    checks = [
+        ((rule < 0) | (rule >= len(EXIT_RULES)), lambda i: f"has rule code {rule[i]}, not one of "
+                                                           f"{list(EXIT_RULE_CODES.values())}"),
+        ((rule == EXIT_RULE_CODES["none"]) != (chunk == -1),
+         lambda i: f"has rule {rule_name(rule[i])!r} with exit_chunk {chunk[i]} (rule 'none' exactly when -1)"),
+        ((rule == EXIT_RULE_CODES["none"]) & (forced != 0),
+         lambda i: f"has rule 'none' with forced_tokens {forced[i]} (a trace that did not exit has none forced)"),
+        (chunk < -1, lambda i: f"has exit_chunk {chunk[i]} (a chunk index, or -1 for no exit)"),
+        ((thinking < 0) | (forced < 0), lambda i: f"has negative token counts (thinking_tokens {thinking[i]}, "
+                                                  f"forced_tokens {forced[i]})"),
+        (thinking + forced != generated, lambda i: f"counts thinking_tokens {thinking[i]} + forced_tokens {forced[i]} "
+                                                   f"= {thinking[i] + forced[i]}, but the trace has {generated[i]} "
+                                                   "generated tokens"),
+    ]
+    return [(int(i), say(i)) for bad, say in checks for i in np.flatnonzero(bad)]
+
+
+def rule_name(code) -> str:
+    return EXIT_RULES[code] if 0 <= code < len(EXIT_RULES) else str(code)
 
 
 def activations_description(dtype: str) -> str:
@@ -171,6 +253,10 @@ def schema_problems(h5file) -> list[str]:
         missing = [c for c in TRACE_DTYPE.names if c not in (h5file[TRACE_TABLE].dtype.names or ())]
         if missing:
             problems.append(f"dataset /{TRACE_TABLE} lacks the columns {missing}")
+    if TRACE_EXIT in h5file:
+        missing = [c for c in EXIT_KEYS if c not in (h5file[TRACE_EXIT].dtype.names or ())]
+        if missing:
+            problems.append(f"dataset /{TRACE_EXIT} lacks the columns {missing}")
     return problems
 
 

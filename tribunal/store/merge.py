@@ -47,6 +47,7 @@ def merge_stores(shards, out, progress: bool = True, memory_bytes: int = DEFAULT
             resume_identity={k: v for k, v in identity.extra.items() if k != "shard"} | {"merged_from": len(sources)},
             description=f"Merge of {len(sources)} shards of one tribunal run (tribunal merge); sources in attr merged_from.",
             extra_attrs={"merged_from": json.dumps(sources)},
+            monitor_fields=store.monitor_fields, exit_table=store.exit_table is not None,
         )
         row_bytes = len(store.layers) * store.d_model * fmt.DTYPES[store.dtype][2]
         batch_limit = max(1, memory_bytes // (COPIES_PER_BATCH * row_bytes))
@@ -85,4 +86,5 @@ def _record(store, i: int) -> TraceRecord:
         problem_id=t.problem_id, sample_index=t.sample_index, token_ids=t.token_ids, prompt_length=t.prompt_length,
         activations=words, label=t.label, text=t.text, predicted=t.predicted, gold=t.gold,
         finish_reason=t.finish_reason, logprobs=t.logprobs[gen], entropies=t.entropies[gen], seed=int(row["seed"]),
+        monitor=t.monitor, exit=t.exit,
     )

@@ -32,7 +32,8 @@ PIECE_BYTES = 1 << 20  # float32 rows a reducing thread decodes at a time: they 
 
 @dataclass
 class Trace:
-    """One committed trace without its activations."""
+    """One committed trace without its activations. monitor ({field: float32 per token}) and exit (the exit
+    record as a dict) are None in a store without them."""
 
     index: int
     trace_id: int
@@ -49,6 +50,8 @@ class Trace:
     entropies: np.ndarray
     text: str
     shard: str
+    monitor: dict | None = None
+    exit: dict | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -72,6 +75,7 @@ class Shard:
             raise
         self.attrs = {k: _plain(v) for k, v in attrs.items()}
         self.identity = fmt.StoreIdentity.from_attrs(attrs)
+        self.monitor_fields, self.has_exit = fmt.optional_datasets(self.file)
         self.refresh()
 
     def refresh(self) -> None:
@@ -81,6 +85,7 @@ class Shard:
         if not self.file.swmr_mode:  # opened beside the user's own non-SWMR handle: a fixed snapshot
             self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
             self.table = self.file[fmt.TRACE_TABLE][: self.committed["traces"]]
+            self._read_exit_table()
             return
         commit.refresh()
         self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, commit[:])}
@@ -93,6 +98,14 @@ class Shard:
         self.file[fmt.PROBLEMS].refresh()
         for layer in self.identity.layers:
             self.file[fmt.activation_path(layer)].refresh()
+        for name in self.monitor_fields:
+            self.file[fmt.monitor_path(name)].refresh()
+        if self.has_exit:
+            self.file[fmt.TRACE_EXIT].refresh()
+        self._read_exit_table()
+
+    def _read_exit_table(self) -> None:
+        self.exit_table = self.file[fmt.TRACE_EXIT][: self.n_traces] if self.has_exit else None
 
     @property
     def n_traces(self) -> int:
@@ -110,6 +123,13 @@ class Shard:
     def token_array(self, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
         end = self.n_tokens if end is None else end
         return self.file[f"{fmt.TOKENS}/{name}"][start:end]
+
+    def monitor_array(self, name: str, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Committed rows of /monitor/<name> (float32 per token)."""
+        if name not in self.monitor_fields:
+            raise StoreError(f"{self.path} has no monitor field {name!r}; it has {list(self.monitor_fields) or 'none'}")
+        end = self.n_tokens if end is None else end
+        return self.file[fmt.monitor_path(name)][start:end]
 
     def read_rows(self, layer: int, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
         """Stored words of rows [start, end) of a layer, checked against the commit.
@@ -204,12 +224,15 @@ class Store:
         first = shards[0]
         for shard in shards[1:]:
             diffs = first.identity.differences(shard.identity, resume=False)
+            diffs += fmt.optional_differences((first.monitor_fields, first.has_exit),
+                                              (shard.monitor_fields, shard.has_exit))
             if diffs:
                 raise IncompatibleStoreError(
                     f"{shard.path} does not match {first.path} ({'; '.join(diffs)}); read them separately"
                 )
         self.shards = shards
         self.identity = first.identity
+        self.monitor_fields = first.monitor_fields  # () when the store has no monitor scores
         self._index()
         if not allow_overlap and len(shards) > 1:
             overlap = self.overlapping_files()
@@ -231,6 +254,8 @@ class Store:
         counts = [s.n_traces for s in self.shards]
         self.trace_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.table = np.concatenate([s.table for s in self.shards]) if self.shards else None
+        # one exit record per row of self.table (fmt.EXIT_DTYPE; rule codes name fmt.EXIT_RULES), or None
+        self.exit_table = np.concatenate([s.exit_table for s in self.shards]) if self.shards[0].has_exit else None
         self.shard_of_trace = np.repeat(np.arange(len(self.shards)), counts)
 
     def refresh(self) -> None:
@@ -316,6 +341,8 @@ class Store:
             entropies=shard.token_array("entropy", start, end),
             text=shard.text(row),
             shard=str(shard.path),
+            monitor={name: shard.monitor_array(name, start, end) for name in self.monitor_fields} or None,
+            exit=None if self.exit_table is None else exit_record(self.exit_table[index]),
         )
 
     def activations(self, layer: int, index: int) -> np.ndarray:
@@ -379,6 +406,12 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def exit_record(row) -> dict:
+    """One row of an exit table as the dict a TraceRecord's exit holds (rule by name)."""
+    return {"exit_chunk": int(row["exit_chunk"]), "rule": fmt.rule_name(int(row["rule"])), "score": float(row["score"]),
+            "thinking_tokens": int(row["thinking_tokens"]), "forced_tokens": int(row["forced_tokens"])}
 
 
 def reduce_blocks(blocks, table, trace_offsets, d_model: int, dtype: str, aggregations=("mean",), k: int = 10) -> dict:

@@ -61,6 +61,8 @@ def _dataset_problems(shard: Shard) -> list[str]:
              (fmt.PROBLEMS, shard.committed["problems"])]
     sizes += [(f"{fmt.TOKENS}/{n}", shard.n_tokens) for n in fmt.TOKEN_ARRAYS]
     sizes += [(fmt.activation_path(layer), shard.n_tokens) for layer in ident.layers]
+    sizes += [(fmt.monitor_path(name), shard.n_tokens) for name in shard.monitor_fields]
+    sizes += [(fmt.TRACE_EXIT, shard.n_traces)] if shard.has_exit else []
     for name, need in sizes:
         if f[name].shape[0] < need:
             problems.append(f"/{name} has {f[name].shape[0]} rows, fewer than the {need} committed")
@@ -97,15 +99,37 @@ def _table_problems(shard: Shard) -> list[str]:
     _, first, counts = np.unique(t["trace_id"], return_index=True, return_counts=True)
     for i in first[counts > 1][:5]:
         problems.append(f"(problem {t['problem_id'][i]}, sample {t['sample_index'][i]}) is stored more than once")
-    return problems + _check_token_arrays(shard, starts, plen)
-
-
-def _check_token_arrays(shard: Shard, starts, plen) -> list[str]:
-    problems = []
-    is_gen = shard.token_array("is_generated")
-    expected = np.ones(shard.n_tokens, bool)
+    expected = np.ones(shard.n_tokens, bool)  # generated tokens, from the table
     for s, p in zip(starts.tolist(), plen.tolist()):
         expected[s : s + p] = False
+    return problems + _check_token_arrays(shard, expected) + _check_scores(shard, expected, lengths - plen)
+
+
+def _check_scores(shard: Shard, generated, n_generated) -> list[str]:
+    """Monitor scores NaN on the prompt (chunk probabilities within [0, 1]); exit records that add up."""
+    problems = []
+    for name in shard.monitor_fields:
+        values = shard.monitor_array(name)
+        scored = np.flatnonzero(~generated & ~np.isnan(values))
+        if len(scored):
+            problems.append(f"/{fmt.monitor_path(name)} has values on {len(scored)} prompt tokens (first at row "
+                            f"{scored[0]}); prompt tokens are NaN")
+        if name == fmt.CHUNK_PROBABILITY:
+            outside = np.flatnonzero((values < 0) | (values > 1))
+            if len(outside):
+                problems.append(f"/{fmt.monitor_path(name)} has {len(outside)} values outside [0, 1] (first at row "
+                                f"{outside[0]}: {values[outside[0]]})")
+    if shard.has_exit:
+        found = fmt.exit_problems(shard.exit_table, n_generated)
+        problems += [f"trace {i}'s exit record {what}" for i, what in found[:5]]
+        if len(found) > 5:
+            problems.append(f"... and {len(found) - 5} more exit-record problems")
+    return problems
+
+
+def _check_token_arrays(shard: Shard, expected) -> list[str]:
+    problems = []
+    is_gen = shard.token_array("is_generated")
     wrong = np.flatnonzero(is_gen != expected)
     if len(wrong):
         problems.append(f"is_generated disagrees with prompt_length at {len(wrong)} tokens (first at {wrong[0]})")

@@ -43,7 +43,11 @@ LIBVER = ("v110", "latest")
 
 @dataclass
 class TraceRecord:
-    """One finished trace, ready to store. Activations are (n_layers, tokens, d_model) in store layer order."""
+    """One finished trace, ready to store. Activations are (n_layers, tokens, d_model) in store layer order.
+
+    monitor: {field: float32 per token (len == len(token_ids)), NaN on prompt tokens}, for a store written with
+    monitor_fields; exit: {exit_chunk, rule, score, thinking_tokens, forced_tokens}, for one with exit_table
+    (docs/store-format.md, "Monitor scores and exit records")."""
 
     problem_id: int
     sample_index: int
@@ -58,6 +62,8 @@ class TraceRecord:
     logprobs: np.ndarray | None = None
     entropies: np.ndarray | None = None
     seed: int = 0
+    monitor: dict | None = None
+    exit: dict | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -93,6 +99,8 @@ class StoreWriter:
         extra_attrs: dict | None = None,
         extra_datasets: dict | None = None,
         durable: bool = True,
+        monitor_fields: tuple = (),
+        exit_table: bool = False,
     ):
         if dtype not in fmt.DTYPES:
             raise StoreError(f"dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}")
@@ -103,6 +111,11 @@ class StoreWriter:
             raise StoreError(f"d_model must be positive, got {d_model}")
         if compression not in (None, "gzip", "lzf"):
             raise StoreError(f"compression {compression!r} is not one of None, 'gzip', 'lzf'")
+        self.monitor_fields = tuple(str(x) for x in monitor_fields)
+        bad = [x for x in self.monitor_fields if not x or "/" in x or x.startswith(".")]
+        if bad or len(set(self.monitor_fields)) != len(self.monitor_fields):
+            raise StoreError(f"monitor_fields must be distinct plain names, got {list(self.monitor_fields)}")
+        self.exit_table = bool(exit_table)
         self.path = Path(path)
         self.identity = fmt.StoreIdentity(
             model_id=str(model_id),
@@ -327,6 +340,8 @@ class StoreWriter:
         is_generated = np.zeros(rec.n_tokens, bool)
         is_generated[rec.prompt_length :] = True
         return {
+            "monitor": self._prepare_monitor(rec),
+            "exit": self._prepare_exit(rec, n_gen),
             "activations": fmt.encode_activations(acts, self.identity.dtype),
             "token_id": np.asarray(rec.token_ids, np.int32),
             "is_generated": is_generated,
@@ -334,6 +349,49 @@ class StoreWriter:
             "entropy": entropy,
             "text": rec.text.encode("utf-8"),
         }
+
+    def _prepare_monitor(self, rec: TraceRecord) -> dict:
+        """The record's monitor arrays as float32, checked against the store's fields and the format's rules."""
+        who = f"trace (problem {rec.problem_id}, sample {rec.sample_index})"
+        given = tuple(sorted(rec.monitor or {}))
+        if given != tuple(sorted(self.monitor_fields)):
+            raise StoreError(f"{who} has monitor fields {list(given)}, but {self.path} stores "
+                             f"{sorted(self.monitor_fields) or 'none'}; give every record the store's fields")
+        out = {}
+        for name in self.monitor_fields:
+            values = np.asarray(rec.monitor[name], np.float32)
+            if values.shape != (rec.n_tokens,):
+                raise StoreError(f"{who}: monitor '{name}' has shape {values.shape}, expected one per token "
+                                 f"({rec.n_tokens},), NaN on the prompt")
+            if not np.isnan(values[: rec.prompt_length]).all():
+                raise StoreError(f"{who}: monitor '{name}' has values on prompt tokens; they must be NaN")
+            if name == fmt.CHUNK_PROBABILITY and np.any((values < 0) | (values > 1)):
+                raise StoreError(f"{who}: monitor '{name}' holds values outside [0, 1]; store probabilities")
+            out[name] = values
+        return out
+
+    def _prepare_exit(self, rec: TraceRecord, n_gen: int):
+        """The record's exit as one row of fmt.EXIT_DTYPE, or None for a store without an exit table."""
+        who = f"trace (problem {rec.problem_id}, sample {rec.sample_index})"
+        if (rec.exit is not None) != self.exit_table:
+            raise StoreError(f"{who} {'has' if rec.exit is not None else 'lacks'} an exit record, but {self.path} "
+                             f"{'has' if self.exit_table else 'has no'} exit table; "
+                             "give every record one exactly when the store has the table")
+        if rec.exit is None:
+            return None
+        keys = set(rec.exit)
+        if keys != set(fmt.EXIT_KEYS):
+            raise StoreError(f"{who}: exit record has keys {sorted(keys)}, expected {list(fmt.EXIT_KEYS)}")
+        e = rec.exit
+        if e["rule"] not in fmt.EXIT_RULE_CODES:
+            raise StoreError(f"{who}: exit rule {e['rule']!r} is not one of {list(fmt.EXIT_RULES)}")
+        chunk, thinking, forced = int(e["exit_chunk"]), int(e["thinking_tokens"]), int(e["forced_tokens"])
+        score = float("nan") if e["score"] is None else float(e["score"])
+        row = np.array([(chunk, fmt.EXIT_RULE_CODES[e["rule"]], score, thinking, forced)], fmt.EXIT_DTYPE)
+        problems = fmt.exit_problems(row, [n_gen])
+        if problems:
+            raise StoreError(f"{who}: exit record {problems[0][1]}")
+        return row[0]
 
     def _check_unique(self, records) -> None:
         keys = [(int(r.problem_id), int(r.sample_index)) for r in records]
@@ -352,6 +410,8 @@ class StoreWriter:
                 self._write_layer(ds[fmt.activation_path(layer)], layer, [p["activations"][i] for p in prepared], tok0, tok1)
         for name in fmt.TOKEN_ARRAYS:
             _append_rows(ds[f"{fmt.TOKENS}/{name}"], tok0, _concat([p[name] for p in prepared], fmt.TOKEN_ARRAYS[name]))
+        for name in self.monitor_fields:
+            _append_rows(ds[fmt.monitor_path(name)], tok0, _concat([p["monitor"][name] for p in prepared], np.float32))
         text = b"".join(p["text"] for p in prepared)
         _append_rows(ds[fmt.TRACE_TEXT], text0, np.frombuffer(text, np.uint8))
 
@@ -375,6 +435,8 @@ class StoreWriter:
             )
             pos += r.n_tokens
             tpos += len(p["text"])
+        if self.exit_table:
+            _append_rows(ds[fmt.TRACE_EXIT], trace0, np.array([p["exit"] for p in prepared], fmt.EXIT_DTYPE))
         _append_rows(ds[fmt.TRACE_TABLE], trace0, rows)
         prob0 = int(self.committed["problems"])
         _append_rows(ds[fmt.PROBLEMS], prob0, np.array([tuple(x) for x in problems_done], fmt.PROBLEM_DTYPE))
@@ -428,6 +490,8 @@ class StoreWriter:
         names = [fmt.TRACE_TABLE, fmt.TRACE_TEXT, fmt.PROBLEMS, fmt.COMMIT]
         names += [f"{fmt.TOKENS}/{name}" for name in fmt.TOKEN_ARRAYS]
         names += [fmt.activation_path(layer) for layer in self.identity.layers]
+        names += [fmt.monitor_path(name) for name in self.monitor_fields]
+        names += [fmt.TRACE_EXIT] if self.exit_table else []
         return {name: h5py.h5d.open(self._file.id, name.encode()) for name in names}
 
     def _load_tails(self) -> None:
@@ -521,6 +585,15 @@ class StoreWriter:
             ds.attrs["description"] = describe[name]
         commit = f.create_dataset(fmt.COMMIT, data=np.zeros(len(fmt.COMMIT_FIELDS), np.int64))
         commit.attrs.update(fields=list(fmt.COMMIT_FIELDS), description=describe[fmt.COMMIT])
+        if self.monitor_fields:  # optional, and made now: nothing can be added to a file in SWMR mode
+            f.create_group(fmt.MONITOR).attrs["description"] = describe[fmt.MONITOR]
+            for name in self.monitor_fields:
+                ds = f.create_dataset(fmt.monitor_path(name), shape=(0,), maxshape=(None,), chunks=(1 << 16,),
+                                      dtype=np.float32, fillvalue=np.nan)
+                ds.attrs["description"] = fmt.monitor_description(name)
+        if self.exit_table:
+            ds = f.create_dataset(fmt.TRACE_EXIT, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=fmt.EXIT_DTYPE)
+            ds.attrs.update(description=describe[fmt.TRACE_EXIT], rules=list(fmt.EXIT_RULES))
 
     def _open_existing(self) -> None:
         if not is_hdf5(self.path):
@@ -542,6 +615,12 @@ class StoreWriter:
                 f"{self.path} was written with different settings ({'; '.join(diffs)}); "
                 "use a new --out path or the store's own settings"
             )
+        diffs = fmt.optional_differences(fmt.optional_datasets(f), (self.monitor_fields, self.exit_table))
+        if diffs:
+            raise IncompatibleStoreError(
+                f"{self.path} was written with different settings ({'; '.join(diffs)}); "
+                "use a new --out path or the store's own settings"
+            )
         self.chunk_tokens = int(attrs["chunk_tokens"])
         values = f[fmt.COMMIT][:]
         self.committed = {k: int(v) for k, v in zip(fmt.COMMIT_FIELDS, values)}
@@ -555,12 +634,20 @@ class StoreWriter:
             sizes[f"{fmt.TOKENS}/{name}"] = self.n_tokens
         for layer in self.identity.layers:
             sizes[fmt.activation_path(layer)] = self.n_tokens
+        for name in self.monitor_fields:
+            sizes[fmt.monitor_path(name)] = self.n_tokens
+        if self.exit_table:
+            sizes[fmt.TRACE_EXIT] = self.n_traces
         return sizes
 
     def _truncate_to_commit(self) -> list[str]:
         f, done = self._file, []
+        optional = {fmt.monitor_path(name) for name in self.monitor_fields} | {fmt.TRACE_EXIT}
         for name, size in self._committed_sizes().items():
             ds = f[name]
+            if name in optional and ds.shape[0] < size:  # appended to by a tribunal that did not know it
+                raise StoreError(f"{self.path}: /{name} has {ds.shape[0]} rows, fewer than the {size} committed "
+                                 "(an older tribunal appended without it); write to a new --out path")
             if ds.shape[0] != size:
                 done.append(f"{name}: discarded {ds.shape[0] - size} uncommitted rows")
                 ds.resize(size, axis=0)
