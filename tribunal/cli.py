@@ -434,5 +434,34 @@ def score(directions, stores, out_csv, layer, aggregation, chunk_ends, tokenizer
         click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
 
 
+# -- report ------------------------------------------------------------------------------------
+
+
+@main.command("exit-report")
+@click.argument("full")
+@click.argument("exited", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output folder (exit_report.json, exit_report.md, a plot per rule).")
+@click.option("--probes", default=None, help="Probes folder to simulate the probe rule with (default: the policy's).")
+@click.option("--tokenizer", default=None, help="Tokenizer to find FULL's chunk ends (default: the store's model).")
+@click.option("--resamples", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Problem-bootstrap resamples of the measured CIs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@user_errors
+def exit_report_cmd(full, exited, out_dir, probes, tokenizer, resamples, seed):
+    """Early exit measured: pair each (problem, sample) of FULL (a run without exit) with each EXITED run (same
+    settings and seeds, one --exit-policy each); tokens saved and accuracy change with problem-bootstrap CIs,
+    beside the offline simulation of the same policy on FULL."""
+    from .report.exit_report import REPORT_MD, exit_report
+    from .store import open_store
+    from .traces.models import piece_decoder
+
+    with open_store(full) as store:
+        model_id = store.model_id
+    result = exit_report(full, list(exited), out_dir, piece_decoder(model_id, tokenizer), probes=probes,
+                         resamples=resamples, seed=seed)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/exit_report.json, {REPORT_MD} and a plot per rule")
+
+
 if __name__ == "__main__":
     main()
