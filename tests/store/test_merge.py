@@ -9,6 +9,8 @@ from tribunal.cli import main
 from tribunal.store import StoreWriter, open_store
 from tribunal.store.verify import verify_store
 
+from .monitored import FIELDS, assert_same_scores, monitored_kwargs, monitored_record
+
 
 def shard(path, indices, **kw):
     with StoreWriter(path, **writer_kwargs(**kw)) as w:
@@ -34,6 +36,19 @@ def test_merge_copies_every_trace_and_survives_moving_the_shards(tmp_path, dtype
         (tmp_path / f"shard_{s}.h5").unlink()
     with open_store(out) as merged:  # a copy: independent of the shards
         assert merged.n_traces == 18 and len(merged.shards[0].file["problems"]) == 6
+
+
+def test_merge_carries_monitor_scores_and_exit_records(tmp_path):
+    for s in range(2):
+        with StoreWriter(tmp_path / f"shard_{s}.h5", **monitored_kwargs()) as w:
+            w.append([monitored_record(i) for i in range(s * 4, s * 4 + 4)])
+    out = tmp_path / "merged.h5"
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "shard_*.h5"), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with open_store(out) as merged:
+        assert merged.monitor_fields == FIELDS and merged.n_traces == 8 and verify_store(merged) == []
+        for i in range(8):
+            assert_same_scores(merged.trace(i), monitored_record(i))
 
 
 def test_incompatible_shards_are_refused(tmp_path):

@@ -4,6 +4,7 @@ rows read straight from the file, and refusals that say what to do."""
 import json
 import shutil
 import subprocess
+import sys
 import time
 
 import h5py
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_record, writer_kwargs
+from conftest import ROOT, make_record, writer_kwargs
 from tribunal.cli import main
 from tribunal.errors import IncompatibleStoreError, StoreError
 from tribunal.store import StoreWriter, open_store
@@ -21,6 +22,7 @@ from tribunal.store.verify import verify_store
 
 from .cli_output import one_line_error
 from .killed_writers import run_writer, wait_for_commit
+from .monitored import FIELDS, assert_same_scores, monitored_kwargs, monitored_record
 
 AGGS = ("mean", "last", "last_k", "max", "mean_all")
 
@@ -225,3 +227,83 @@ def test_float16_aggregates_are_numpys_arithmetic_bit_for_bit(tmp_path, monkeypa
                         "last_k": final / (len(x) - tail), "max": x[gen:].max(0), "last": x[-1]}
             for name in AGGS:
                 assert agg[name][i].tobytes() == np.asarray(expected[name], np.float32).tobytes(), (i, name)
+
+
+# -- monitor scores and exit records ------------------------------------------------------------------------
+
+
+def test_monitor_scores_and_exit_records_read_across_shards(tmp_path):
+    for s in range(2):
+        with StoreWriter(tmp_path / f"shard{s}.h5", **monitored_kwargs()) as w:
+            w.append([monitored_record(i) for i in range(s * 5, s * 5 + 5)])
+    with open_store(str(tmp_path / "shard*.h5")) as store:
+        assert store.monitor_fields == FIELDS
+        assert len(store.exit_table) == len(store.table) == 10  # aligned with the table, shard after shard
+        for i in range(10):
+            rec = monitored_record(i)
+            assert_same_scores(store.trace(i), rec)
+            assert store.exit_table[i]["thinking_tokens"] == rec.exit["thinking_tokens"]
+    with StoreWriter(tmp_path / "plain.h5", **writer_kwargs()) as w:
+        w.append([make_record(20)])
+    with StoreWriter(tmp_path / "no_exit.h5", **writer_kwargs(monitor_fields=FIELDS)) as w:
+        w.append([monitored_record(21, exit=False)])
+    with pytest.raises(IncompatibleStoreError, match=r"monitor fields: store has \['chunk_probability', "
+                                                     r"'token_score'\], asked \[\]; exit table: store has one"):
+        open_store([tmp_path / "shard0.h5", tmp_path / "plain.h5"])
+    with pytest.raises(IncompatibleStoreError, match="exit table: store has one, asked none") as info:
+        open_store([tmp_path / "shard0.h5", tmp_path / "no_exit.h5"])
+    assert "monitor fields" not in str(info.value)
+
+
+OLD_READER = """
+import sys
+import numpy as np
+import tribunal
+from tribunal.store import open_store
+from tribunal.store.summary import format_trace, summarize
+from tribunal.store.verify import verify_store
+assert tribunal.__file__.startswith(sys.argv[1]), tribunal.__file__  # the old tribunal, not this checkout's
+with open_store(sys.argv[2]) as store:
+    assert verify_store(store) == [], verify_store(store)
+    summarize(store), format_trace(store, 1)
+    out = {"table": store.table.tobytes(), "n_tokens": np.array(store.n_tokens)}
+    for i in range(store.n_traces):
+        t = store.trace(i)
+        for name in ("token_ids", "is_generated", "logprobs", "entropies"):
+            out[f"{i}_{name}"] = getattr(t, name)
+        out[f"{i}_text"] = np.frombuffer(t.text.encode(), np.uint8)
+        for layer in store.layers:
+            out[f"{i}_layer{layer}"] = store.activations(layer, i)
+np.savez(sys.argv[3], **out)
+"""
+# The store code before monitor scores and exit records existed (the parent of the commit that added them).
+BEFORE_MONITOR = "6f3685fd9150b067cede422fecfccce09d675bde"
+
+
+def test_a_reader_from_before_monitor_scores_reads_a_store_with_them(tmp_path, python_env):
+    """The reader, verify and inspect of the tribunal before /monitor and /traces/exit, run on a store that has
+    them: they read every trace (table, tokens, text, activations) as this reader does, and find nothing wrong."""
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_MONITOR, "tribunal"], capture_output=True)
+    if archive.returncode:
+        pytest.skip(f"not a git checkout with commit {BEFORE_MONITOR[:12]}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        w.append([monitored_record(i) for i in range(4)])
+        w.append([monitored_record(i) for i in range(4, 7)])
+    env = dict(python_env, PYTHONPATH=str(old))
+    done = subprocess.run([sys.executable, "-c", OLD_READER, str(old), str(path), str(tmp_path / "old.npz")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = np.load(tmp_path / "old.npz")
+    with open_store(path) as store:
+        assert seen["table"].tobytes() == store.table.tobytes() and int(seen["n_tokens"]) == store.n_tokens
+        for i in range(store.n_traces):
+            t = store.trace(i)
+            for name in ("token_ids", "is_generated", "logprobs", "entropies"):
+                assert seen[f"{i}_{name}"].tobytes() == getattr(t, name).tobytes(), (i, name)
+            assert seen[f"{i}_text"].tobytes() == t.text.encode()
+            for layer in store.layers:
+                assert seen[f"{i}_layer{layer}"].tobytes() == store.activations(layer, i).tobytes()

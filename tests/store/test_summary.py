@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from click.testing import CliRunner
 
 from conftest import writer_kwargs
@@ -12,6 +13,7 @@ from tribunal.cli import main
 from tribunal.store import StoreWriter, open_store
 
 from .cli_output import one_line_error
+from .monitored import monitored_kwargs, monitored_record
 
 SYNTH = ["--traces", "60", "--problems", "15", "--layers", "3,6", "--d-model", "32", "--tokens-per-trace", "20-60",
          "--signal", "0.75", "--quiet"]
@@ -60,3 +62,40 @@ def test_empty_store(tmp_path):
     assert result.exit_code == 0 and '"traces": 0' in result.output
     assert CliRunner().invoke(main, ["verify", str(path)]).exit_code == 0
     one_line_error(["inspect", "--trace", "0", str(path)], "does not exist")
+
+
+EXIT_RUN = {"monitor": {"probes": "run/probes", "chunk_layer": 3, "token_layer": 5},
+            "exit_policy": {"probes": "run/probes", "rule": "probe", "threshold_spec": "auto", "threshold": 0.8,
+                            "threshold_how": {}, "answer": "forced", "answer_cue": "The answer is", "answer_budget": 16}}
+
+
+def test_inspect_shows_monitor_scores_and_the_exit_policy(tmp_path):
+    path = tmp_path / "s.h5"
+    recs = [monitored_record(i) for i in range(8)]  # odd traces exit: 3 by rule probe, 1 by confidence
+    with StoreWriter(path, **monitored_kwargs(generation_settings=EXIT_RUN)) as w:
+        w.append(recs)
+    runner = CliRunner()
+    info = json.loads(runner.invoke(main, ["inspect", "--json", str(path)]).output)
+    assert info["monitor"] == {"fields": ["chunk_probability", "token_score"], "settings": EXIT_RUN["monitor"]}
+    assert info["exit"]["exited"] == 4 and info["exit"]["by_rule"] == {"probe": 3, "confidence": 1}
+    assert info["exit"]["forced_tokens"] == 12 and info["exit"]["policy"]["threshold"] == 0.8
+    human = runner.invoke(main, ["inspect", str(path)]).output
+    assert "chunk_probability, token_score (chunk probe layer 3, token direction layer 5" in human
+    assert "rule probe >= 0.8 (auto), answer forced; 4 of 8 traces exited (3 probe, 1 confidence)" in human
+    trace = runner.invoke(main, ["inspect", "--trace", "3", str(path)]).output
+    assert "early exit: rule confidence fired at answering chunk 3 (score 0.705): 29 thinking + 3 forced" in trace
+    ends = np.flatnonzero(~np.isnan(recs[3].monitor["chunk_probability"]))
+    for i, pos in enumerate(ends):  # every chunk probability, at its token
+        assert f"chunk {i:3d}  token {pos:6d}  p {recs[3].monitor['chunk_probability'][pos]:.3f}" in trace
+    scores = recs[3].monitor["token_score"][recs[3].prompt_length:]
+    assert f"token_score over {len(scores)} tokens: first {scores[0]:.3f}, last {scores[-1]:.3f}" in trace
+    assert "early exit: none (thought to the end" in runner.invoke(main, ["inspect", "--trace", "2", str(path)]).output
+    assert "log-prob, entropy, token_score" in trace  # a column of the token table
+    with StoreWriter(tmp_path / "plain.h5", **writer_kwargs()) as w:  # a store without them says nothing of them
+        w.append([monitored_record(0, monitor=False, exit=False)])
+    info = json.loads(runner.invoke(main, ["inspect", "--json", str(tmp_path / "plain.h5")]).output)
+    assert info["monitor"] is None and info["exit"] is None
+    for args in (["inspect"], ["inspect", "--trace", "0"]):
+        output = runner.invoke(main, [*args, str(tmp_path / "plain.h5")]).output
+        output = output.replace(str(tmp_path), "TMP")  # the test's folder name holds "monitor"
+        assert "early exit" not in output and "monitor" not in output and "token_score" not in output, output

@@ -50,7 +50,36 @@ def summarize(store: Store) -> dict:
         "created": attrs.get("created"),
         "host": attrs.get("host"),
         "chunk_tokens": attrs.get("chunk_tokens"),
+        "monitor": monitor_summary(store),
+        "exit": exit_summary(store),
     }
+
+
+def _settings(store: Store) -> dict:
+    settings = store.attrs.get("generation_settings")
+    settings = json.loads(settings) if isinstance(settings, (str, bytes)) else settings
+    return settings if isinstance(settings, dict) else {}
+
+
+def monitor_summary(store: Store) -> dict | None:
+    """The monitor scores a store holds and how they were made (generation_settings["monitor"]), or None."""
+    if not store.monitor_fields:
+        return None
+    return {"fields": list(store.monitor_fields), "settings": _settings(store).get("monitor")}
+
+
+def exit_summary(store: Store) -> dict | None:
+    """The exit policy (generation_settings["exit_policy"]) and what it did: traces exited, by rule, and the
+    generated tokens split into thinking and forced-answer tokens; None for a store without exit records."""
+    table = store.exit_table
+    if table is None:
+        return None
+    codes = np.bincount(table["rule"].astype(np.int64), minlength=len(fmt.EXIT_RULES))
+    by_rule = {name: int(codes[code]) for code, name in enumerate(fmt.EXIT_RULES) if name != "none"}
+    return {"policy": _settings(store).get("exit_policy"), "traces": int(len(table)),
+            "exited": int(sum(by_rule.values())), "by_rule": by_rule,
+            "thinking_tokens": int(table["thinking_tokens"].astype(np.int64).sum()),
+            "forced_tokens": int(table["forced_tokens"].astype(np.int64).sum())}
 
 
 def sampled_by(settings) -> str:
@@ -94,8 +123,37 @@ def format_summary(info: dict) -> str:
                       f"{info['committed']['commits']} commits"),
         ("writer", writer),
     ]
+    if info.get("monitor"):
+        rows.append(("monitor", _describe_monitor(info["monitor"])))
+    if info.get("exit"):
+        rows.append(("early exit", _describe_exit(info["exit"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _describe_monitor(monitor: dict) -> str:
+    text = "scores stored per token: " + ", ".join(monitor["fields"])
+    how = monitor.get("settings") or {}
+    layers = [f"{what} layer {how[key]}" for key, what in (("chunk_layer", "chunk probe"), ("token_layer", "token direction"))
+              if how.get(key) is not None]
+    if layers or how.get("probes"):
+        text += " (" + ", ".join(layers + ([f"probes {how['probes']}"] if how.get("probes") else [])) + ")"
+    return text
+
+
+def _describe_exit(exit: dict) -> str:
+    policy = exit.get("policy") or {}
+    parts = []
+    if policy:
+        threshold = policy.get("threshold")
+        spec = policy.get("threshold_spec")
+        parts.append(f"rule {policy.get('rule', '?')} >= {threshold if threshold is not None else '?'}"
+                     + (f" ({spec})" if spec not in (None, "", threshold, str(threshold)) else "")
+                     + (f", answer {policy['answer']}" if policy.get("answer") else ""))
+    rules = ", ".join(f"{n} {rule}" for rule, n in exit["by_rule"].items() if n) or "none"
+    parts.append(f"{exit['exited']} of {exit['traces']} traces exited ({rules})")
+    parts.append(f"{exit['thinking_tokens']:,} thinking + {exit['forced_tokens']:,} forced-answer tokens")
+    return "; ".join(parts)
 
 
 def format_trace(store: Store, index: int, max_tokens: int = 400, decode=None) -> str:
@@ -109,16 +167,62 @@ def format_trace(store: Store, index: int, max_tokens: int = 400, decode=None) -
         f"problem {t.problem_id}, sample {t.sample_index}: {t.label.upper()}  "
         f"predicted {t.predicted or '-'}  gold {t.gold or '-'}  finish {t.finish_reason}",
         f"tokens: {t.prompt_length} prompt + {t.n_tokens - t.prompt_length} generated",
-        "",
-        t.text,
-        "",
-        "generated tokens (position, id, log-prob, entropy" + (", token)" if decode else "):"),
     ]
+    if t.exit is not None:
+        lines.append(_exit_line(t.exit))
+    lines += ["", t.text, ""]
+    monitor = t.monitor or {}
+    per_token = [name for name in monitor if name != fmt.CHUNK_PROBABILITY]  # a column each in the token table
+    if fmt.CHUNK_PROBABILITY in monitor:
+        lines += _chunk_lines(t, monitor[fmt.CHUNK_PROBABILITY], decode) + [""]
+    for name in per_token:
+        lines += [_score_line(name, monitor[name])]
+    if per_token:
+        lines.append("")
+    lines.append("generated tokens (position, id, log-prob, entropy" + "".join(f", {n}" for n in per_token)
+                 + (", token)" if decode else "):"))
     gen = np.flatnonzero(t.is_generated)
     for pos in gen[:max_tokens]:
         token = f"  {decode(int(t.token_ids[pos]))!r}" if decode else ""
-        lines.append(f"  {pos:6d}  {t.token_ids[pos]:7d}  {t.logprobs[pos]:8.3f}  {t.entropies[pos]:7.3f}{token}")
+        scores = "".join(f"  {monitor[n][pos]:8.3f}" for n in per_token)
+        lines.append(f"  {pos:6d}  {t.token_ids[pos]:7d}  {t.logprobs[pos]:8.3f}  {t.entropies[pos]:7.3f}{scores}{token}")
     if len(gen) > max_tokens:
         lines.append(f"  ... {len(gen) - max_tokens} more")
     return "\n".join(lines)
 
+
+
+def _exit_line(exit: dict) -> str:
+    if exit["rule"] == "none":
+        return f"early exit: none (thought to the end: {exit['thinking_tokens']} thinking tokens)"
+    return (f"early exit: rule {exit['rule']} fired at answering chunk {exit['exit_chunk']} (score {exit['score']:.3f}): "
+            f"{exit['thinking_tokens']} thinking + {exit['forced_tokens']} forced-answer tokens")
+
+
+def _chunk_lines(t, probability, decode) -> list[str]:
+    """Each answering chunk's probe probability at its last token, with the token-score span it closes."""
+    ends = np.flatnonzero(~np.isnan(probability))
+    lines = [f"chunk probe probability at each answering chunk's last token ({len(ends)} chunks"
+             + ("; token score over the chunk: mean, min, max" if "token_score" in (t.monitor or {}) else "") + "):"]
+    start = t.prompt_length
+    for i, pos in enumerate(ends):
+        token = f"  {decode(int(t.token_ids[pos]))!r}" if decode else ""
+        span = ""
+        if "token_score" in t.monitor:
+            scores = t.monitor["token_score"][start : pos + 1]
+            scores = scores[~np.isnan(scores)]
+            if len(scores):
+                span = f"   token score {scores.mean():7.3f} {scores.min():7.3f} {scores.max():7.3f}"
+        lines.append(f"  chunk {i:3d}  token {pos:6d}  p {probability[pos]:.3f}{span}{token}")
+        start = pos + 1
+    return lines
+
+
+def _score_line(name: str, values) -> str:
+    """first / last / min / max of a per-token score over the tokens it scored."""
+    scored = np.flatnonzero(~np.isnan(values))
+    if not len(scored):
+        return f"{name}: no token scored"
+    lo, hi = scored[np.argmin(values[scored])], scored[np.argmax(values[scored])]
+    return (f"{name} over {len(scored)} tokens: first {values[scored[0]]:.3f}, last {values[scored[-1]]:.3f}, "
+            f"min {values[lo]:.3f} (token {lo}), max {values[hi]:.3f} (token {hi})")
