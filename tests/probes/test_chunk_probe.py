@@ -59,7 +59,7 @@ def test_cli_outputs(tmp_path):
                                   "--permutations", "9"])
     assert r.exit_code == 0, r.output
     for name in ("chunks.csv", "chunk_metrics.json", "chunk_probe.png", "early_exit.png",
-                 "implicit_value_directions.json"):
+                 "implicit_value_directions.json", "exit_calibration.csv"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "chunk_metrics.json").read_text())
     assert {"auroc", "auroc_ci", "family_wise_p"} <= set(metrics["nested"]) and "layer" in metrics["direction_cell"]
@@ -93,6 +93,31 @@ def test_score_chunk_ends_with_the_chunk_direction(tmp_path):
     assert auroc(y, [float(row["logit"]) for row in rows]) > 0.8
     r = CliRunner().invoke(main, ["score", str(tmp_path / "nowhere"), str(path), "--chunks", "--out", "x.csv"])
     assert r.exit_code == 1
+
+
+def test_the_trial_answer_rule_follows_its_score(tmp_path):
+    """DEER's rule, on the probes side: a trial-answer score equal to the chunk's correctness exits only at right
+    answers (it never loses accuracy, and saves tokens); its opposite exits only at wrong ones, so the threshold
+    chosen on all traces and on every fold is never to exit. The verdict says whether the probe beats it."""
+    from tribunal.probes.chunk_probe import load_chunks
+    from tribunal.report.markdown import early_exit_section
+    from tribunal.report.outputs import chunk_outputs
+
+    path = chunk_store(tmp_path / "s.h5", traces=120, problems=40)
+    decode = piece_decoder("tribunal/synthetic")
+    with open_store(path) as store:
+        y = load_chunks(store, decode).y
+    done = chunk_outputs(path, tmp_path / "oracle", decode, trial_answer=y.astype(float), **FAST)
+    exit_ = done["result"]["early_exit"]
+    oracle = exit_["rules"]["trial_answer"]
+    assert oracle["accuracy_change"] >= 0 and oracle["tokens_saved"] > 0.2
+    said = "saves more tokens than" if exit_["probe_beats"]["trial_answer"] else "does not beat"
+    assert f"The probe {said} DEER's trial-answer confidence at the same margin" in done["summary"]
+    assert (tmp_path / "oracle" / "early_exit.png").stat().st_size > 0  # the report draws the new rule
+    assert any(line.startswith("| trial answer |") for line in early_exit_section(exit_))
+    exit_ = probe_chunks(path, tmp_path / "anti", decode, trial_answer=1.0 - y, **FAST)["result"]["early_exit"]
+    assert exit_["exit_thresholds"]["trial_answer"] is None and exit_["rules"]["trial_answer"]["tokens_saved"] == 0
+    assert exit_["exit_thresholds_how"]["trial_answer"]["per_fold"] == [None] * 5
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

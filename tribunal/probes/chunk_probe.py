@@ -143,16 +143,16 @@ def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int =
 def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = 0,
                          permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
                          margin: float = DEFAULTS.margin, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                         progress: bool = False) -> dict:
+                         progress: bool = False, trial_answer=None) -> dict:
     """Per-layer chunk probes with baselines, nested layer selection, calibration and early exit, reading one
-    layer's chunk-end features at a time."""
+    layer's chunk-end features at a time. trial_answer: see early_exit_evaluation."""
     return evaluate_chunk_layers(data, list(store.layers), lambda layer: chunk_features(store, layer, data, block_bytes),
-                                 folds, seed, permutations, C, margin, progress)
+                                 folds, seed, permutations, C, margin, progress, trial_answer)
 
 
 def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = 0,
                           permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
-                          margin: float = DEFAULTS.margin, progress: bool = False) -> dict:
+                          margin: float = DEFAULTS.margin, progress: bool = False, trial_answer=None) -> dict:
     """evaluate_chunk_probe on features(layer) -> (chunks, d) arrays: what the store supplies, or a simulation."""
     y, groups = data.y, data.problem
     d = search.design(y, groups, folds, seed, permutations)
@@ -192,12 +192,19 @@ def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAUL
         "auroc_minus_baseline": paired, "beats": {n: bool(v["ci"][0] > 0) for n, v in paired.items()},
         "oof_probability": nested.tolist(), "labels": y.tolist(),
     }
-    result["early_exit"] = early_exit_evaluation(data, nested, inner_for_exit, d.outer, margin, selection)
+    result["early_exit"] = early_exit_evaluation(data, nested, inner_for_exit, d.outer, margin, selection, trial_answer)
     return result
 
 
-def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin: float, selection: dict) -> dict:
-    """Curves over thresholds and the nested headline for the probe rule and its baselines, on the same traces."""
+def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin: float, selection: dict,
+                          trial_answer=None) -> dict:
+    """Curves over thresholds and the nested headline for the probe rule and its baselines, on the same traces,
+    and the `auto` thresholds (exit_thresholds): each rule's choose_threshold on ALL traces' out-of-fold scores.
+
+    trial_answer: optional per-chunk array aligned with data's rows, the model's probability of the trial answer it
+    writes when the answer cue is forced after the chunk (DEER's rule, arXiv 2504.15895); it adds a rule chosen
+    like confidence's. Every exit here, that rule's included, answers with the chunk's intermediate answer (the
+    trial answer can differ from it; exit_calibration.csv carries its correctness where it is known)."""
     position = {t: j for j, t in enumerate(data.traces)}
     case = ee.ExitCase(chunk_trace=np.array([position[t] for t in data.trace]), chunk_tokens=data.token_end + 1.0,
                        chunk_correct=data.y, trace_correct=data.trace_correct, trace_tokens=data.trace_tokens,
@@ -232,6 +239,7 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
     for k, (tr, prob) in enumerate(inner_for_exit):
         inner[k, tr] = prob
     score_all, confidence = np.asarray(nested), data.confidence
+    scores = {"probe": score_all, "confidence": confidence}
     rules = {
         "probe": (score_all, nested_threshold(lambda k: inner[k][train_chunks(k)], score_all)),
         "confidence": (confidence, nested_threshold(lambda k: confidence[train_chunks(k)], confidence)),
@@ -239,6 +247,9 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
                                                    lambda train_case, k: ee.choose_fraction(train_case, margin),
                                                    fraction_apply)),
     }
+    if trial_answer is not None:
+        trial = scores["trial_answer"] = np.asarray(trial_answer, float)
+        rules["trial_answer"] = (trial, nested_threshold(lambda k: trial[train_chunks(k)], trial))
     first = case.first_answer_rule()
     out = {"margin": margin, "full": {**full, "accuracy": float(np.mean(case.trace_correct))},
            "traces": int(len(case.trace_correct)), "rules": {}, "curves": {}}
@@ -247,11 +258,23 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
                                                     case.trace_group), "chosen_per_fold": chosen}
     out["rules"]["first_answer"] = {**ee.interval_summary(*first, case.trace_tokens, case.trace_correct,
                                                           case.trace_group), "chosen_per_fold": []}
-    for name, score in (("probe", score_all), ("confidence", confidence)):
+    for name, score in scores.items():
         out["curves"][name] = [{"threshold": tau, **ee.summary(*case.threshold_rule(score, tau), case.trace_tokens)}
                                for tau in ee.THRESHOLDS]
     out["curves"]["fixed_fraction"] = [{"fraction": f, **ee.summary(*case.fraction_rule(f), case.trace_tokens)}
                                        for f in ee.FRACTIONS]
+    out["exit_thresholds"], out["exit_thresholds_how"] = {}, {}
+    what = {"probe": "the out-of-fold (nested) probe probability", "confidence": "exp(mean log-prob) over the chunk",
+            "trial_answer": "the trial answer's probability with the answer cue forced after the chunk"}
+    for name, score in scores.items():
+        tau = ee.choose_threshold(case, score, margin)
+        point = ee.summary(*case.threshold_rule(score, tau), case.trace_tokens)
+        out["exit_thresholds"][name] = None if np.isinf(tau) else tau
+        out["exit_thresholds_how"][name] = {
+            "rule": f"early_exit.choose_threshold on all {len(case.trace_correct)} traces' {what[name]}: the most "
+                    f"tokens saved at accuracy >= full accuracy - {margin:g} (null: none saves any, never exit)",
+            "margin": margin, "accuracy": point["accuracy"], "tokens_saved": point["tokens_saved"],
+            "per_fold": [None if np.isinf(t) else t for t in out["rules"][name]["chosen_per_fold"]]}
     out.update(verdict.early_exit(out, signal=not verdict.is_null(selection)))
     return out
 

@@ -1,6 +1,7 @@
 """`tribunal probe trajectory|tokens|chunks`: read stores, fit and evaluate, write the numbers into a folder.
 
-Outputs: implicit_value_directions.json, metrics.csv (trajectory), chunks.csv and chunk_metrics.json (chunks),
+Outputs: implicit_value_directions.json, metrics.csv (trajectory), chunks.csv, chunk_metrics.json and
+exit_calibration.csv (chunks),
 and a short summary for the terminal. The results are returned; the report draws them (tribunal/report/), so
 probes never import the report. Options are ProbeConfig's fields (probes/config.py). Every input is checked and
 every number computed before the output folder is created, so bad input leaves nothing behind.
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import TribunalError
 from ..store import open_store
 from . import directions as dirs
-from . import verdict
+from . import exit_policy, verdict
 from .config import ProbeConfig
 from .verdict import fmt_ci
 from .tokens import fit_token_probe
 from .trajectory import evaluate_cells, load_trajectory_data
 
-DIRECTIONS_FILE = "implicit_value_directions.json"
+DIRECTIONS_FILE = exit_policy.DIRECTIONS_FILE
 
 
 def probe_trajectory(stores, out_dir, layers=None, progress: bool = True, **options) -> dict:
@@ -55,15 +57,27 @@ def probe_tokens(stores, out_dir, layer: int | None = None, progress: bool = Tru
     return {"document": doc, "token": token, "summary": summarize_tokens(token)}
 
 
-def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = True, **options) -> dict:
-    """Chunk probes and early exit: chunks.csv, chunk_metrics.json and the `chunk` section of the directions file."""
+def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = True, trial_answer=None,
+                 trial_answer_correct=None, **options) -> dict:
+    """Chunk probes and early exit: chunks.csv, chunk_metrics.json, exit_calibration.csv and the `chunk` section of
+    the directions file (with the `auto` exit thresholds).
+
+    trial_answer (DEER's score) and trial_answer_correct (whether that trial answer is right): optional per-chunk
+    arrays aligned with load_chunks' rows; the first adds the "trial_answer" exit rule, both add columns."""
     from .chunk_probe import evaluate_chunk_probe, load_chunks
 
     cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
         data = load_chunks(store, decode_pieces, pattern, progress)
+        extra = {name: np.asarray(v, float) for name, v in (("trial_answer", trial_answer),
+                                                           ("trial_answer_correct", trial_answer_correct))
+                 if v is not None}
+        for name, v in extra.items():
+            if v.shape != data.y.shape:
+                raise TribunalError(f"{name} has {v.size} values but the store has {len(data.y)} answering chunks: "
+                                    "compute it on the same store and chunking")
         result = evaluate_chunk_probe(store, data, cfg.folds, cfg.seed, cfg.permutations, cfg.C, cfg.margin,
-                                      cfg.block_bytes, progress)
+                                      cfg.block_bytes, progress, extra.get("trial_answer"))
         settings = {f"chunk_{f.name}": getattr(cfg, f.name) for f in cfg.cli_fields("chunks")}
         out = _output_folder(out_dir)
         doc = _merge(out, dirs.build_document(store, None, None, settings), "chunk")
@@ -74,9 +88,13 @@ def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = 
                     "direction": {k: layer[k] for k in ("layer", "direction", "weight_norm", "bias", "scaler_mean",
                                                         "scaler_scale")},
                     "layers": result["layers"], "baselines": result["baselines"],
-                    "early_exit": {k: v for k, v in result["early_exit"].items() if k != "curves"}}
+                    "early_exit": {k: v for k, v in result["early_exit"].items() if k != "curves"},
+                    "exit_thresholds": result["early_exit"]["exit_thresholds"],
+                    "exit_thresholds_how": result["early_exit"]["exit_thresholds_how"]}
     dirs.save(doc, out / DIRECTIONS_FILE)
-    write_chunks_csv(data, result, out / "chunks.csv")
+    write_chunks_csv(data, result, out / "chunks.csv", extra.get("trial_answer"))
+    exit_policy.write_calibration(out / exit_policy.CALIBRATION_FILE, data,
+                                  {"probe": result["oof_probability"], "confidence": data.confidence, **extra})
     headline = _chunk_headline(result)
     (out / "chunk_metrics.json").write_text(json.dumps(headline, indent=1))
     return {"document": doc, "result": result, "data": data, "metrics": headline,
@@ -112,15 +130,16 @@ def _chunk_headline(result: dict) -> dict:
                                          for n, r in exit_["rules"].items() if n != "probe"}}}
 
 
-def write_chunks_csv(data, result: dict, path) -> None:
+def write_chunks_csv(data, result: dict, path, trial_answer=None) -> None:
     prob = result["oof_probability"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["trace", "problem_id", "chunk", "token_start", "token_end", "answer", "label", "oof_probability"])
+        w.writerow(["trace", "problem_id", "chunk", "token_start", "token_end", "answer", "label", "oof_probability"]
+                   + (["trial_answer"] if trial_answer is not None else []))
         for j in range(len(data.y)):
             w.writerow([int(data.trace[j]), int(data.problem[j]), int(data.index[j]), int(data.token_start[j]),
                         int(data.token_end[j]), data.answer[j], "correct" if data.y[j] else "incorrect",
-                        f"{prob[j]:.4f}"])
+                        f"{prob[j]:.4f}"] + ([f"{trial_answer[j]:.4f}"] if trial_answer is not None else []))
 
 
 def summarize_chunks(result: dict) -> str:
@@ -141,6 +160,8 @@ def summarize_chunks(result: dict) -> str:
         "other exit rules: " + "; ".join(
             f"{n.replace('_', ' ')}: accuracy {r['accuracy']:.3f}, tokens saved {r['tokens_saved']:.1%}"
             for n, r in exit_["rules"].items() if n != "probe"),
+        "auto exit thresholds (chosen on all traces' out-of-fold scores, same margin): " + ", ".join(
+            f"{n.replace('_', ' ')} {'never exit' if t is None else f'{t:g}'}" for n, t in exit_["exit_thresholds"].items()),
         exit_["verdict"],
     ]
     return "\n".join(lines)

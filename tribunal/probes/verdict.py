@@ -127,4 +127,18 @@ def early_exit(exit_: dict, signal: bool) -> dict:
         text = (f"the probe rule {SAVES} beyond the margin {margin:.2f}, and more than every baseline rule "
                 f"({figures})")
     claim = bool(signal and keeps(probe) and saves and not lost)
-    return {"probe_beats": beats, "claim": claim, "verdict": text}
+    out = {"probe_beats": beats, "claim": claim, "verdict": text}
+    if "trial_answer" in others:
+        out["versus_trial_answer"] = versus_trial_answer(probe, others["trial_answer"], margin,
+                                                         bool(signal and beats["trial_answer"]))
+        out["verdict"] = f"{text}. {out['versus_trial_answer']}"
+    return out
+
+
+def versus_trial_answer(probe: dict, trial: dict, margin: float, beats: bool) -> str:
+    """DEER's trial-answer confidence is the strongest training-free rule: say plainly which side wins."""
+    figures = (f"probe {probe['tokens_saved']:.1%} tokens saved, accuracy change {probe['accuracy_change']:+.3f}; "
+               f"trial answer {trial['tokens_saved']:.1%}, {trial['accuracy_change']:+.3f}")
+    if beats:
+        return f"The probe saves more tokens than DEER's trial-answer confidence at the same margin {margin:.2f} ({figures})"
+    return f"The probe does not beat DEER's trial-answer confidence at the same margin {margin:.2f} ({figures})"

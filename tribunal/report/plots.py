@@ -31,7 +31,8 @@ CHUNK_BASELINE_STYLE = {"position": ("tab:orange", "s"), "tokens_so_far": ("tab:
 # so curves that run together show as a thin line inside a wide one
 EXIT_STYLE = {"probe": ("tab:blue", "o", 15, "-", 5.0, 0.4), "confidence": ("tab:green", "^", 11, "--", 2.4, 0.9),
               "fixed_fraction": ("tab:orange", "s", 8, "-.", 1.2, 1.0),
-              "first_answer": ("tab:purple", "D", 5, ":", 1.0, 1.0)}
+              "first_answer": ("tab:purple", "D", 5, ":", 1.0, 1.0),
+              "trial_answer": ("tab:red", "v", 9, (0, (3, 1, 1, 1)), 1.8, 0.9)}
 LABEL_COLOURS = (("correct", 1, "tab:green"), ("incorrect", 0, "tab:red"))
 
 
