@@ -78,6 +78,11 @@ def decode_pieces(token_ids):
 
 @pytest.fixture
 def case(tmp_path):
+    return build_case(tmp_path)
+
+
+def build_case(tmp_path):
+    """FULL (five traces of three problems and one unpaired), a confidence-rule run and a forced probe-rule run."""
     probes = tmp_path / "probes"
     probes.mkdir()
     # probability = sigmoid(2 * x[0]): 0.88 where x[0] = 1, 0.12 where -1

@@ -72,3 +72,19 @@ def test_the_reliability_table_shows_no_bin_under_the_minimum(report):
     _, text = report
     table = text.split("| predicted P(correct) |")[1].split("\n\n")[0].splitlines()[2:]
     assert table and all(int(row.rstrip(" |").rsplit("|", 1)[1]) >= MIN_BIN_TRACES for row in table)
+
+
+def test_the_early_exit_measured_section_links_the_exit_folders_plots(tmp_path_factory, tmp_path):
+    from tribunal.report.exit_report import exit_report
+
+    from .test_exit_report import build_case, decode_pieces
+
+    run, case = probe_run(tmp_path_factory), build_case(tmp_path)
+    measured = exit_report(case["full"], [case["conf"], case["probe"]], case["out"], decode_pieces, resamples=200)
+    write_report(tmp_path / "report.md", generation(), run["traj"], run["tok"], 12.0, run["chunks"], measured)
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("## Early exit, measured") == 1 and "![probe rule](early_exit/exit_report_probe.png)" in text
+    assert "| probe >= 0.5 (auto), forced answer | 4 | 3 | 4/4 | 4.2% [" in text
+    assert "- `early_exit/`: the run with the exit policy" in text
+    write_report(tmp_path / "plain.md", generation(), run["traj"], run["tok"], 12.0, run["chunks"])
+    assert "Early exit, measured" not in (tmp_path / "plain.md").read_text()

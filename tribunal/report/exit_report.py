@@ -24,7 +24,7 @@ from ..probes import early_exit as ee
 from ..probes.chunk_probe import chunk_features, load_chunks
 from ..store import format as fmt
 from ..store.reader import open_store
-from .markdown import _pm
+from .markdown import _pm, exit_measured_lines, policy_label
 from .plots import PANEL, _legend_below, _limits, plt, save
 
 REPORT_JSON = "exit_report.json"
@@ -282,7 +282,7 @@ def write_outputs(doc: dict, out_dir) -> dict:
     for rule in sorted({p["rule"] for p in doc["policies"]}):
         save(exit_figure(doc, rule), out / figure_name(rule))
     (out / REPORT_JSON).write_text(json.dumps(doc, indent=1, default=_json_value) + "\n")
-    (out / REPORT_MD).write_text("\n".join(markdown_lines(doc)) + "\n")
+    (out / REPORT_MD).write_text("\n".join(["# Early exit, measured", "", *exit_measured_lines(doc)]) + "\n")
     return {**doc, "summary": summary_text(doc)}
 
 
@@ -290,12 +290,6 @@ def _json_value(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def policy_label(p: dict) -> str:
-    tau = "never" if p["threshold"] is None else f"{p['threshold']:g}"
-    spec = f" ({p['threshold_spec']})" if p.get("threshold_spec") not in (None, "", str(p["threshold"])) else ""
-    return f"{p['rule']} >= {tau}{spec}, {p['answer']} answer"
 
 
 def exit_figure(doc: dict, rule: str):
@@ -332,63 +326,6 @@ def exit_figure(doc: dict, rule: str):
                  fontsize=8)
     _legend_below(ax, ncol=1)
     return fig
-
-
-def markdown_lines(doc: dict) -> list[str]:
-    policies = doc["policies"]
-    boot = policies[0]["measured"]["bootstrap"] if policies else {"resamples": RESAMPLES, "seed": 0}
-    rows = []
-    for p in policies:
-        m, s = p["measured"], p["simulated"]
-        rows.append(f"| {policy_label(p)} | {m['pairs']} | {m['exited']} | {m['prefix']['matched']}/{m['pairs']} | "
-                    f"{_pm(m['tokens_saved'], m['tokens_saved_ci'], pct=True)} | "
-                    f"{_pm(s['tokens_saved'], s['tokens_saved_ci'], pct=True)} | "
-                    f"{_pm(m['accuracy_change'], m['accuracy_change_ci'], signed=True)} | "
-                    f"{_pm(s['accuracy_change'], s['accuracy_change_ci'], signed=True)} |")
-    lines = [
-        "# Early exit, measured", "",
-        f"FULL is `{doc['full']['store']}` ({doc['full']['traces']} traces, model {doc['full']['model']}), sampled "
-        "without early exit. Each row is one store sampled with the same model, data, seed and sampling settings "
-        "and an exit policy; its traces are paired with FULL's by (problem, sample).", "",
-        "Tokens saved = 1 - (the exit run's generated tokens, forced answers included) / (the full run's), over the "
-        "paired traces. Accuracy change = the exit run's accuracy - the full run's, on the same pairs. Measured "
-        f"95% CIs: paired problem bootstrap ({boot['resamples']} resamples, seed {boot['seed']}). Simulated: the "
-        f"offline prediction on FULL's paired traces ({doc['simulation_note']}; 95% CIs from problem-level "
-        "influence terms).", "",
-        "| policy | pairs | exited | prefix of the full twin | tokens saved, measured | tokens saved, simulated | "
-        "accuracy change, measured | accuracy change, simulated |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
-    ]
-    for p in policies:
-        m, pre = p["measured"], p["measured"]["prefix"]
-        said = [f"**{policy_label(p)}** (`{p['store']}`): {m['exited']} of {m['pairs']} paired traces exited early. "
-                f"Of those that exited, {pre['exited_matched']} of {pre['exited']} are token-for-token prefixes of "
-                f"their full twin; of those that did not, {pre['not_exited_identical']} of {pre['not_exited']} are "
-                "identical to it."]
-        if pre["matched"] < m["pairs"]:
-            said.append("Traces that differ from their twin before the exit were not sampled alike (another engine, "
-                        "or nondeterministic hardware): there the saving is not only the policy's.")
-        said.append(f"Accuracy {m['full_accuracy']:.3f} without exit, {m['exited_accuracy']:.3f} with it; "
-                    f"{m['full_tokens']} generated tokens without exit, {m['exited_tokens']} with it, of which "
-                    f"{m['forced_tokens']} are forced-answer tokens.")
-        if m["exits_by_rule"]:
-            said.append("Exits by rule: " + ", ".join(f"{r} {n}" for r, n in m["exits_by_rule"].items()) + ".")
-        if p["only_in_full"] or p["only_in_exited"]:
-            said.append(f"Unpaired, so left out of every figure: {_traces(p['only_in_full'])} only in FULL, "
-                        f"{_traces(p['only_in_exited'])} only in this store.")
-        if p["answer"] == "forced":
-            said.append("This run forces an answer after the exit; the simulation answers with the chunk's "
-                        "intermediate answer, so its figures predict the intermediate-answer variant of this policy.")
-        lines += [" ".join(said), ""]
-    for rule in sorted({p["rule"] for p in policies}):
-        lines += [f"![{rule} rule]({figure_name(rule)})", ""]
-    lines.append("Each plot: tokens saved (x) against accuracy change (y) with 95% CIs; filled circles measured, "
-                 "hollow squares simulated, a dotted line joining the two of one policy.")
-    return lines
-
-
-def _traces(n: int) -> str:
-    return f"{n} trace" + ("" if n == 1 else "s")
 
 
 def summary_text(doc: dict) -> str:

@@ -18,11 +18,14 @@ from .plots import MIN_BIN_TRACES, merge_small_bins
 
 FOLDS_CHOICE = "the folds' choice"
 DIRECTION_CELL = "the direction cell"
+EXIT_FOLDER = "early_exit"  # `run --early-exit`: the exit run's store and the measured report, inside the run folder
 LABEL_ORDER = ("correct", "incorrect", "unparsed")
 
 
-def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, chunks: dict | None = None) -> None:
-    """generation: what run_generation returned; traj, tok, chunks: what the probes' outputs returned."""
+def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, chunks: dict | None = None,
+                 exit_measured: dict | None = None) -> None:
+    """generation: what run_generation returned; traj, tok, chunks: what the probes' outputs returned;
+    exit_measured: what exit_report returned for `run --early-exit` (its files in EXIT_FOLDER)."""
     prov = traj["document"]["provenance"]
     result = traj["result"]
     sel = result["selection"]
@@ -47,6 +50,8 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
     ]
     if chunks is not None:
         lines += chunk_section(chunks["result"])
+    if exit_measured is not None:
+        lines += ["", "## Early exit, measured", "", *exit_measured_lines(exit_measured, f"{EXIT_FOLDER}/")]
     lines += [
         "",
         "## Files",
@@ -57,6 +62,8 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
         "- `metrics.csv`: every cell and baseline, one per-cell metric per row",
         "- `chunks.csv`: every chunk with its answer, label and nested held-out probability",
         "- `chunk_metrics.json`: the chunk probe's nested figures, its direction cell, and early exit",
+        *([f"- `{EXIT_FOLDER}/`: the run with the exit policy (`store.h5`) and its measured report "
+           "(`exit_report.md`, `exit_report.json`, a plot per rule)"] if exit_measured is not None else []),
         "",
     ]
     Path(path).write_text("\n".join(lines))
@@ -285,3 +292,67 @@ def early_exit_section(exit_: dict) -> list[str]:
 def _pm(value: float, ci, pct: bool = False, signed: bool = False) -> str:
     f = (lambda v: f"{v:+.1%}" if signed else f"{v:.1%}") if pct else (lambda v: f"{v:+.3f}" if signed else f"{v:.3f}")
     return f"{f(value)} [{f(ci[0])}, {f(ci[1])}]"
+
+
+def policy_label(p: dict) -> str:
+    tau = "never" if p["threshold"] is None else f"{p['threshold']:g}"
+    spec = f" ({p['threshold_spec']})" if p.get("threshold_spec") not in (None, "", str(p["threshold"])) else ""
+    return f"{p['rule']} >= {tau}{spec}, {p['answer']} answer"
+
+
+def exit_measured_lines(doc: dict, folder: str = "") -> list[str]:
+    """What `exit-report` returned, as paragraphs and a table (exit_report.md, and report.md's "Early exit,
+    measured" with the figures under `folder`)."""
+    policies = doc["policies"]
+    boot = policies[0]["measured"]["bootstrap"]
+    rows = []
+    for p in policies:
+        m, s = p["measured"], p["simulated"]
+        rows.append(f"| {policy_label(p)} | {m['pairs']} | {m['exited']} | {m['prefix']['matched']}/{m['pairs']} | "
+                    f"{_pm(m['tokens_saved'], m['tokens_saved_ci'], pct=True)} | "
+                    f"{_pm(s['tokens_saved'], s['tokens_saved_ci'], pct=True)} | "
+                    f"{_pm(m['accuracy_change'], m['accuracy_change_ci'], signed=True)} | "
+                    f"{_pm(s['accuracy_change'], s['accuracy_change_ci'], signed=True)} |")
+    lines = [
+        f"FULL is `{doc['full']['store']}` ({doc['full']['traces']} traces, model {doc['full']['model']}), sampled "
+        "without early exit. Each row is one store sampled with the same model, data, seed and sampling settings "
+        "and an exit policy; its traces are paired with FULL's by (problem, sample).", "",
+        "Tokens saved = 1 - (the exit run's generated tokens, forced answers included) / (the full run's), over the "
+        "paired traces. Accuracy change = the exit run's accuracy - the full run's, on the same pairs. Measured "
+        f"95% CIs: paired problem bootstrap ({boot['resamples']} resamples, seed {boot['seed']}). Simulated: the "
+        f"offline prediction on FULL's paired traces ({doc['simulation_note']}; 95% CIs from problem-level "
+        "influence terms).", "",
+        "| policy | pairs | exited | prefix of the full twin | tokens saved, measured | tokens saved, simulated | "
+        "accuracy change, measured | accuracy change, simulated |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+    ]
+    for p in policies:
+        m, pre = p["measured"], p["measured"]["prefix"]
+        said = [f"**{policy_label(p)}** (`{p['store']}`): {m['exited']} of {m['pairs']} paired traces exited early. "
+                f"Of those that exited, {pre['exited_matched']} of {pre['exited']} are token-for-token prefixes of "
+                f"their full twin; of those that did not, {pre['not_exited_identical']} of {pre['not_exited']} are "
+                "identical to it."]
+        if pre["matched"] < m["pairs"]:
+            said.append("Traces that differ from their twin before the exit were not sampled alike (another engine, "
+                        "or nondeterministic hardware): there the saving is not only the policy's.")
+        said.append(f"Accuracy {m['full_accuracy']:.3f} without exit, {m['exited_accuracy']:.3f} with it; "
+                    f"{m['full_tokens']} generated tokens without exit, {m['exited_tokens']} with it, of which "
+                    f"{m['forced_tokens']} are forced-answer tokens.")
+        if m["exits_by_rule"]:
+            said.append("Exits by rule: " + ", ".join(f"{r} {n}" for r, n in m["exits_by_rule"].items()) + ".")
+        if p["only_in_full"] or p["only_in_exited"]:
+            said.append(f"Unpaired, so left out of every figure: {_traces(p['only_in_full'])} only in FULL, "
+                        f"{_traces(p['only_in_exited'])} only in this store.")
+        if p["answer"] == "forced":
+            said.append("This run forces an answer after the exit; the simulation answers with the chunk's "
+                        "intermediate answer, so its figures predict the intermediate-answer variant of this policy.")
+        lines += [" ".join(said), ""]
+    for rule, figure in sorted({(p["rule"], p["figure"]) for p in policies}):
+        lines += [f"![{rule} rule]({folder}{figure})", ""]
+    lines.append("Each plot: tokens saved (x) against accuracy change (y) with 95% CIs; filled circles measured, "
+                 "hollow squares simulated, a dotted line joining the two of one policy.")
+    return lines
+
+
+def _traces(n: int) -> str:
+    return f"{n} trace" + ("" if n == 1 else "s")
