@@ -258,7 +258,7 @@ def chunk_section(result: dict) -> list[str]:
 
 def early_exit_section(exit_: dict) -> list[str]:
     rules = exit_["rules"]
-    setting = {"probe": "threshold", "confidence": "threshold", "fixed_fraction": "fraction"}
+    setting = {"probe": "threshold", "confidence": "threshold", "trial_answer": "threshold", "fixed_fraction": "fraction"}
     rows = [f"| {name.replace('_', ' ')} | {_pm(r['accuracy'], r['accuracy_ci'])} | "
             f"{_pm(r['accuracy_change'], r['accuracy_change_ci'], signed=True)} | "
             f"{_pm(r['tokens_saved'], r['tokens_saved_ci'], pct=True)} | "
