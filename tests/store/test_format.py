@@ -25,10 +25,33 @@ def documented_names():
     doc = (ROOT / "docs" / "store-format.md").read_text()
     attrs_section = doc.split("### Root attributes", 1)[1].split("All but", 1)[0]  # the list, not the prose after it
     attrs = [a for a in re.findall(r"`([a-z_]+)`", attrs_section) if a not in ("synth", "merged_from")]
-    layout = doc.split("## Layout", 1)[1].split("```")[1]
-    datasets = [line.split()[0].lstrip("/") for line in layout.splitlines() if line.startswith("/") and line.split()[0] != "/"]
-    datasets = [d for d in datasets if not d.startswith("synth/")]
+    datasets = [d for d, optional in documented_datasets() if not optional and not d.startswith("synth/")]
     return attrs, datasets
+
+
+def documented_datasets() -> list[tuple[str, bool]]:
+    """(dataset, whether the layout calls it optional) for each dataset in the doc's layout block."""
+    doc = (ROOT / "docs" / "store-format.md").read_text()
+    layout = doc.split("## Layout", 1)[1].split("```")[1]
+    return [(line.split()[0].lstrip("/"), "optional:" in line) for line in layout.splitlines()
+            if line.startswith("/") and line.split()[0] != "/"]
+
+
+def test_the_documented_optional_datasets_are_what_a_monitored_store_adds(tmp_path):
+    from .monitored import monitored_kwargs, monitored_record
+
+    optional = {d for d, is_optional in documented_datasets() if is_optional}
+    with StoreWriter(tmp_path / "s.h5", **monitored_kwargs()) as w:
+        w.append([monitored_record(0)])
+    with StoreWriter(tmp_path / "plain.h5", **writer_kwargs()) as w:
+        w.append([make_record(0)])
+    names = {}
+    for name in ("s", "plain"):
+        with h5py.File(tmp_path / f"{name}.h5", "r") as f:
+            found = set()
+            f.visititems(lambda key, obj: found.add(key) if isinstance(obj, h5py.Dataset) else None)
+            names[name] = found
+    assert names["s"] - names["plain"] == optional
 
 
 def _mutations():

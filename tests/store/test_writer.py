@@ -200,6 +200,28 @@ def test_records_that_do_not_fit_the_stores_scores_are_refused_before_writing(tm
         assert store.n_traces == 1 and verify_store(store) == []
 
 
+def test_uncommitted_monitor_rows_and_exit_records_are_cut_back_on_reopen(tmp_path):
+    """Rows a killed writer left past the commit in /monitor/* and /traces/exit go with the rest on reopen."""
+    import h5py
+
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        w.append([monitored_record(i) for i in range(3)])
+        tokens = w.n_tokens
+    with h5py.File(path, "r+") as f:  # as a writer killed after step 2 of a commit leaves them
+        for name in ("monitor/chunk_probability", "monitor/token_score", "tokens/token_id"):
+            f[name].resize((tokens + 7,))
+        f["traces/exit"].resize((5,))
+    with StoreWriter(path, **monitored_kwargs()) as w:
+        assert any("monitor/token_score: discarded 7" in r for r in w.repairs), w.repairs
+        assert any("traces/exit: discarded 2" in r for r in w.repairs), w.repairs
+        assert w._file["monitor/chunk_probability"].shape == (tokens,) and w._file["traces/exit"].shape == (3,)
+        w.append([monitored_record(3)])
+    with open_store(path) as store:
+        assert verify_store(store) == [] and store.n_traces == 4
+        assert_same_scores(store.trace(3), monitored_record(3))
+
+
 def test_a_store_appended_without_its_monitor_scores_is_refused_on_reopen(tmp_path):
     """A store whose monitor dataset is shorter than the commit (an older tribunal appended to it) is not
     silently padded: the writer refuses it and verify names it."""
