@@ -294,7 +294,8 @@ class StoreWriter:
         so the writer checks first: the batch's bytes, a partial chunk per
         dataset and 1 MiB for metadata.
         """
-        need = sum(p["activations"].nbytes + p["token_id"].nbytes * 4 + len(p["text"]) for p in prepared)
+        need = sum(p["activations"].nbytes + p["token_id"].nbytes * 4 + len(p["text"])
+                   + sum(v.nbytes for v in p["monitor"].values()) for p in prepared)
         need += self._chunk_bytes() * len(self.identity.layers) + (1 << 20)
         self._require_free(need, "the next batch", f"the store is intact up to its last commit ({self.n_traces} "
                            "traces): free disk space, then rerun to resume")
