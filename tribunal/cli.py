@@ -402,13 +402,15 @@ def probe_tokens_cmd(stores, out_dir, layer, quiet, **options):
               help="Tokenizer (path or hub id) to find chunk ends in the stored tokens; default: the store's model.")
 @click.option("--cues", default=None, help="Comma list of reflection cues that open a chunk (default: wait, hmm, ...).")
 @click.option("--chunk-regex", default=None, help="An extra regex; a chunk also ends where it matches.")
+@click.option("--model", default=None,
+              help="The stores' model (path or hub id): adds DEER's trial-answer exit rule to the baselines.")
 @probe_options("chunks")
 @user_errors
-def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, quiet, **options):
+def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, model, quiet, **options):
     """Probe every reasoning chunk's end for whether its intermediate answer is right; simulate early exit."""
     from .pipeline import chunk_probe
 
-    result = chunk_probe(stores, out_dir, tokenizer, cues, chunk_regex, progress=not quiet, **options)
+    result = chunk_probe(stores, out_dir, tokenizer, cues, chunk_regex, model, progress=not quiet, **options)
     click.echo(result["summary"])
     click.echo(f"wrote {out_dir}/chunks.csv, chunk_metrics.json, chunk_probe.png, early_exit.png")
 

@@ -22,7 +22,7 @@ from .report.markdown import write_report
 from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
 from .store import open_store
 from .traces.generate import run_generation
-from .traces.models import piece_decoder
+from .traces.models import EMBEDDED_MODEL, piece_decoder
 from .traces.settings import GenerateConfig
 
 STORE_NAME = "store.h5"
@@ -73,24 +73,41 @@ def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:
     tok = token_outputs(store, run, layer=traj["result"]["selection"]["final"]["layer"], progress=progress, **probes)
     with open_store(store) as opened:
         decoder = piece_decoder(opened.model_id, config.model)  # a hub model's tokenizer: generate just loaded it
-    chunks = chunk_outputs(store, run, decoder, progress=progress, **probes)
+    deer = trial_answer_rows(store, config.model or str(EMBEDDED_MODEL), decoder, None, progress,
+                             **{k: getattr(config, k) for k in ("revision", "compute_dtype", "device_map",
+                                                               "trust_remote_code")})
+    chunks = chunk_outputs(store, run, decoder, progress=progress, **deer, **probes)
     result.update(trajectory=traj["summary"], tokens=tok["summary"], chunks=chunks["summary"])
     write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks)
     return result
 
 
 def chunk_probe(stores, out_dir, tokenizer: str | None = None, cues: str | None = None, chunk_regex: str | None = None,
-                progress: bool = True, **options) -> dict:
+                model: str | None = None, progress: bool = True, **options) -> dict:
     """`tribunal probe chunks`: chunk ends found with the store's tokenizer (or `tokenizer`) at the reflection
-    `cues` (a comma list; default chunks.DEFAULT_CUES) and `chunk_regex`; options are ProbeConfig fields."""
+    `cues` (a comma list; default chunks.DEFAULT_CUES) and `chunk_regex`; options are ProbeConfig fields. `model`
+    (the store's model, a path or hub id) adds DEER's trial-answer rule to the early-exit baselines."""
     from .chunks import DEFAULT_CUES, cue_pattern
 
     ProbeConfig(**options).validate()
     with open_store(stores) as store:
         model_id = store.model_id
     pattern = cue_pattern(tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES, chunk_regex)
-    return chunk_outputs(stores, out_dir, piece_decoder(model_id, tokenizer), pattern=pattern, progress=progress,
-                         **options)
+    decoder = piece_decoder(model_id, tokenizer)
+    deer = trial_answer_rows(stores, model, decoder, pattern, progress) if model else {}
+    return chunk_outputs(stores, out_dir, decoder, pattern=pattern, progress=progress, **deer, **options)
+
+
+def trial_answer_rows(stores, model: str, decoder, pattern=None, progress: bool = True, **load) -> dict:
+    """DEER's trial-answer confidence and correctness at each answering chunk of the stores (probe_chunks'
+    trial_answer, trial_answer_correct), with `model` loaded by traces.models.load_model (`load`: its options)."""
+    from .probes.chunk_probe import load_chunks
+    from .traces.capture.trial_answer import store_trial_answers
+
+    with open_store(stores) as store:
+        rows = load_chunks(store, decoder, pattern)
+        trial = store_trial_answers(store, model, rows.trace, rows.token_end, progress=progress, **load)
+    return {"trial_answer": trial["confidence"], "trial_answer_correct": trial["correct"]}
 
 
 def score_stores(directions, stores, out_csv, layer: int | None = None, aggregation: str | None = None,
