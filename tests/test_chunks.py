@@ -1,8 +1,11 @@
-"""Reasoning chunks and intermediate answers on R1-style traces (thinking that changes its mind included)."""
+"""Reasoning chunks and intermediate answers on R1-style traces (thinking that changes its mind included), offline
+and online (OnlineChunker: the same chunks while the text is generated, each as soon as it is final)."""
+
+import random
 
 import pytest
 
-from tribunal.chunks import cue_pattern, intermediate_answers, split_chunks, token_ends
+from tribunal.chunks import OnlineChunker, content_end, cue_pattern, intermediate_answers, split_chunks, token_ends
 
 C, I = "correct", "incorrect"
 # (generated text after an R1 prompt that opened thinking, gold, [(answer, label) of each answering chunk])
@@ -100,3 +103,168 @@ def test_token_ends_map_the_last_character_to_its_token():
     real = "So 5é."
     prefixes = ["", "S", "So 5", "So 5", "So 5é", "So 5é."]
     assert token_ends(broken, real, [4, 5, 6], decode_prefix=lambda n: prefixes[n]) == [1, 3, 4]
+
+
+# --- Online chunking: the same chunks while the text is generated, each as soon as it is final --------------------
+
+ONLINE_TEXTS = [  # (text, gold): splits the rules make only a few characters later, or never
+    ("So 5.\n\nWait, 6.\n\nWaiting for the bus: 7.\n</think>\n\n\\boxed{7}", "7"),
+    ("So 5. Wait", "5"),  # a cue at the very end: `\b` matches at the end of the text
+    ("So 5. Wait, 6", "6"),
+    ("So 5.\n\n", "5"),
+    ("So 5.\n\nWaiting", "5"),  # not a cue
+    ("So 5. Hmmm, 6. Hmm 7. hmm", "7"),
+    ("3 + 4 = 7.</think>\\boxed{7}", "7"),  # the end of thinking with no whitespace after it
+    ("3 + 4 = 7.\n</THINK>\n The answer is 7.", "7"),
+    ("It is 8: hmm, 9? Hmmm. Hmm 10.\nLet me check: 10.\nLet me compute 11.\nCheck 12.\ncheck", "10"),
+    ("On second thought it is 4. On second thoughts 5. Alternatively\n\n  \n 6", "6"),
+    ("Double-check: 2.\tdouble check 3;  let me double-check 4!\n\tverify 5. Let me double", "5"),
+    ("Total = 12.\n \nActually 13.\n\n\n", "13"),
+    ("x = 1.\n</think>\n\n\\boxed{1}\n\nWait", "1"),
+    ("é 5. Wait, 😀 6.\n\n中文 7. Hmm", "6"),
+    ("</think>", "1"), ("", "1"), ("   ", "1"), ("\n\nWait, 3.", "3"), ("Wait", "1"),
+]
+PIECES = ["Wait", "wait", "Wa", "it", ",", " ", "  ", "\n", "\n\n", ".", ":", ";", "?", "!", "5", "42", " = ", "7", "x",
+          "Waiting", "Hmm", "hmm", "m", "Let me check", "Let me ", "let me c", "heck", "double", "-check", " check",
+          "So",
+          "</think>", "</", "think", ">", "</THINK>", "\\boxed{", "}", " the answer is 9", "Alternatively", "Alt",
+          "ernatively", "Actually", "verify", "To verify", "on second thought", "\t", " \n ", "é", "Check", " second"]
+CONTINUATIONS = ("", " ", "\n", "\n\nWait, 7.", "ing 5.", "t, 3.", "</think>", "x", " check 4", "mm 3", "\\boxed{2}")
+
+
+def online(pieces, gold, pattern=None):
+    """(chunks, for each chunk the length of the text fed when it was reported, None for finish())."""
+    chunker, out, seen = OnlineChunker(gold, pattern), [], 0
+    for piece in pieces:
+        seen += len(piece)
+        out += [(c, seen) for c in chunker.feed(piece)]
+    out += [(c, None) for c in chunker.finish()]
+    return [c for c, _ in out], [at for _, at in out]
+
+
+def splits(text, rng):
+    """The text whole, one character at a time, and in random pieces of one to six characters."""
+    cuts = [0]
+    while cuts[-1] < len(text):
+        cuts.append(min(len(text), cuts[-1] + rng.randint(1, 6)))
+    return [[text], list(text), [text[a:b] for a, b in zip(cuts, cuts[1:])]]
+
+
+def random_texts(n, seed):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("text,gold", [(t, g) for t, g, _ in TRACES] + ONLINE_TEXTS)
+def test_online_chunks_equal_offline(text, gold):
+    expected = intermediate_answers(text, gold)
+    for pieces in splits(text, random.Random(len(text))):
+        assert online(pieces, gold)[0] == expected, pieces
+
+
+def test_online_chunks_equal_offline_on_random_texts():
+    """Cues, partial cues, whitespace runs and thinking markers in random order, fed in random pieces; every chunk
+    reported before the end is in the offline chunks of the text so far followed by any continuation."""
+    rng = random.Random(0)
+    for text in random_texts(300, seed=1):
+        expected = intermediate_answers(text, "42")
+        for pieces in splits(text, rng):
+            chunks, at = online(pieces, "42")
+            assert chunks == expected, pieces
+            for chunk, seen in zip(chunks, at):
+                for more in CONTINUATIONS if seen is not None else ():
+                    assert chunk in intermediate_answers(text[:seen] + more, "42"), (text[:seen], more, chunk)
+
+
+@pytest.mark.parametrize("pieces,reported_on", [
+    (["So 5.", "\n", "\n", "W", "ait, 6."], 3),  # the break is final once the whitespace ends
+    (["So 5.", " ", "W", "a", "i", "t", ",", " 6."], 6),  # a cue once its word and the character after it are there
+    (["So 5.", " Wai", "ting", " for 6.", " Then 7."], None),  # "Waiting" is no cue: one chunk, at the end
+    (["x = 5.\n</th", "ink>", "\n\n", "\\boxed{5}"], 3),  # </think> split across tokens
+    (["x = 5.</think>", "\\boxed{5}"], 1),
+    (["So 5.", " Wait"], None),  # a cue at the very end: only the end of the text decides it
+    (["So 5.", "\n\n", "Hmm", "m 6."], 2),  # "Hmmm" is no cue, and the paragraph break is final at "H"
+    (["So 5.", " Let me c", "heck", ": 6."], 3),
+    (["So 5.", " Let me c", "ompute", " 6."], None),
+])
+def test_online_cut_is_reported_as_soon_as_the_text_decides_it(pieces, reported_on):
+    chunker = OnlineChunker("5")
+    reported = [i for i, piece in enumerate(pieces) if chunker.feed(piece)]
+    assert reported[:1] == ([] if reported_on is None else [reported_on])
+    text = "".join(pieces)
+    assert online(pieces, "5")[0] == intermediate_answers(text, "5")
+
+
+def test_content_end_leaves_out_the_whitespace_before_the_next_chunk():
+    text = "So 5.\n\nWait, 6. "
+    first, second = intermediate_answers(text, "6")
+    assert (content_end(text, first), content_end(text, second)) == (5, len(text) - 1)
+
+
+def test_online_chunker_follows_custom_cues_and_refuses_a_regex_of_its_own():
+    text = "A is 3. Next, B is 4. Finally C is 5. next"
+    pattern = cue_pattern(cues=("next", "finally"))
+    assert online(list(text), "5", pattern)[0] == intermediate_answers(text, "5", pattern)
+    assert [c.answer for c in online(list(text), "5", pattern)[0]] == ["3", "4", "5"]
+    with pytest.raises(ValueError, match="cue_pattern"):
+        OnlineChunker("5", cue_pattern(extra=r"(?<=\.)\s+"))
+
+
+@pytest.fixture(scope="module")
+def embedded_traces():
+    """The embedded model's tokenizer and (generated ids, gold) of 32 traces it samples at temperature 1, and of
+    40 synthetic R1-shaped traces it is trained on (tokenized), each ending with the end-of-sequence token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tribunal.problems.loading import build_prompt, load_problems
+    from tribunal.problems.synthetic import make_problems
+    from tribunal.traces.models import EMBEDDED_MODEL
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.float32).eval()
+    problems = load_problems()[:32]
+    prompts = [build_prompt(tok, p.question) for p in problems]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        mask[i, width - len(p):] = 1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=model.config.max_position_embeddings - width,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    traces = []
+    for row, problem in zip(out[:, width:].tolist(), problems):
+        n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        traces.append((row[:n], problem.gold))
+    for p in make_problems(40, seed=5):
+        traces.append((tok(p["trace"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id], p["gold"]))
+    return tok, traces
+
+
+def test_online_chunks_and_their_tokens_equal_offline_on_embedded_traces(embedded_traces):
+    """Token by token through IncrementalText (the engine's path), and character by character: the chunks of
+    intermediate_answers, and the token of each content end that chunks.token_ends gives."""
+    from tribunal.traces.detokenize import IncrementalText
+
+    tok, traces = embedded_traces
+    eos = {tok.eos_token_id}
+    chunks_seen = 0
+    for ids, gold in traces:
+        text = tok.decode([i for i in ids if i not in eos], skip_special_tokens=False)
+        expected = intermediate_answers(text, gold)
+        pieces = [tok.decode([i], skip_special_tokens=False) for i in ids]
+        tokens = token_ends(pieces, text, [content_end(text, c) for c in expected],
+                            decode_prefix=lambda n, ids=ids: tok.decode(ids[:n], skip_special_tokens=False))
+        incremental, chunker, got = IncrementalText(tok, eos), OnlineChunker(gold), []
+        for token_id in ids:
+            for chunk in chunker.feed(incremental.push(token_id)):
+                got.append((chunk, incremental.token_of_char(content_end(incremental.text, chunk))))
+        chunker.feed(incremental.finish())
+        got += [(c, incremental.token_of_char(content_end(incremental.text, c))) for c in chunker.finish()]
+        assert got == list(zip(expected, tokens)), text
+        assert online(list(text), gold)[0] == expected
+        chunks_seen += len(expected)
+    assert len(traces) >= 30 + 40 and chunks_seen >= 2 * len(traces)
