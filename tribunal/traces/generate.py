@@ -51,6 +51,7 @@ class _Loaded:
     store_dtype: str
     llm: object = None
     per_trace_seeds: bool = True
+    watching: object = None  # monitor.Watching with --monitor / --exit-policy
 
 
 def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
@@ -74,7 +75,8 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
             else:
                 from .engines.hf import sample_with_hf
 
-                status = sample_with_hf(config, loaded.model, loaded.layers, loaded.store_dtype, ledger, writes, stop)
+                status = sample_with_hf(config, loaded.model, loaded.layers, loaded.store_dtype, ledger, writes, stop,
+                                        loaded.watching)
     finally:
         held = writes.finish()
     return {**_summary(status, stop, config, len(loaded.problems), layers=loaded.layers,
@@ -109,6 +111,8 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
     loaded = dict(problems=problems, target=target, model=model, prompts=prompts,
                   layers=resolve_layers(config.layers, len(decoder_blocks(model))),
                   store_dtype=_store_dtype(config.dtype, model))
+    if (config.monitor or config.exit_policy) and not stop():
+        loaded["watching"] = _watching(config, model, tokenizer, prompts, problems, eos_ids)
     if config.engine == "vllm" and not stop():
         from .engines.vllm import runs_on_cpu, start_engine
 
@@ -119,6 +123,21 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
         loaded.update(llm=start_engine(config, model, tokenizer, int(min(positions, need))),
                       per_trace_seeds=not runs_on_cpu())
     return _Loaded(**loaded)
+
+
+def _watching(config: GenerateConfig, model, tokenizer, prompts: Prompts, problems, eos_ids):
+    """The run's monitor and exit policy, checked against this model before the store is touched."""
+    from .models import decoder_blocks, model_identity
+    from .monitor import Watching, load_directions, load_policy
+
+    probes = config.exit_policy or config.monitor
+    directions = load_directions(probes, model_identity(model, config.model)[0], int(model.config.hidden_size),
+                                 len(decoder_blocks(model)), need_chunk=bool(config.exit_policy))
+    policy = None
+    if config.exit_policy:
+        prompt = tokenizer.decode(prompts.ids(problems[0]), skip_special_tokens=False) if problems else ""
+        policy = load_policy(config, tokenizer, prompt)
+    return Watching(directions, policy, tokenizer, frozenset(eos_ids))
 
 
 def _log_resume(config: GenerateConfig, held: dict) -> None:
@@ -148,6 +167,10 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
     resume_identity = {k: settings[k] for k in ("split", "temperature", "top_p", "max_new_tokens",
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
+    if loaded.watching is not None:  # scores and exits must mean the same thing throughout a store
+        watched = loaded.watching.settings()
+        settings.update(watched)
+        resume_identity.update(watched)
     resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
     if config.engine != "hf":  # an hf store's identity is as it was before engines, so those stores still resume
         resume_identity["engine"] = config.engine
@@ -157,6 +180,8 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
         d_model=int(loaded.model.config.hidden_size), dtype=loaded.store_dtype, generation_settings=settings,
         dataset_id=str(config.dataset or "tribunal/embedded-problems"), dataset_split=config.split,
         seed=config.seed, resume_identity=resume_identity, durable=config.durable,
+        monitor_fields=loaded.watching.fields if loaded.watching is not None else (),
+        exit_table=loaded.watching is not None and loaded.watching.policy is not None,
         description="Per-token residual-stream activations of chain-of-thought traces sampled by tribunal generate.",
     )
 

@@ -42,6 +42,9 @@ class SampledTrace:
     entropies: np.ndarray
     finished: bool  # stopped at EOS (else hit max_new_tokens)
     ready: Callable[[], None] = no_wait  # call before reading `activations`: waits for the batch's device-to-host copy
+    monitor: dict | None = None  # --monitor: per-token scores over prompt + generated tokens (NaN on the prompt)
+    exit: dict | None = None  # --exit-policy: the store's exit record of this trace
+    verdict: tuple | None = None  # (label, answer) of a trace that exited with its intermediate answer
 
 
 class Prompts:
@@ -116,8 +119,12 @@ class RunLedger:
         records, finished_problems = [], []
         for (p, s), t, seed in zip(pairs, sampled, seeds):
             text = self.prompts.text(t.generated_ids)
-            label, predicted = grade_with_answer(text, p.gold, finished=t.finished,
-                                                 thinking=self.prompts.opens_thinking(p))
+            if t.verdict is not None:  # stopped thinking at its exit chunk: that chunk's answer is the trace's
+                (label, predicted), finish = t.verdict, "other"
+            else:
+                label, predicted = grade_with_answer(text, p.gold, finished=t.finished,
+                                                     thinking=self.prompts.opens_thinking(p))
+                finish = "stop" if t.finished else "length"
             self.graded[label] += 1
             self.new_tokens += len(t.generated_ids)
             if self.keep_all or label not in self.target or self.counts[label] < self.target[label]:
@@ -125,8 +132,8 @@ class RunLedger:
                 records.append(TraceRecord(
                     problem_id=p.problem_id, sample_index=s, token_ids=t.prompt_ids + t.generated_ids,
                     prompt_length=len(t.prompt_ids), activations=t.activations, label=label, text=text,
-                    predicted=predicted, gold=p.gold, finish_reason="stop" if t.finished else "length",
-                    logprobs=t.logprobs, entropies=t.entropies, seed=seed))
+                    predicted=predicted, gold=p.gold, finish_reason=finish, logprobs=t.logprobs,
+                    entropies=t.entropies, seed=seed, monitor=t.monitor, exit=t.exit))
             self._remaining[p.problem_id] -= 1
             if not self._remaining[p.problem_id]:
                 finished_problems.append((p.problem_id, self.samples_per_problem))

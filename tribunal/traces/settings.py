@@ -12,6 +12,8 @@ from ..errors import TribunalError
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 COMPUTE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ENGINE_CHOICES = ("hf", "vllm")
+EXIT_RULES = ("probe", "confidence")
+EXIT_ANSWERS = ("intermediate", "forced")
 
 
 def option(default, help: str, **cli):
@@ -59,6 +61,23 @@ class GenerateConfig:
     prompt_template: str | None = option(None, "Prompt with {question}; default R1-style for chat models.")
     chat_template: bool | None = option(None, "Use the tokenizer's chat template (default: if it has one).",
                                         secondary="--no-chat-template")
+    monitor: str | None = option(None, "Probes folder (from `tribunal probe chunks` / `probe tokens`): while sampling, "
+                                       "score every chunk end that states an answer with its chunk direction and every "
+                                       "generated token with its token direction; stored with each trace (hf engine).")
+    exit_policy: str | None = option(None, "Probes folder: stop each trace's thinking at the first chunk end that states "
+                                           "an answer where --exit-rule reaches --exit-threshold (monitors as well; hf "
+                                           "engine).")
+    exit_rule: str = option("probe", "--exit-policy: probe (the chunk probe's probability) or confidence (exp of the "
+                                     "mean log-prob over the chunk).", choices=EXIT_RULES)
+    exit_threshold: str = option("auto", "--exit-policy: a number in [0, 1]; auto (the threshold `probe chunks` chose "
+                                         "on all problems); conformal:EPS or conformal:EPS:DELTA (accuracy lost against "
+                                         "the full traces <= EPS with probability 1-DELTA, default 0.1: split-conformal "
+                                         "risk control on the probing store's problems).")
+    exit_answer: str = option("intermediate", "--exit-policy: intermediate (the exit chunk's answer is the trace's) or "
+                                              "forced (append the end of thinking and an answer cue; the model answers "
+                                              "within --exit-answer-budget tokens, counted in the cost).",
+                              choices=EXIT_ANSWERS)
+    exit_answer_budget: int = option(16, "--exit-answer forced: tokens the model may write after the answer cue.")
     queue_batches: int = option(2, "Batches waiting for the store writer at most.", cli=False)
     durable: bool = option(True, "fsync each commit.", cli=False)
     progress: bool = option(True, "Show a progress bar.", cli=False)
@@ -117,4 +136,26 @@ class GenerateConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise TribunalError(f"--dtype {self.dtype!r}: choose {', '.join(DTYPE_CHOICES)}")
         self.shard_pair()
+        self._validate_exit()
         return self
+
+    def _validate_exit(self) -> None:
+        exit_options = [name for name in ("exit_rule", "exit_threshold", "exit_answer", "exit_answer_budget")
+                        if getattr(self, name) != type(self).__dataclass_fields__[name].default]
+        if exit_options and not self.exit_policy:
+            raise TribunalError(f"--{exit_options[0].replace('_', '-')} needs --exit-policy PROBES_DIR")
+        if (self.monitor or self.exit_policy) and self.engine != "hf":
+            raise TribunalError("--monitor and --exit-policy run on the hf engine (--engine hf)")
+        if self.monitor and self.exit_policy and str(self.monitor) != str(self.exit_policy):
+            raise TribunalError("--monitor and --exit-policy name different probes folders; give one (the exit "
+                                "policy monitors with its own probes)")
+        if self.exit_rule not in EXIT_RULES:
+            raise TribunalError(f"--exit-rule {self.exit_rule!r}: choose {', '.join(EXIT_RULES)}")
+        if self.exit_answer not in EXIT_ANSWERS:
+            raise TribunalError(f"--exit-answer {self.exit_answer!r}: choose {', '.join(EXIT_ANSWERS)}")
+        if self.exit_answer_budget < 1:
+            raise TribunalError("--exit-answer-budget must be at least 1")
+        if self.exit_policy:
+            from ..probes.exit_policy import parse_threshold
+
+            parse_threshold(self.exit_threshold)

@@ -147,6 +147,11 @@ class BlockCapture:
         finally:
             self._stop_at = self._rows = None
 
+    def column(self, index: int, position: int) -> torch.Tensor:
+        """(batch, d_model): the states of layer `self.layers[index]` at one position of this batch, as captured
+        (the storage dtype): what the live monitor scores, so its numbers are those of the stored activations."""
+        return self._per_layer[index][:, position]
+
     def take(self) -> torch.Tensor:
         """(layers, batch, positions, d_model) in the storage dtype: everything captured since `start`,
         a view of the buffer, valid until the next `start`."""
