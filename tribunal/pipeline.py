@@ -92,10 +92,12 @@ def chunk_probe(stores, out_dir, tokenizer: str | None = None, cues: str | None 
     ProbeConfig(**options).validate()
     with open_store(stores) as store:
         model_id = store.model_id
-    pattern = cue_pattern(tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES, chunk_regex)
+    cue_list = tuple(c.strip() for c in cues.split(",")) if cues else DEFAULT_CUES
+    pattern = cue_pattern(cue_list, chunk_regex)
     decoder = piece_decoder(model_id, tokenizer)
     deer = trial_answer_rows(stores, model, decoder, pattern, progress) if model else {}
-    return chunk_outputs(stores, out_dir, decoder, pattern=pattern, progress=progress, **deer, **options)
+    return chunk_outputs(stores, out_dir, decoder, pattern=pattern, progress=progress,
+                         chunking={"cues": list(cue_list), "extra": chunk_regex}, **deer, **options)
 
 
 def trial_answer_rows(stores, model: str, decoder, pattern=None, progress: bool = True, **load) -> dict:

@@ -110,6 +110,9 @@ def test_auto_thresholds_and_calibration_data_are_written(chunk_runs):
     assert set(chunk["exit_thresholds"]) == {"probe", "confidence"} == set(chunk["exit_thresholds_how"])
     saved = json.loads((out / xp.DIRECTIONS_FILE).read_text())["chunk"]
     assert saved["exit_thresholds"] == chunk["exit_thresholds"]
+    from tribunal.chunks import DEFAULT_CUES
+
+    assert saved["chunking"] == {"cues": list(DEFAULT_CUES), "extra": None}  # what the live monitor chunks with
     lines = (out / xp.CALIBRATION_FILE).read_text().splitlines()
     assert lines[0] == ",".join(xp.COLUMNS)
     rows = list(csv.DictReader(open(out / "chunks.csv")))

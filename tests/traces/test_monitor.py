@@ -21,7 +21,7 @@ from tribunal.traces.generate import EXIT_INTERRUPTED, GenerateConfig, run_gener
 from tribunal.traces.models import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, piece_decoder
 
 D_MODEL = json.loads((EMBEDDED_MODEL / "config.json").read_text())["hidden_size"]
-RUN = dict(max_problems=6, samples_per_problem=2, max_new_tokens=160, batch_size=4, keep_all=True, progress=False,
+RUN = dict(max_problems=4, samples_per_problem=2, max_new_tokens=160, batch_size=4, keep_all=True, progress=False,
            layers="2,5")
 
 
@@ -191,7 +191,7 @@ def test_forced_answers_follow_the_exit_chunk_within_their_budget(tmp_path, full
 def exit_command(probes, out):
     return [sys.executable, "-m", "tribunal.cli", "generate", "--out", str(out), "--exit-policy", str(probes),
             "--exit-threshold", "0.5", "--layers", "2,5", "--max-new-tokens", "160", "--samples-per-problem", "2",
-            "--batch-size", "2", "--max-problems", "12", "--keep-all", "--quiet"]
+            "--batch-size", "2", "--max-problems", "8", "--keep-all", "--quiet"]
 
 
 def test_an_exit_run_killed_or_stopped_resumes_exactly_once(tmp_path, full_run, python_env):
@@ -212,7 +212,7 @@ def test_an_exit_run_killed_or_stopped_resumes_exactly_once(tmp_path, full_run, 
         with open_store(out) as store:
             assert verify_store(store) == []
             pairs = sorted(zip(store.table["problem_id"].tolist(), store.table["sample_index"].tolist()))
-            assert pairs == [(p, s) for p in range(12) for s in range(2)]  # each pair once
+            assert pairs == [(p, s) for p in range(8) for s in range(2)]  # each pair once
             assert store.exit_table is not None and len(store.exit_table) == store.n_traces
 
 
@@ -220,6 +220,7 @@ def test_an_exit_run_killed_or_stopped_resumes_exactly_once(tmp_path, full_run, 
     ({"model": "someone/other-model"}, [], "were fit on model 'someone/other-model'"),
     ({"d_model": 64}, [], "have d_model 64, the model 128"),
     ({"chunk_layer": 11}, [], "layer 11 is not among"),
+    ({"chunking": {"cues": ["wait"], "extra": "Step"}}, [], "online chunking cannot follow"),
     ({}, ["--exit-threshold", "1.5"], "outside [0, 1]"),
     ({}, ["--exit-threshold", "conformal:0.05"], "needs the probing store's calibration data"),
     ({}, ["--exit-threshold", "auto"], "`auto` needs the exit thresholds"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chunks import DEFAULT_CUES
 from ..errors import TribunalError
 from ..store import open_store
 from . import directions as dirs
@@ -58,12 +59,13 @@ def probe_tokens(stores, out_dir, layer: int | None = None, progress: bool = Tru
 
 
 def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = True, trial_answer=None,
-                 trial_answer_correct=None, **options) -> dict:
+                 trial_answer_correct=None, chunking: dict | None = None, **options) -> dict:
     """Chunk probes and early exit: chunks.csv, chunk_metrics.json, exit_calibration.csv and the `chunk` section of
     the directions file (with the `auto` exit thresholds).
 
     trial_answer (DEER's score) and trial_answer_correct (whether that trial answer is right): optional per-chunk
-    arrays aligned with load_chunks' rows; the first adds the "trial_answer" exit rule, both add columns."""
+    arrays aligned with load_chunks' rows; the first adds the "trial_answer" exit rule, both add columns.
+    chunking: the cues and extra regex `pattern` was built from, recorded so the live monitor chunks alike."""
     from .chunk_probe import evaluate_chunk_probe, load_chunks
 
     cfg = ProbeConfig(**options).validate()
@@ -90,7 +92,8 @@ def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = 
                     "layers": result["layers"], "baselines": result["baselines"],
                     "early_exit": {k: v for k, v in result["early_exit"].items() if k != "curves"},
                     "exit_thresholds": result["early_exit"]["exit_thresholds"],
-                    "exit_thresholds_how": result["early_exit"]["exit_thresholds_how"]}
+                    "exit_thresholds_how": result["early_exit"]["exit_thresholds_how"],
+                    "chunking": chunking or {"cues": list(DEFAULT_CUES), "extra": None}}
     dirs.save(doc, out / DIRECTIONS_FILE)
     write_chunks_csv(data, result, out / "chunks.csv", extra.get("trial_answer"))
     exit_policy.write_calibration(out / exit_policy.CALIBRATION_FILE, data,

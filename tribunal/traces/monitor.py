@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chunks import OnlineChunker, content_end
+from ..chunks import DEFAULT_CUES, OnlineChunker, content_end, cue_pattern
 from ..errors import TribunalError
 from ..grading import ANSWER_CUE, prompt_opens_thinking
 from ..probes import directions as saved
@@ -41,6 +41,7 @@ class Directions:
     token score = token_weights . x - token_offset at the token probe's layer (either may be absent)."""
 
     probes: str
+    cues: tuple  # the reflection cues the chunk probe's chunks were cut at (chunks.cue_pattern)
     chunk_layer: int | None
     chunk_weights: np.ndarray | None
     chunk_bias: float
@@ -53,7 +54,8 @@ class Directions:
         return sorted({x for x in (self.chunk_layer, self.token_layer) if x is not None})
 
     def settings(self) -> dict:
-        return {"probes": self.probes, "chunk_layer": self.chunk_layer, "token_layer": self.token_layer,
+        return {"probes": self.probes, "cues": list(self.cues), "chunk_layer": self.chunk_layer,
+                "token_layer": self.token_layer,
                 "token_direction": TOKEN_DIRECTION if self.token_layer is not None else None}
 
 
@@ -76,6 +78,10 @@ def load_directions(probes_dir, model_id: str, d_model: int, n_layers: int, need
         if layer is not None and not (0 <= int(layer) < n_layers and int(layer) in prov.get("layers", [layer])):
             raise TribunalError(f"{where}: the {part} probe's layer {layer} is not among the probing store's layers "
                                 f"{prov.get('layers')} within the model's {n_layers}")
+    chunking = (chunk or {}).get("chunking", {"cues": list(DEFAULT_CUES), "extra": None})
+    if chunking.get("extra"):
+        raise TribunalError(f"{where}: the chunk probe was fit with --chunk-regex {chunking['extra']!r}, which online "
+                            "chunking cannot follow (it cannot know how far a regex reads ahead); refit it with --cues only")
     cw = cb = tw = to = None
     if chunk:
         d = chunk["direction"]
@@ -84,7 +90,7 @@ def load_directions(probes_dir, model_id: str, d_model: int, n_layers: int, need
     if token:
         tw = np.asarray(token["directions"][TOKEN_DIRECTION]["direction"], np.float64)
         to = float(tw @ np.asarray(token["midpoint"], np.float64))
-    return Directions(str(probes_dir), chunk and int(chunk["direction"]["layer"]), cw, cb or 0.0,
+    return Directions(str(probes_dir), tuple(chunking["cues"]), chunk and int(chunk["direction"]["layer"]), cw, cb or 0.0,
                       token and int(token["layer"]), tw, to or 0.0)
 
 
@@ -185,8 +191,9 @@ class BatchWatch:
 
     def __init__(self, directions: Directions, policy: ExitPolicy | None, tokenizer, eos_ids, golds: list):
         self.directions, self.policy = directions, policy
+        pattern = cue_pattern(directions.cues)
         self.rows = [TraceWatch(IncrementalText(tokenizer, eos_ids),
-                                OnlineChunker(gold) if directions.chunk_layer is not None else None)
+                                OnlineChunker(gold, pattern) if directions.chunk_layer is not None else None)
                      for gold in golds]
 
     def force(self, step: int, active) -> list[tuple[int, int]]:
