@@ -55,6 +55,9 @@ class SynthSettings:
     tokens_per_trace: tuple = option("64-256", "Range of trace lengths in tokens.")
     dtype: str = option("float16", "Storage dtype.", choices=tuple(DTYPES))
     seed: int = option(0, "Seed of the planted truth and of every trace.")
+    direction_seed: int | None = option(None, "Seed of the planted directions (default: --seed): stores of one "
+                                              "--direction-seed and different --seed share the value direction, "
+                                              "with independent traces (transfer).")
     signal: float = option(0.8, "AUROC of the ideal linear probe on the mean (0.5 = none).")
     signal_layers: tuple | None = option(None, "Layers carrying the signal (default: the middle half).")
     length_confound: float = option(0.0, "0..1: how much trace length decides the label.")
@@ -134,6 +137,9 @@ class SynthWorld:
         self.s = settings
         rng = np.random.default_rng([settings.seed, 0])
         self.direction, self.position_direction = _orthonormal(rng, settings.d_model, 2)
+        if settings.direction_seed is not None:  # another seed's directions, this seed's traces and problems
+            self.direction, self.position_direction = _orthonormal(
+                np.random.default_rng([settings.direction_seed, 0]), settings.d_model, 2)
         P, d = settings.problems, settings.d_model
         self.problem_label = rng.permutation(np.arange(P) % 2)
         comp = rng.standard_normal((P, d)).astype(np.float32) * settings.problem_scale
@@ -245,6 +251,8 @@ def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -
     settings.validate()
     world = SynthWorld(settings)
     truth = {k: v for k, v in asdict(settings).items() if k != "batch_tokens"}
+    if settings.direction_seed is None:  # stores written before direction_seed existed keep their identity
+        del truth["direction_seed"]
     truth.update(delta=settings.delta, direction_dataset="synth/direction")
     writer = StoreWriter(
         out,
@@ -254,7 +262,7 @@ def write_synthetic_store(out, settings: SynthSettings, progress: bool = True) -
         dtype=settings.dtype,
         model_revision="synthetic-v1",
         generation_settings={"synthetic": True},
-        dataset_id="synthetic",
+        dataset_id=f"synthetic/seed-{settings.seed}",  # a seed's problems are its own: other seeds share none
         dataset_split="synthetic",
         seed=settings.seed,
         resume_identity={"synth": json.dumps(truth, sort_keys=True)},
