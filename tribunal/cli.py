@@ -415,6 +415,37 @@ def probe_chunks_cmd(stores, out_dir, tokenizer, cues, chunk_regex, model, quiet
     click.echo(f"wrote {out_dir}/chunks.csv, chunk_metrics.json, chunk_probe.png, early_exit.png")
 
 
+@probe.command("transfer")
+@click.option("--train", multiple=True, required=True,
+              help="Store the probes are fit on: a file, a glob or a run folder; repeat for several.")
+@click.option("--test", multiple=True, required=True,
+              help="Store the probes are scored on (other problems: another dataset, template, temperature); repeat.")
+@click.option("--out", "out_dir", required=True, help="Output folder (transfer.json, transfer.csv, transfer.png).")
+@click.option("--layers", default=None, callback=parsed(parse_index_list),
+              help="Trajectory layers (default: every stored layer).")
+@click.option("--token-layer", type=int, default=None, help="Token probe layer (default: the middle stored layer).")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (path or hub id) to find chunk ends; default: the stores' model.")
+@click.option("--no-chunks", is_flag=True, help="Leave the chunk probe out (no tokenizer needed).")
+@probe_options("trajectory", "tokens")
+@user_errors
+def probe_transfer_cmd(train, test, out_dir, layers, token_layer, tokenizer, no_chunks, quiet, **options):
+    """Fit every probe kind on the --train stores and score it on the --test stores, beside its in-distribution
+    figure and the baselines refit the same way; stores of another model, layer set or width are refused."""
+    from .report.outputs import transfer_outputs
+    from .store import open_store
+    from .traces.models import piece_decoder
+
+    decode = None
+    if not no_chunks:
+        with open_store(train[0]) as store:
+            decode = piece_decoder(store.model_id, tokenizer)
+    result = transfer_outputs(list(train), list(test), out_dir, decode, layers=layers, token_layer=token_layer,
+                              progress=not quiet, **options)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/transfer.json, transfer.csv, transfer.png")
+
+
 @main.command()
 @click.argument("directions")
 @click.argument("stores", nargs=-1, required=True)

@@ -336,3 +336,41 @@ def early_exit_figure(result: dict):
                             for n, r in rules.items()], lines=[(0.0, "-")])
     axes["saved"].set_xlabel("generated tokens saved (fraction)")
     return fig
+
+
+TRANSFER_STYLE = {"trajectory": ("tab:blue", "o"), "token": ("tab:purple", "D"), "chunk": ("tab:orange", "s")}
+
+
+def transfer_figure(result: dict):
+    """In-distribution against transferred ROC-AUC, one point per probe (trajectory cell, token direction, chunk
+    layer) with both 95% CIs as bars, the diagonal (kept what it had) and the chance lines; the legend beside it.
+    result: probes.transfer's result (its `rows`)."""
+    fig, axes = _grid(1)
+    ax = axes[0][0]
+    rows = result["rows"]
+    ends = [0.5]
+    for kind, (color, marker) in TRANSFER_STYLE.items():
+        mine = [r for r in rows if r["kind"] == kind]
+        if not mine:
+            continue
+        x = np.array([r["in_distribution"]["value"] for r in mine])
+        y = np.array([r["transferred"]["value"] for r in mine])
+        xci = np.array([r["in_distribution"]["ci"] for r in mine])
+        yci = np.array([r["transferred"]["ci"] for r in mine])
+        ax.errorbar(x, y, xerr=[np.maximum(x - xci[:, 0], 0), np.maximum(xci[:, 1] - x, 0)],
+                    yerr=[np.maximum(y - yci[:, 0], 0), np.maximum(yci[:, 1] - y, 0)], fmt=marker, mfc="none",
+                    color=color, ms=6, capsize=2, lw=0.8, alpha=0.9, label=f"{kind} ({len(mine)})")
+        ends += [*xci.ravel(), *yci.ravel()]
+    lo, hi = _limits(ends)
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="transferred = in distribution")
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":", label="chance (0.5)")
+    ax.axvline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("in distribution ROC-AUC (95% CI)")
+    ax.set_ylabel("transferred ROC-AUC (95% CI)")
+    ax.set_title("fit on the training stores: in distribution against\non the test stores", fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    _legend_slot(axes[0][1], handles, labels)
+    return fig
