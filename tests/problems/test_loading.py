@@ -39,6 +39,10 @@ def test_prompt_uses_the_chat_template_when_there_is_one():
     from tribunal.traces.models import EMBEDDED_MODEL
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    r1 = tok.decode(build_prompt(tok, "What is 2+2?"))  # the embedded model's own template is R1's
+    assert r1.startswith("<\uff5cbegin\u2581of\u2581sentence\uff5c><\uff5cUser\uff5c>What is 2+2?\nPlease reason")
+    assert r1.endswith("<\uff5cAssistant\uff5c><think>\n")
+    tok.chat_template = None
     plain = tok.decode(build_prompt(tok, "What is 2+2?"))
     assert plain == "Question: What is 2+2?\nAnswer:"
     tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|><think>\n"
