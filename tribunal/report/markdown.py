@@ -25,7 +25,8 @@ LABEL_ORDER = ("correct", "incorrect", "unparsed")
 def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, chunks: dict | None = None,
                  exit_measured: dict | None = None) -> None:
     """generation: what run_generation returned; traj, tok, chunks: what the probes' outputs returned;
-    exit_measured: what exit_report returned for `run --early-exit` (its files in EXIT_FOLDER)."""
+    exit_measured: what exit_report returned for `run --early-exit` (its files in EXIT_FOLDER), or
+    {"not_measured": why} when there was nothing to measure."""
     prov = traj["document"]["provenance"]
     result = traj["result"]
     sel = result["selection"]
@@ -50,8 +51,11 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
     ]
     if chunks is not None:
         lines += chunk_section(chunks["result"])
+    measured = exit_measured is not None and "not_measured" not in exit_measured
     if exit_measured is not None:
-        lines += ["", "## Early exit, measured", "", *exit_measured_lines(exit_measured, f"{EXIT_FOLDER}/")]
+        lines += ["", "## Early exit, measured", "",
+                  *(exit_measured_lines(exit_measured, f"{EXIT_FOLDER}/") if measured
+                    else [f"Not measured: {exit_measured['not_measured'].rstrip('.')}."])]
     lines += [
         "",
         "## Files",
@@ -63,7 +67,7 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
         "- `chunks.csv`: every chunk with its answer, label and nested held-out probability",
         "- `chunk_metrics.json`: the chunk probe's nested figures, its direction cell, and early exit",
         *([f"- `{EXIT_FOLDER}/`: the run with the exit policy (`store.h5`) and its measured report "
-           "(`exit_report.md`, `exit_report.json`, a plot per rule)"] if exit_measured is not None else []),
+           "(`exit_report.md`, `exit_report.json`, a plot per rule)"] if measured else []),
         "",
     ]
     Path(path).write_text("\n".join(lines))
@@ -332,6 +336,9 @@ def exit_measured_lines(doc: dict, folder: str = "") -> list[str]:
                 f"Of those that exited, {pre['exited_matched']} of {pre['exited']} are token-for-token prefixes of "
                 f"their full twin; of those that did not, {pre['not_exited_identical']} of {pre['not_exited']} are "
                 "identical to it."]
+        if p["threshold"] is None:
+            said.append(f"No threshold saves tokens: `{p.get('threshold_spec')}` found none on the probing store, so "
+                        "the rule never fires, nothing exits, and this run repeats the full one.")
         if pre["matched"] < m["pairs"]:
             said.append("Traces that differ from their twin before the exit were not sampled alike (another engine, "
                         "or nondeterministic hardware): there the saving is not only the policy's.")
