@@ -44,4 +44,4 @@ def test_chunks_state_right_and_wrong_intermediate_answers_slips_are_caught_and_
     assert abs(slips / len(problems) - RECIPE["slip"]) < 0.03
     assert abs(rechecks / len(problems) - RECIPE["recheck"]) < 0.03
     words = [len(p["trace"].split()) for p in problems]
-    assert statistics.mean(words) < 50 and max(words) < 90  # short: the test suite samples from the model trained on them
+    assert statistics.mean(words) < 50 and max(words) < 90  # short: the tests sample from the model trained on them

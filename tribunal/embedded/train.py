@@ -3,10 +3,11 @@ the time.
 
     python -m tribunal.embedded.train [--out tribunal/embedded] [--seed 0]
 
-Seeded and CPU-only (minutes on 2 cores). The tokenizer carries a chat template in R1's shape whose generation
-prompt ends with `<think>\\n`; the model is trained on exactly the prompt `tribunal generate` builds
-(problems.loading.build_prompt) followed by a synthetic R1-shaped trace (problems/synthetic.py: steps in
-paragraphs, slips caught by "Wait", re-checks, `</think>`, `\\boxed{}`). It writes, next to this file:
+Seeded and CPU-only, one thread (800 steps, 26 minutes on a busy 2-core machine; about 19 unloaded). The
+tokenizer carries a chat template in R1's shape whose generation prompt ends with `<think>\\n`; the model is
+trained on exactly the prompt `tribunal generate` builds (problems.loading.build_prompt) followed by a synthetic
+R1-shaped trace (problems/synthetic.py: steps in paragraphs, slips caught by "Wait", re-checks, `</think>`,
+`\\boxed{}`). It writes, next to this file:
   model/     the model and its tokenizer in Hugging Face format (float16 safetensors, a few MB), loaded by
              `tribunal generate` through the same from_pretrained path as any model; TRAINING.json holds the
              data recipe and what the trained model does at temperature 1 (accuracy, tokens, graded chunks);
@@ -188,7 +189,7 @@ def main():
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % 25 == 0:
+        if step % 25 == 0 and not (step % args.eval_every == 0 and step >= MIN_STEPS):
             print(f"step {step}: loss {loss.item():.3f} ({time.time() - started:.0f}s)", flush=True)
         if step % args.eval_every == 0 and step >= MIN_STEPS:
             accuracy = sampled_accuracy(model, tokenizer, held_out, seed=args.seed)
