@@ -2,6 +2,7 @@
 leaves nothing behind (every command that creates an output folder or file)."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -105,6 +106,13 @@ def test_slurm_submit_writes_the_probe_options_into_the_probe_job(tmp_path):
     assert "--seed 4" in (run / "slurm" / "generate.sbatch").read_text()
 
 
+def test_run_takes_the_exit_options_but_its_policy_is_its_own_probes():
+    text = invoke("run", "--help").output
+    assert "--early-exit" in text and "--exit-threshold" in text and "--exit-rule" in text
+    option = re.compile(r"^\s+--exit-policy ", re.M)
+    assert not option.search(text) and option.search(invoke("generate", "--help").output)
+
+
 def bad_inputs(tmp_path, store, chunk_store):
     """(command line, what it creates when it succeeds) per command that writes an output folder or file."""
     new = tmp_path / "new"
@@ -112,6 +120,8 @@ def bad_inputs(tmp_path, store, chunk_store):
     return {
         "run shard": ["run", "--shard", "3/2", "--out", new / "x"],
         "run folds": ["run", "--folds", 1, "--out", new / "x"],
+        "run exit threshold": ["run", "--exit-threshold", "0.5", "--out", new / "x"],
+        "run early exit": ["run", "--early-exit", "--exit-threshold", "conformal:0", "--out", new / "x"],
         "probe trajectory": ["probe", "trajectory", tmp_path / "missing.h5", "--out", new],
         "probe trajectory layers": ["probe", "trajectory", store, "--layers", 9, "--out", new],
         "probe tokens": ["probe", "tokens", store, "--layer", 9, "--out", new],
@@ -125,8 +135,9 @@ def bad_inputs(tmp_path, store, chunk_store):
     }
 
 
-CASES = ["run shard", "run folds", "probe trajectory", "probe trajectory layers", "probe tokens", "probe chunks", "score",
-         "capture", "merge", "slurm submit", "synth", "generate"]
+CASES = ["run shard", "run folds", "run exit threshold", "run early exit", "probe trajectory",
+         "probe trajectory layers", "probe tokens", "probe chunks", "score", "capture", "merge", "slurm submit",
+         "synth", "generate"]
 
 
 @pytest.mark.parametrize("case", CASES)

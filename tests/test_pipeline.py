@@ -2,6 +2,7 @@
 chunk probe and `score` behind the CLI."""
 
 import csv
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from tribunal.errors import TribunalError
 from tribunal.pipeline import chunk_probe, run_pipeline, score_stores, split_options
 from tribunal.probes import directions as dirs
 from tribunal.probes.run import probe_trajectory
+from tribunal.store import open_store
 
 
 def test_one_seed_goes_to_the_generator_and_the_probes():
@@ -24,10 +26,22 @@ def test_one_seed_goes_to_the_generator_and_the_probes():
 
 @pytest.mark.parametrize("options, message", [({"shard": "3/2"}, "--shard"), ({"folds": 1}, "--folds"),
                                               ({"memory": "lots"}, "--memory"), ({"temperature": 0}, "--temperature"),
-                                              ({"seed": -1}, "--seed"), ({"max_problems": 3}, "--max-problems 3")])
+                                              ({"seed": -1}, "--seed"), ({"max_problems": 3}, "--max-problems 3"),
+                                              ({"exit_policy": "p"}, "no --exit-policy"),
+                                              ({"exit_rule": "confidence"}, "add --early-exit"),
+                                              ({"exit_threshold": "1.5"}, "add --early-exit")])
 def test_bad_run_options_are_refused_before_the_run_folder_exists(tmp_path, options, message):
     with pytest.raises(TribunalError, match=message):
         run_pipeline(tmp_path / "runs" / "x", options, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("options, message", [({"exit_threshold": "1.5"}, "outside"),
+                                              ({"exit_threshold": "conformal:2"}, "conformal"),
+                                              ({"engine": "vllm"}, "hf engine")])
+def test_a_bad_exit_policy_is_refused_before_the_first_run_samples(tmp_path, options, message):
+    with pytest.raises(TribunalError, match=message):
+        run_pipeline(tmp_path / "runs" / "x", options, progress=False, early_exit=True)
     assert not (tmp_path / "runs").exists()
 
 
@@ -93,5 +107,34 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
     doc = dirs.load(run)
     assert "chunk" in doc and "early_exit" in doc["chunk"]
     assert "trajectory" in doc and "token" in doc and doc["provenance"]["model"] == "tribunal/embedded-default"
-    again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5"])
-    assert again.exit_code == 0 and "0 new tok/s" in again.output  # resumed: nothing generated twice
+    # resumed with --early-exit: nothing generated twice, then the same traces again with the run's own policy
+    again = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5", "--early-exit",
+                                      "--exit-threshold", "0"])
+    assert again.exit_code == 0 and again.output.splitlines()[0].endswith(" 0 new tok/s"), again.output
+    assert "exit report: FULL" in again.output
+    exited_at_first_answering_chunk(run)
+
+
+def exited_at_first_answering_chunk(run):
+    """Threshold 0: a trace exits at its first answering chunk (the tokens up to its last one are its thinking),
+    as a prefix of its full twin, or (its first answering chunk only known at the end) is that twin."""
+    (policy,) = json.loads((run / "early_exit" / "exit_report.json").read_text())["policies"]
+    m = policy["measured"]
+    first = {}
+    for row in csv.DictReader((run / "chunks.csv").open()):
+        first.setdefault(int(row["trace"]), int(row["token_end"]))
+    with open_store(run) as full, open_store(run / "early_exit" / "store.h5") as exited:
+        assert full.n_traces == m["pairs"] and full.exit_table is None  # RUN/*.h5 is the first run alone
+        assert exited.attrs["generation_settings"]["exit_policy"]["probes"] == str(run)
+        twin = {(int(r["problem_id"]), int(r["sample_index"])): e for r, e in zip(exited.table, exited.exit_table)}
+        exits = [(i, int(e["thinking_tokens"])) for i, r in enumerate(full.table)
+                 if (e := twin[int(r["problem_id"]), int(r["sample_index"])])["exit_chunk"] >= 0]
+    assert policy["threshold"] == 0 and policy["only_in_full"] == 0 and m["prefix"]["matched"] == m["pairs"]
+    assert all(n == first[i] + 1 for i, n in exits)
+    assert len(first) >= m["exited"] > 0.8 * len(first) and m["tokens_saved"] > 0
+    report = (run / "report.md").read_text()
+    section = report[report.index("## Early exit, measured"):report.index("## Files")]
+    assert "**probe >= 0" in section and "intermediate answer" in section
+    assert "![probe rule](early_exit/exit_report_probe.png)" in section
+    assert (run / "early_exit" / "exit_report_probe.png").stat().st_size > 0
+

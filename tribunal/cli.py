@@ -183,17 +183,23 @@ def load_config_file(ctx, param, value):
     return value
 
 
-def generator_options(func, per_shard: bool = True):
+def generator_options(func, per_shard: bool = True, leave_out: tuple[str, ...] = ()):
     """The generator's options, derived from GenerateConfig (one definition), plus --config and --quiet.
-    per_shard=False leaves out what the cluster launcher sets per task (--shard)."""
+    per_shard=False leaves out what the cluster launcher sets per task (--shard); leave_out: fields by name."""
     from .traces.settings import GenerateConfig
 
-    fields = [f for f in GenerateConfig.cli_fields() if per_shard or not f.metadata.get("per_shard")]
+    fields = [f for f in GenerateConfig.cli_fields()
+              if (per_shard or not f.metadata.get("per_shard")) and f.name not in leave_out]
     return with_options(func, [config_option(), *field_options(fields), quiet_option()])
 
 
 def cluster_generator_options(func):
     return generator_options(func, per_shard=False)
+
+
+def run_generator_options(func):
+    """`run`'s: no --exit-policy, since `run --early-exit` exits with the run folder's own probes."""
+    return generator_options(func, leave_out=("exit_policy",))
 
 
 def probe_options(*probes: str, beside_generator: bool = False):
@@ -232,10 +238,14 @@ def generate(quiet, **options):
 
 @main.command()
 @click.option("--out", required=True, help="Run folder: store.h5, directions, plots, report.md.")
-@generator_options
+@click.option("--early-exit", is_flag=True,
+              help="Then sample the same problems and seeds again with the run's own probes as the exit policy "
+                   "(--exit-rule, --exit-threshold, --exit-answer), into OUT/early_exit/, and measure the tokens "
+                   "saved and the accuracy change against the first run in report.md.")
+@run_generator_options
 @probe_options(beside_generator=True)
 @user_errors
-def run(out, quiet, **options):
+def run(out, early_exit, quiet, **options):
     """The main job: generate (the embedded default when no model is given), the probes, report.md, in OUT.
 
     --seed seeds the sampling and every probe. Rerunning resumes the generation. Exit 75 when interrupted
@@ -244,13 +254,19 @@ def run(out, quiet, **options):
     from .pipeline import run_pipeline
     from .traces.generate import EXIT_INTERRUPTED, format_summary
 
-    result = run_pipeline(out, options, progress=not quiet)
+    result = run_pipeline(out, options, progress=not quiet, early_exit=early_exit)
     click.echo(format_summary(result["generate"]))
     if result["generate"]["status"] != "done":
         sys.exit(EXIT_INTERRUPTED)
     click.echo(result["trajectory"])
     click.echo(result["tokens"])
     click.echo(result["chunks"])
+    if "exit_generate" in result:
+        click.echo(format_summary(result["exit_generate"]))
+        if result["exit_generate"]["status"] != "done":
+            sys.exit(EXIT_INTERRUPTED)
+    if "early_exit" in result:
+        click.echo(result["early_exit"])
     click.echo(f"report: {out}/report.md")
 
 

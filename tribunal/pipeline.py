@@ -1,5 +1,6 @@
 """The commands that chain steps across packages: `tribunal run` (generate, the three probes, one-page report, in
-one run folder), the settings of `slurm submit`'s generate and probe jobs, the chunk probe and `tribunal score`
+one run folder; with --early-exit a second sampling under the run's own exit policy, measured against the first),
+the settings of `slurm submit`'s generate and probe jobs, the chunk probe and `tribunal score`
 (which need the store's tokenizer from traces/).
 
 The one module that chains the steps (problems -> traces -> store -> probes -> report); the steps never
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cluster.slurm import PROBE_JOB, SubmitConfig
 from .errors import TribunalError
 from .probes.config import ProbeConfig
 from .probes.tokens import MIN_PROBLEMS as MIN_TOKEN_PROBE_PROBLEMS
-from .report.markdown import write_report
+from .report.exit_report import exit_report
+from .report.markdown import EXIT_FOLDER, write_report
 from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
 from .store import open_store
 from .traces.generate import run_generation
@@ -26,6 +28,7 @@ from .traces.models import EMBEDDED_MODEL, piece_decoder
 from .traces.settings import GenerateConfig
 
 STORE_NAME = "store.h5"
+EXIT_OPTIONS = ("exit_rule", "exit_threshold", "exit_answer", "exit_answer_budget")  # `run --early-exit`'s policy
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -50,19 +53,27 @@ def submit_config(run_dir, options: dict, probe_args=(), **slurm) -> SubmitConfi
     return SubmitConfig(run_dir=run_dir, generate=generate, probe_args=args, **slurm)
 
 
-def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:
+def run_pipeline(run_dir, options: dict, progress: bool = True, early_exit: bool = False) -> dict:
     """Generate into RUN/store.h5 (resuming), probe it, write RUN/report.md. Returns what each step said.
 
     options: GenerateConfig and ProbeConfig fields (split_options). All are checked first; the run folder
-    appears when the store writer opens, once the model and problems have loaded."""
+    appears when the store writer opens, once the model and problems have loaded. early_exit: after the probes,
+    sample the same problems and seeds again with RUN itself as the exit policy's probes folder (the exit_*
+    options), every trace kept, into RUN/early_exit/store.h5 (outside RUN/*.h5, so RUN still opens as one run),
+    and measure it against the first run (report.exit_report) in report.md's "Early exit, measured"."""
     run = Path(run_dir)
     generate, probe_options = split_options(options)
+    policy = exit_options(generate, early_exit)
     config = GenerateConfig(out=str(run / STORE_NAME), progress=progress, **generate).validate()
     probes = asdict(ProbeConfig(**probe_options).validate())
     enough = max(probes["folds"], MIN_TOKEN_PROBE_PROBLEMS)
     if config.max_problems < enough:
         raise TribunalError(f"--max-problems {config.max_problems} cannot fill {probes['folds']} problem-grouped folds "
                             f"and the token probe's held-out problems: give at least {enough}")
+    exit_config = None
+    if early_exit:  # the monitor is the policy's own (its probes); keep_all: every full trace gets its twin
+        exit_config = replace(config, out=str(run / EXIT_FOLDER / STORE_NAME), exit_policy=str(run), monitor=None,
+                              keep_all=True, **policy).validate()
     started = time.time()
     gen = run_generation(config)
     result = {"generate": gen, "run_dir": str(run)}
@@ -73,13 +84,50 @@ def run_pipeline(run_dir, options: dict, progress: bool = True) -> dict:
     tok = token_outputs(store, run, layer=traj["result"]["selection"]["final"]["layer"], progress=progress, **probes)
     with open_store(store) as opened:
         decoder = piece_decoder(opened.model_id, config.model)  # a hub model's tokenizer: generate just loaded it
-    deer = trial_answer_rows(store, config.model or str(EMBEDDED_MODEL), decoder, None, progress,
-                             **{k: getattr(config, k) for k in ("revision", "compute_dtype", "device_map",
-                                                               "trust_remote_code")})
-    chunks = chunk_outputs(store, run, decoder, progress=progress, **deer, **probes)
-    result.update(trajectory=traj["summary"], tokens=tok["summary"], chunks=chunks["summary"])
-    write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks)
+    chunks, measured = None, None
+    result.update(trajectory=traj["summary"], tokens=tok["summary"])
+    try:
+        deer = trial_answer_rows(store, config.model or str(EMBEDDED_MODEL), decoder, None, progress,
+                                 **{k: getattr(config, k) for k in ("revision", "compute_dtype", "device_map",
+                                                                   "trust_remote_code")})
+        chunks = chunk_outputs(store, run, decoder, progress=progress, **deer, **probes)
+        result["chunks"] = chunks["summary"]
+    except TribunalError as exc:  # with --early-exit the report still says what the other probes found
+        if exit_config is None:
+            raise
+        result["chunks"] = f"chunk probe: not run: {exc}"
+        measured = {"not_measured": f"the chunk probe did not run ({exc}), so there is no chunk direction and no "
+                                    "threshold to exit with"}
+    if exit_config is not None and chunks is not None:
+        # the problems the first run tried, no more: each of its traces has a twin, and nothing else is sampled
+        exit_config = replace(exit_config, max_problems=gen["problems_tried"])
+        try:
+            exit_gen = run_generation(exit_config)
+            result["exit_generate"] = exit_gen
+            if exit_gen["status"] != "done":
+                return result
+            measured = exit_report(store, [exit_config.out], run / EXIT_FOLDER, decoder)
+        except TribunalError as exc:
+            measured = {"not_measured": f"the run with the exit policy failed: {exc}"}
+    if measured is not None:
+        result["early_exit"] = measured.get("summary") or f"early exit: not measured: {measured['not_measured']}"
+    write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks, exit_measured=measured)
     return result
+
+
+def exit_options(generate: dict, early_exit: bool) -> dict:
+    """Take `run --early-exit`'s policy options (EXIT_OPTIONS) out of the first run's generator options. The
+    policy's probes are the run's own, so `run` takes no --exit-policy; the exit_* options need --early-exit."""
+    if generate.pop("exit_policy", None):
+        raise TribunalError("`tribunal run` takes no --exit-policy: `run --early-exit` exits with the run folder's own "
+                            "probes; for another probes folder use `tribunal generate --exit-policy DIR` and "
+                            "`tribunal exit-report`")
+    policy = {k: generate.pop(k) for k in EXIT_OPTIONS if k in generate}
+    defaults = GenerateConfig.__dataclass_fields__
+    given = [k for k, v in policy.items() if v != defaults[k].default]
+    if given and not early_exit:
+        raise TribunalError(f"--{given[0].replace('_', '-')} sets the policy of `run --early-exit`: add --early-exit")
+    return policy
 
 
 def chunk_probe(stores, out_dir, tokenizer: str | None = None, cues: str | None = None, chunk_regex: str | None = None,
