@@ -28,7 +28,9 @@ def held(labels=(), problems_done=(), done_keys=()):
 
 def answering(prompts, problem, answer, finished=True) -> SampledTrace:
     """A trace of `problem` whose generated text ends with `answer` (the gold: correct; another number: incorrect)."""
-    generated = prompts.tokenizer(f" so the answer is {answer}.", add_special_tokens=False)["input_ids"]
+    # the embedded model's prompt opens thinking: its answer follows </think>
+    generated = prompts.tokenizer(f" so it is {answer}.</think> The answer is {answer}.",
+                                  add_special_tokens=False)["input_ids"]
     generated += [prompts.tokenizer.eos_token_id] if finished else []
     n = len(prompts.ids(problem)) + len(generated)
     return SampledTrace(prompts.ids(problem), generated, np.zeros((1, n, 4), np.float16),
@@ -56,7 +58,7 @@ def test_grading_caps_each_label_at_its_target_and_finishes_problems_in_any_orde
     assert [(r.problem_id, r.sample_index, r.label) for r in records] == [
         (p0.problem_id, 1, "correct"), (p0.problem_id, 0, "incorrect")]
     assert records[0].seed == trace_seed(0, p0.problem_id, 1) and records[0].finish_reason == "stop"
-    assert records[0].text == " so the answer is 8." and records[0].predicted == "8"  # the stop token left out
+    assert records[0].text == " so it is 8.</think> The answer is 8." and records[0].predicted == "8"  # no stop token
     assert finished == [(p0.problem_id, 2)]  # p0's two pairs graded, p1 has one left
     assert ledger.counts == Counter({"correct": 2, "incorrect": 1}) and ledger.targets_met() and ledger.has_enough()
     assert ledger.graded == Counter({"correct": 2, "incorrect": 1})
