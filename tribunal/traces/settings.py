@@ -67,17 +67,18 @@ class GenerateConfig:
     exit_policy: str | None = option(None, "Probes folder: stop each trace's thinking at the first chunk end that states "
                                            "an answer where --exit-rule reaches --exit-threshold (monitors as well; hf "
                                            "engine).")
-    exit_rule: str = option("probe", "--exit-policy: probe (the chunk probe's probability) or confidence (exp of the "
-                                     "mean log-prob over the chunk).", choices=EXIT_RULES)
-    exit_threshold: str = option("auto", "--exit-policy: a number in [0, 1]; auto (the threshold `probe chunks` chose "
-                                         "on all problems); conformal:EPS or conformal:EPS:DELTA (accuracy lost against "
+    exit_rule: str = option("probe", "Exit policy (generate --exit-policy, run --early-exit): probe (the chunk "
+                                     "probe's probability) or confidence (exp of the mean log-prob over the chunk).",
+                            choices=EXIT_RULES)
+    exit_threshold: str = option("auto", "Exit policy: a number in [0, 1]; auto (the threshold `probe chunks` chose on "
+                                         "all problems); conformal:EPS or conformal:EPS:DELTA (accuracy lost against "
                                          "the full traces <= EPS with probability 1-DELTA, default 0.1: split-conformal "
                                          "risk control on the probing store's problems).")
-    exit_answer: str = option("intermediate", "--exit-policy: intermediate (the exit chunk's answer is the trace's) or "
+    exit_answer: str = option("intermediate", "Exit policy: intermediate (the exit chunk's answer is the trace's) or "
                                               "forced (append the end of thinking and an answer cue; the model answers "
                                               "within --exit-answer-budget tokens, counted in the cost).",
                               choices=EXIT_ANSWERS)
-    exit_answer_budget: int = option(16, "--exit-answer forced: tokens the model may write after the answer cue.")
+    exit_answer_budget: int = option(16, "Exit policy, --exit-answer forced: tokens the model may write after the cue.")
     queue_batches: int = option(2, "Batches waiting for the store writer at most.", cli=False)
     durable: bool = option(True, "fsync each commit.", cli=False)
     progress: bool = option(True, "Show a progress bar.", cli=False)
