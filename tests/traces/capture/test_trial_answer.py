@@ -51,6 +51,14 @@ def test_trial_answers_are_confidences_and_graded_answers(store, trial, rows):
     with open_store(store) as opened:
         golds = [opened.trace(int(i)).gold for i in rows.trace]
     assert trial["correct"].tolist() == [answers_match(a, g) for a, g in zip(trial["answer"], golds)]
+    assert 0 < trial["correct"].mean() < 1  # forced early, some trial answers are wrong; some are right
+
+
+def test_a_forced_answer_at_a_chunk_end_is_mostly_that_chunks_answer(trial, rows):
+    """The embedded model ends its thinking with ANSWER_CUE + "N}.": forced right after a chunk that states N, it
+    mostly writes N."""
+    same = [a is not None and answers_match(a, b) for a, b in zip(trial["answer"], rows.answer)]
+    assert np.mean(same) >= 0.7, list(zip(trial["answer"], rows.answer))
 
 
 def test_batched_equals_one_at_a_time(store, embedded, trial, rows):
