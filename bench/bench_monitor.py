@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--permutations", type=int, default=5, help="probe chunks' permutation test (small: not timed)")
-    ap.add_argument("--fixed-threshold", default="0.9", help="the number threshold beside auto")
+    ap.add_argument("--fixed-threshold", default="0.5", help="the number threshold beside auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="compute threads of each run (0: torch's default; on a shared 2-core machine two threads "
                          "spin against other work and swing a run's speed several-fold)")
