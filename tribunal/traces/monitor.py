@@ -81,7 +81,8 @@ def load_directions(probes_dir, model_id: str, d_model: int, n_layers: int, need
     chunking = (chunk or {}).get("chunking", {"cues": list(DEFAULT_CUES), "extra": None})
     if chunking.get("extra"):
         raise TribunalError(f"{where}: the chunk probe was fit with --chunk-regex {chunking['extra']!r}, which online "
-                            "chunking cannot follow (it cannot know how far a regex reads ahead); refit it with --cues only")
+                            "chunking cannot follow (it cannot know how far a regex reads ahead); refit it with "
+                            "--cues only")
     cw = cb = tw = to = None
     if chunk:
         d = chunk["direction"]
@@ -90,8 +91,10 @@ def load_directions(probes_dir, model_id: str, d_model: int, n_layers: int, need
     if token:
         tw = np.asarray(token["directions"][TOKEN_DIRECTION]["direction"], np.float64)
         to = float(tw @ np.asarray(token["midpoint"], np.float64))
-    return Directions(str(probes_dir), tuple(chunking["cues"]), chunk and int(chunk["direction"]["layer"]), cw, cb or 0.0,
-                      token and int(token["layer"]), tw, to or 0.0)
+    # the resolved path: the store's resume identity holds it, however a requeued task spells it
+    return Directions(str(Path(probes_dir).resolve()), tuple(chunking["cues"]),
+                      chunk and int(chunk["direction"]["layer"]), cw, cb or 0.0, token and int(token["layer"]), tw,
+                      to or 0.0)
 
 
 @dataclass(frozen=True)

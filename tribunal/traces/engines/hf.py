@@ -132,7 +132,7 @@ def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], 
         steps = np.arange(n) if kept is None else np.asarray(kept, np.int64)
         if words is None:
             acts = np.zeros((0, len(p) + len(steps), 0), np.float16)
-        elif kept is None:  # a view of this batch's pinned host copy (kept alive by it), or a copy out of the reused buffer
+        elif kept is None:  # a view of the batch's pinned host copy (kept alive by it), or a copy out of the reused one
             acts = words[:, i, start : width + n]
             acts = acts.copy() if reused else acts
         else:  # an exited trace: its prompt, its thinking up to the exit chunk, then its forced answer
