@@ -239,7 +239,7 @@ def test_embedded_default_end_to_end(tmp_path):
         assert verify_store(store) == [] and store.model_id == "tribunal/embedded-default"
         assert store.attrs["generation_settings"]["temperature"] == 1.0
     shown = CliRunner().invoke(main, ["inspect", "--trace", "0", str(out)])
-    assert shown.exit_code == 0 and "'think'" in shown.output  # tokens decoded with the embedded tokenizer
+    assert shown.exit_code == 0 and "'</think>'" in shown.output  # tokens decoded with the embedded tokenizer
     mix = run_generation(GenerateConfig(out=str(tmp_path / "mix.h5"), keep_all=True, max_problems=40, progress=False))
     share = mix["labels"].get("correct", 0) / mix["traces"]
     assert 0.3 <= share <= 0.7, mix["labels"]
