@@ -191,8 +191,8 @@ def _decode(model, capture, ids, mask, seeds, settings: SamplingSettings, eos_id
         entropy = -(probs * logp).sum(-1)
         probs = _top_p(probs, settings.top_p)
         nxt = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(batch)])
-        alive = (~finished).nonzero()[:, 0].cpu()
         if watch is not None:
+            alive = (~finished).nonzero()[:, 0].cpu()  # the traces this step samples for
             for i, token in watch.force(step, alive.tolist()):
                 nxt[i] = token
                 forced_at.setdefault(i, (step, watch.rows[i].exit["token"]))
@@ -202,7 +202,7 @@ def _decode(model, capture, ids, mask, seeds, settings: SamplingSettings, eos_id
         logps.append(logp.gather(1, nxt[:, None])[:, 0])
         ents.append(entropy)
         stopped = ~finished & torch.isin(nxt, eos)
-        if watch is not None and cue:
+        if cue:  # a forced answer that used its budget ends as if it had ended by itself
             for i in alive.tolist():
                 if watch.answer_done(i):
                     stopped[i] = True
