@@ -100,3 +100,22 @@ def test_family_wise_p_holds_its_level_under_the_null(tmp_path):
     assert np.mean(family < 0.05) <= 0.2, family  # about 5% expected; 2 of 10 allowed by chance
     assert 0.25 <= family.mean() <= 0.75, family  # a uniform's mean is 0.5
     assert uncorrected.mean() < family.mean(), (uncorrected, family)
+
+
+def _rule(saved, change, change_lo, saved_lo=None):
+    return {"tokens_saved": saved, "tokens_saved_ci": [saved - 0.05 if saved_lo is None else saved_lo, saved + 0.05],
+            "accuracy_change": change, "accuracy_change_ci": [change_lo, change + 0.02]}
+
+
+@pytest.mark.parametrize("probe, trial, needle", [
+    (_rule(0.35, 0.0, -0.01), _rule(0.10, 0.0, -0.01), "The probe saves more tokens than DEER's"),
+    (_rule(0.35, 0.0, -0.01), _rule(0.50, 0.0, -0.01), "The probe does not beat DEER's"),
+    (_rule(0.35, 0.0, -0.06), _rule(0.00, 0.0, 0.0), "not shown to beat DEER's trial-answer confidence: the probe "
+                                                     "rule may lose more accuracy than the margin 0.02 allows"),
+    (_rule(0.35, 0.0, -0.01, saved_lo=-0.01), _rule(0.0, 0.0, 0.0), "token saving is not distinguishable from none"),
+])
+def test_the_verdict_against_deer_says_which_side_wins_or_that_neither_is_shown(probe, trial, needle):
+    exit_ = {"margin": 0.02, "rules": {"probe": probe, "trial_answer": trial, "confidence": _rule(0.0, 0.0, 0.0)}}
+    said = verdict.early_exit(exit_, signal=True)["versus_trial_answer"]
+    assert needle in said, said
+    assert "not shown" in verdict.early_exit(exit_, signal=False)["versus_trial_answer"]

@@ -129,16 +129,23 @@ def early_exit(exit_: dict, signal: bool) -> dict:
     claim = bool(signal and keeps(probe) and saves and not lost)
     out = {"probe_beats": beats, "claim": claim, "verdict": text}
     if "trial_answer" in others:
+        unshown = ("the chunk probe shows no evidence of a signal" if not signal else
+                   f"the probe rule may lose more accuracy than the margin {margin:.2f} allows" if not keeps(probe) else
+                   "the probe rule's token saving is not distinguishable from none" if not saves else None)
         out["versus_trial_answer"] = versus_trial_answer(probe, others["trial_answer"], margin,
-                                                         bool(signal and beats["trial_answer"]))
+                                                         bool(signal and beats["trial_answer"]), unshown)
         out["verdict"] = f"{text}. {out['versus_trial_answer']}"
     return out
 
 
-def versus_trial_answer(probe: dict, trial: dict, margin: float, beats: bool) -> str:
-    """DEER's trial-answer confidence is the strongest training-free rule: say plainly which side wins."""
+def versus_trial_answer(probe: dict, trial: dict, margin: float, beats: bool, unshown: str | None = None) -> str:
+    """DEER's trial-answer confidence is the strongest training-free rule: say plainly which side wins, and when
+    the probe's own rule is not shown to work (`unshown` says why), that the comparison is not won either way."""
     figures = (f"probe {probe['tokens_saved']:.1%} tokens saved, accuracy change {probe['accuracy_change']:+.3f}; "
                f"trial answer {trial['tokens_saved']:.1%}, {trial['accuracy_change']:+.3f}")
     if beats:
         return f"The probe saves more tokens than DEER's trial-answer confidence at the same margin {margin:.2f} ({figures})"
+    if unshown:
+        return (f"The probe is not shown to beat DEER's trial-answer confidence: {unshown}, whatever it saves "
+                f"against DEER's rule ({figures})")
     return f"The probe does not beat DEER's trial-answer confidence at the same margin {margin:.2f} ({figures})"
