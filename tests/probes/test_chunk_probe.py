@@ -111,8 +111,9 @@ def test_the_trial_answer_rule_follows_its_score(tmp_path):
     exit_ = done["result"]["early_exit"]
     oracle = exit_["rules"]["trial_answer"]
     assert oracle["accuracy_change"] >= 0 and oracle["tokens_saved"] > 0.2
-    said = "saves more tokens than" if exit_["probe_beats"]["trial_answer"] else "does not beat"
-    assert f"The probe {said} DEER's trial-answer confidence at the same margin" in done["summary"]
+    said = (("The probe saves more tokens than DEER's",) if exit_["probe_beats"]["trial_answer"]
+            else ("The probe is not shown to beat DEER's", "The probe does not beat DEER's"))
+    assert any(s in done["summary"] for s in said), done["summary"]
     assert (tmp_path / "oracle" / "early_exit.png").stat().st_size > 0  # the report draws the new rule
     assert any(line.startswith("| trial answer |") for line in early_exit_section(exit_))
     exit_ = probe_chunks(path, tmp_path / "anti", decode, trial_answer=1.0 - y, **FAST)["result"]["early_exit"]
