@@ -279,12 +279,9 @@ def early_exit_evaluation(data: ChunkData, nested, inner_for_exit, outer, margin
     return out
 
 
-def score_chunk_ends(doc: dict, store: Store, decode_pieces, out_csv, pattern=None,
-                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
-    """The online monitor: every chunk end of the stored traces scored with the saved chunk direction
-    (logit = weight_norm * (u . x) + bias; probability = its sigmoid), written to a CSV."""
-    import csv
-
+def chunk_logits(doc: dict, store: Store, data: ChunkData, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+    """The saved chunk direction's logit at each chunk end of `data` (weight_norm * (u . x) + bias); refused for a
+    directions file without a chunk probe, or one of another width or a layer the store lacks."""
     chunk = doc.get("chunk")
     if not chunk:
         raise TribunalError("the directions file has no chunk probe; run `tribunal probe chunks` first")
@@ -294,10 +291,20 @@ def score_chunk_ends(doc: dict, store: Store, decode_pieces, out_csv, pattern=No
                             "it comes from another model")
     if d["layer"] not in store.layers:
         raise TribunalError(f"the chunk direction is for layer {d['layer']}, which the store lacks "
-                            f"(it has {list(store.layers)})")
-    data = load_chunks(store, decode_pieces, pattern)
+                            f"(it has {list(store.layers)}); sample it with that layer among --layers")
     X = chunk_features(store, d["layer"], data, block_bytes)
-    logits = float(d["weight_norm"]) * (X.astype(np.float64) @ np.asarray(d["direction"])) + float(d["bias"])
+    return float(d["weight_norm"]) * (X.astype(np.float64) @ np.asarray(d["direction"])) + float(d["bias"])
+
+
+def score_chunk_ends(doc: dict, store: Store, decode_pieces, out_csv, pattern=None,
+                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
+    """The online monitor: every chunk end of the stored traces scored with the saved chunk direction
+    (logit = weight_norm * (u . x) + bias; probability = its sigmoid), written to a CSV."""
+    import csv
+
+    data = load_chunks(store, decode_pieces, pattern)
+    logits = chunk_logits(doc, store, data, block_bytes)
+    layer = doc["chunk"]["direction"]["layer"]
     with open(out_csv, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["trace", "problem_id", "chunk", "token_end", "answer", "label", "logit", "probability"])
@@ -305,4 +312,4 @@ def score_chunk_ends(doc: dict, store: Store, decode_pieces, out_csv, pattern=No
             w.writerow([int(data.trace[j]), int(data.problem[j]), int(data.index[j]), int(data.token_end[j]),
                         data.answer[j], "correct" if data.y[j] else "incorrect", f"{logits[j]:.6g}",
                         f"{1 / (1 + np.exp(-logits[j])):.4f}"])
-    return {"layer": d["layer"], "chunks": int(len(data.y)), "csv": str(out_csv), "logits": logits}
+    return {"layer": layer, "chunks": int(len(data.y)), "csv": str(out_csv), "logits": logits}

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import TribunalError
 from ..probes import directions as dirs
 from ..probes import early_exit as ee
-from ..probes.chunk_probe import chunk_features, load_chunks
+from ..probes.chunk_probe import chunk_logits, load_chunks
 from ..store import format as fmt
 from ..store.reader import open_store
 from .markdown import _pm, exit_measured_lines, policy_label
@@ -202,20 +202,8 @@ class _Simulation:
 
 
 def chunk_probabilities(doc: dict, store, data) -> np.ndarray:
-    """The saved chunk direction's probability at each chunk end: sigmoid(weight_norm * (u . x) + bias)."""
-    chunk = doc.get("chunk")
-    if not chunk:
-        raise TribunalError("the probes folder's directions file has no chunk probe; run `tribunal probe chunks`")
-    d = chunk["direction"]
-    if len(d["direction"]) != store.d_model:
-        raise TribunalError(f"the chunk direction has d_model {len(d['direction'])}, FULL {store.d_model}: it comes "
-                            "from another model")
-    if d["layer"] not in store.layers:
-        raise TribunalError(f"the chunk direction is for layer {d['layer']}, which FULL lacks (it has "
-                            f"{list(store.layers)}); sample FULL with that layer among --layers")
-    x = chunk_features(store, d["layer"], data).astype(np.float64)
-    logits = float(d["weight_norm"]) * (x @ np.asarray(d["direction"], np.float64)) + float(d["bias"])
-    return 1 / (1 + np.exp(-logits))
+    """The saved chunk direction's probability at each chunk end of FULL."""
+    return 1 / (1 + np.exp(-chunk_logits(doc, store, data)))
 
 
 # -- the report ---------------------------------------------------------------------------------
