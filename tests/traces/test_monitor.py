@@ -186,6 +186,20 @@ def test_forced_answers_follow_the_exit_chunk_within_their_budget(tmp_path, full
         assert "</think>" in y.text and y.finish_reason in ("stop", "length")
         graded += y.label in ("correct", "incorrect")
     assert graded >= 1  # the model answers the cue
+    # the answer was computed as if the dropped lookahead tokens had never been: a plain forward of the stored
+    # tokens (prompt, thinking up to the exit chunk, cue, answer) gives the stored states
+    from conftest import teacher_forced_states
+    from tribunal.traces.models import decoder_blocks, load_model
+
+    model, _ = load_model(None)
+    checked = 0
+    for y in b.values():
+        if y.exit["exit_chunk"] >= 0 and checked < 3:
+            ref = teacher_forced_states(model, decoder_blocks(model), y.token_ids, [2, 5])
+            for j, layer in enumerate((2, 5)):
+                np.testing.assert_allclose(y.activations[j], ref[layer], rtol=2e-2, atol=2e-2)
+            checked += 1
+    assert checked
 
 
 def exit_command(probes, out):
