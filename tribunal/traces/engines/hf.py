@@ -246,6 +246,7 @@ def _observe(readout: LiveReadout, capture, step, width, alive, nxt, logp, ended
     chunk, token = readout.scores(capture, width + step, alive)
     fired = watch.observe(step, alive.tolist(), nxt[alive.to(nxt.device)].tolist(), chunk, token,
                           logp[alive.to(logp.device)].tolist())
+    ended = ended.tolist()
     for i in alive.tolist():
         if ended[i]:
             watch.finish(i)
