@@ -205,7 +205,7 @@ def test_forced_answers_follow_the_exit_chunk_within_their_budget(tmp_path, full
 def exit_command(probes, out):
     return [sys.executable, "-m", "tribunal.cli", "generate", "--out", str(out), "--exit-policy", str(probes),
             "--exit-threshold", "0.5", "--layers", "2,5", "--max-new-tokens", "160", "--samples-per-problem", "2",
-            "--batch-size", "2", "--max-problems", "8", "--keep-all", "--quiet"]
+            "--batch-size", "2", "--max-problems", "20", "--keep-all", "--quiet"]
 
 
 def test_an_exit_run_killed_or_stopped_resumes_exactly_once(tmp_path, full_run, python_env):
@@ -226,7 +226,7 @@ def test_an_exit_run_killed_or_stopped_resumes_exactly_once(tmp_path, full_run, 
         with open_store(out) as store:
             assert verify_store(store) == []
             pairs = sorted(zip(store.table["problem_id"].tolist(), store.table["sample_index"].tolist()))
-            assert pairs == [(p, s) for p in range(8) for s in range(2)]  # each pair once
+            assert pairs == [(p, s) for p in range(20) for s in range(2)]  # each pair once
             assert store.exit_table is not None and len(store.exit_table) == store.n_traces
 
 
