@@ -152,9 +152,11 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
     """The store this run writes: identity (model, layers, settings that must match to resume) and provenance."""
     from .models import model_identity
 
-    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches", "intervention")}
     if config.engine == "hf":
         del settings["vllm_memory"]
+    if config.intervention is not None:  # a steered store says so (the vector itself by its hash: see `steer`)
+        settings["intervention"] = {k: v for k, v in config.intervention.items() if k != "vector"}
     # the store records whether the prompt opens thinking (grading reads it per prompt)
     settings["prompt_opens_thinking"] = bool(loaded.problems) and loaded.prompts.opens_thinking(loaded.problems[0])
     settings.update(layers_resolved=loaded.layers, store_dtype=loaded.store_dtype, targets_per_shard=loaded.target,
@@ -167,6 +169,8 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
     resume_identity = {k: settings[k] for k in ("split", "temperature", "top_p", "max_new_tokens",
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
+    if "intervention" in settings:  # a resumed arm must be the same arm
+        resume_identity["intervention"] = settings["intervention"]
     if loaded.watching is not None:  # scores and exits must mean the same thing throughout a store
         watched = loaded.watching.settings()
         settings.update(watched)

@@ -79,6 +79,9 @@ class GenerateConfig:
                                               "within --exit-answer-budget tokens, counted in the cost).",
                               choices=EXIT_ANSWERS)
     exit_answer_budget: int = option(16, "Exit policy, --exit-answer forced: tokens the model may write after the cue.")
+    intervention: dict | None = option(None, "tribunal steer's arm: {kind: add|ablate, layer, vector, ...what describes "
+                                             "them}, applied at every generated position (traces/intervention.py); "
+                                             "recorded in the store without the vector.", cli=False)
     queue_batches: int = option(2, "Batches waiting for the store writer at most.", cli=False)
     durable: bool = option(True, "fsync each commit.", cli=False)
     progress: bool = option(True, "Show a progress bar.", cli=False)
@@ -150,6 +153,8 @@ class GenerateConfig:
         if self.monitor and self.exit_policy and str(self.monitor) != str(self.exit_policy):
             raise TribunalError("--monitor and --exit-policy name different probes folders; give one (the exit "
                                 "policy monitors with its own probes)")
+        if self.intervention is not None and (self.engine != "hf" or self.monitor or self.exit_policy):
+            raise TribunalError("steering runs on the hf engine without --monitor or --exit-policy")
         if self.exit_rule not in EXIT_RULES:
             raise TribunalError(f"--exit-rule {self.exit_rule!r}: choose {', '.join(EXIT_RULES)}")
         if self.exit_answer not in EXIT_ANSWERS:

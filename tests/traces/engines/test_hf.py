@@ -15,6 +15,7 @@ from tribunal.store import open_store
 from tribunal.traces.capture.hooks import BlockCapture
 from tribunal.traces.engines.hf import SamplingSettings, sample_batch
 from tribunal.traces.generate import GenerateConfig, run_generation
+from tribunal.traces.intervention import Intervention, InterventionSpec
 from tribunal.traces.models import decoder_blocks, load_model
 
 
@@ -65,6 +66,38 @@ def test_last_forward_runs_only_the_traces_that_ended_last(tiny_model):
             np.testing.assert_allclose(t.activations[i], seen[layer], atol=1e-4, rtol=1e-4)
 
 
+def test_an_intervention_moves_generated_positions_of_every_trace_of_a_left_padded_batch(tiny_model):
+    """The decode loop tells the steering hook where the (left-padded) prompts end: every trace's stored states
+    equal a teacher-forced pass under the same intervention, which differs from a plain pass by exactly the shift
+    at the intervened layer's generated positions."""
+    model, tok = load_model(str(tiny_model))
+    blocks = decoder_blocks(model)
+    shift = np.random.default_rng(2).normal(size=model.config.hidden_size) * 2.0
+    spec = InterventionSpec("add", 1, tuple(shift))
+    steering, capture = Intervention(blocks, spec), BlockCapture(blocks, [1, 2])
+    prompts = [tok(q)["input_ids"] for q in ("Tom has 3 apples.", "Ann buys 12 pens and 4 books today.", "5 + 7 =")]
+    try:
+        traces = sample_batch(model, capture, prompts, [1, 2, 3], SamplingSettings(1.0, 1.0, 12), {tok.eos_token_id},
+                              tok.pad_token_id, store_dtype="float32", intervention=steering)
+    finally:
+        capture.remove()
+        steering.remove()
+    for t in traces:
+        ids, n = t.prompt_ids + t.generated_ids, len(t.prompt_ids)
+        plain = teacher_forced_states(model, blocks, ids, (1, 2))
+        again = Intervention(blocks, spec)
+        again.leave_prompt(n)
+        try:
+            steered = teacher_forced_states(model, blocks, ids, (1, 2))
+        finally:
+            again.remove()
+        for i, layer in enumerate((1, 2)):
+            np.testing.assert_allclose(t.activations[i], steered[layer], atol=1e-4, rtol=1e-4)
+        diff = t.activations[0] - plain[1]
+        np.testing.assert_allclose(diff[:n], 0, atol=1e-4)
+        np.testing.assert_allclose(diff[n:], np.broadcast_to(shift, diff[n:].shape), atol=1e-4)
+
+
 def test_out_of_memory_halves_the_batch(tmp_path, tiny_model, small_problems, caplog):
     """No GPU here: a real torch.OutOfMemoryError is raised by the model while the batch is above 2 rows."""
     from tribunal.traces import models
@@ -98,6 +131,7 @@ CAPTURE_PEAK = """
 import json, sys
 from pathlib import Path
 from tribunal.traces.generate import GenerateConfig, run_generation
+from tribunal.traces.intervention import Intervention, InterventionSpec
 import torch, transformers  # imported before the baseline is read: only the run's own memory counts
 def kib(field):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))

@@ -21,6 +21,7 @@ import torch
 from ...config import parse_budget
 from ...errors import TribunalError
 from ..capture.hooks import BlockCapture, CaptureBudget, host_words
+from ..intervention import Intervention, InterventionSpec
 from ..ledger import RunLedger, SampledTrace, no_wait, trace_seed
 from ..models import decoder_blocks
 
@@ -110,12 +111,15 @@ class LiveReadout:
 def sample_batch(model, capture: BlockCapture | None, prompts: list[list[int]], seeds: list[int],
                  settings: SamplingSettings, eos_ids: set[int], pad_id: int, store_dtype: str = "float16",
                  should_stop=lambda: False, readout: LiveReadout | None = None,
-                 stored_layers: int | None = None) -> list[SampledTrace]:
+                 stored_layers: int | None = None, intervention: Intervention | None = None) -> list[SampledTrace]:
     """Sample one continuation per prompt. capture=None samples without capturing (the benchmark's baseline).
     readout: the live monitor (and exit policy) of this batch; stored_layers: how many of the captured layers
-    are stored (the first ones; the rest are captured for the monitor only)."""
+    are stored (the first ones; the rest are captured for the monitor only); intervention: the steering hook,
+    told where this batch's prompts end."""
     device = model.get_input_embeddings().weight.device
     ids, mask, width = _left_padded(prompts, pad_id, device)
+    if intervention is not None:
+        intervention.leave_prompt(width)
     if capture is not None:  # drops what an interrupted batch left
         capture.start(len(prompts), width + settings.max_new_tokens, getattr(torch, store_dtype), device)
     gen, logps, ents, lengths = _decode(model, capture, ids, mask, seeds, settings, eos_ids, should_stop, readout,
@@ -263,7 +267,10 @@ def sample_with_hf(config, model, layers: list[int], store_dtype: str, ledger: R
                    watching=None) -> str:
     """Sample, grade and hand over batches until the targets are met, the pairs run out or a stop comes;
     returns 'done' or 'interrupted'. config: the run's GenerateConfig; writes: the store's WriterProcess;
-    watching: the run's monitor.Watching for --monitor / --exit-policy (one BatchWatch per batch)."""
+    watching: the run's monitor.Watching for --monitor / --exit-policy (one BatchWatch per batch); the run's
+    `config.intervention` (tribunal steer's arm), when set, acts at its layer before anything is captured there."""
+    intervention = (Intervention(decoder_blocks(model), InterventionSpec.from_settings(config.intervention))
+                    if config.intervention else None)
     monitor_only = [x for x in (watching.layers if watching else []) if x not in layers]
     captured = list(layers) + monitor_only  # the monitor's layers ride along, not stored
     budget = CaptureBudget(parse_budget(config.capture_memory) or HF_CAPTURE_BYTES, len(captured),
@@ -286,7 +293,7 @@ def sample_with_hf(config, model, layers: list[int], store_dtype: str, ledger: R
             try:
                 sampled = sample_batch(model, capture, [prompts.ids(p) for p, _ in chunk], seeds, sampling,
                                        prompts.eos_ids, prompts.pad_id, store_dtype, should_stop=stop,
-                                       readout=readout, stored_layers=len(layers))
+                                       readout=readout, stored_layers=len(layers), intervention=intervention)
             except Interrupted:
                 return "interrupted"
             except torch.OutOfMemoryError:
@@ -305,6 +312,8 @@ def sample_with_hf(config, model, layers: list[int], store_dtype: str, ledger: R
         return "done"
     finally:
         capture.remove()
+        if intervention is not None:
+            intervention.remove()
 
 
 def _host_copy(capture: BlockCapture, store_dtype: str):
