@@ -38,7 +38,7 @@ def test_arguments_are_the_non_defaults_of_each_probe():
 
 def test_each_probe_takes_only_its_options():
     names = {p: {f.name for f in ProbeConfig.cli_fields(p)} for p in ("trajectory", "tokens", "chunks")}
-    assert names["tokens"] == {"seed", "memory", "test_fraction"}
+    assert names["tokens"] == {"seed", "memory", "test_fraction", "allow_steered"}
     assert "margin" in names["chunks"] and "margin" not in names["trajectory"]
     assert {"aggregations", "last_k"} <= names["trajectory"] and not {"aggregations", "last_k"} & names["chunks"]
     assert {f.name for f in ProbeConfig.cli_fields()} == set().union(*names.values())
@@ -73,3 +73,23 @@ def test_the_probes_never_import_click():
             "assert 'click' not in sys.modules, 'click imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_steered_stores_are_refused_unless_allowed(tmp_path):
+    """Probes describe the model's own behaviour: a store sampled under an intervention is refused by every probe
+    command (through check_store) unless --allow-steered, and nothing is written."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.probes.run import probe_trajectory
+    from tribunal.store import StoreWriter, open_store
+
+    path = tmp_path / "arm.h5"
+    how = {"arm": "random2_a-4", "kind": "add", "layer": 2}
+    with StoreWriter(path, **writer_kwargs(generation_settings={"intervention": how})) as w:
+        w.append([make_record(i) for i in range(4)])
+    with open_store(path) as store:
+        with pytest.raises(TribunalError, match=r"under an intervention \(add at layer 2, random2_a-4\).*--allow-steered"):
+            ProbeConfig().check_store(store)
+        ProbeConfig(allow_steered=True).check_store(store)
+    with pytest.raises(TribunalError, match="--allow-steered"):
+        probe_trajectory(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -41,3 +41,17 @@ def test_directions_round_trip_through_score(tmp_path):
     got = np.array([np.mean(per_trace[t]) for t in data.trace_index])
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     assert c["layer"] == 2
+
+
+def test_projection_sd_is_the_spread_over_generated_tokens(tmp_path):
+    """steer's unit: the standard deviation of u . x over every generated token (prompt tokens left out)."""
+    path = synth(tmp_path / "s.h5", traces=30, problems=10)
+    u = np.random.default_rng(3).normal(size=24)
+    with open_store(path) as store:
+        values = []
+        for i in range(store.n_traces):
+            gen = store.trace(i).is_generated
+            values.append(store.activations(4, i)[gen].astype(np.float64) @ u)
+        assert store.table["prompt_length"].min() > 0
+        expected = np.concatenate(values).std()
+        assert np.isclose(dirs.projection_sd(store, 4, u, block_bytes=1 << 12), expected, rtol=1e-9)

@@ -307,3 +307,19 @@ def test_a_reader_from_before_monitor_scores_reads_a_store_with_them(tmp_path, p
             assert seen[f"{i}_text"].tobytes() == t.text.encode()
             for layer in store.layers:
                 assert seen[f"{i}_layer{layer}"].tobytes() == store.activations(layer, i).tobytes()
+
+
+def test_interventions_name_each_steered_shard(tmp_path):
+    """A store sampled under an intervention (tribunal steer's arms) says so; an unsteered one lists none."""
+    steered, plain = tmp_path / "steered.h5", tmp_path / "plain.h5"
+    how = {"arm": "direction_a+4", "kind": "add", "layer": 2, "alpha": 4.0}
+    with StoreWriter(steered, **writer_kwargs(generation_settings={"temperature": 1.0, "intervention": how})) as w:
+        w.append([make_record(0)])
+    with StoreWriter(plain, **writer_kwargs(generation_settings={"temperature": 1.0})) as w:
+        w.append([make_record(1)])
+    with open_store(steered) as store:
+        assert store.interventions == [(str(steered), how)]
+    with open_store(plain) as store:
+        assert store.interventions == []
+    with open_store([str(steered), str(plain)]) as store:
+        assert [path for path, _ in store.interventions] == [str(steered)]

@@ -1,6 +1,8 @@
 """tribunal.traces.models: decoder blocks and layer indices across model families (tiny random models built from
 configs), and the tokenizers that decode a store's tokens."""
 
+import json
+
 import pytest
 import transformers
 
@@ -71,3 +73,22 @@ def test_token_decoder_uses_the_stores_tokenizer_and_never_the_network_unasked(t
         token_decoder(EMBEDDED_MODEL_ID, tokenizer="/nonexistent/tok")
     with pytest.raises(TribunalError, match="not on this machine: give its tokenizer with --tokenizer"):
         piece_decoder("org/a-hub-model")
+
+
+def test_keep_loaded_loads_a_model_once_and_again_when_its_files_change(tmp_path, tiny_model):
+    """steer's arms share one load; a model whose files changed on disk is loaded afresh, and outside the block
+    every load is new."""
+    import shutil
+
+    from tribunal.traces.models import keep_loaded, load_model
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model, copy)
+    with keep_loaded():
+        first, tok = load_model(str(copy))
+        assert load_model(str(copy))[0] is first
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+        changed = load_model(str(copy))[0]
+        assert changed is not first and changed.config.rms_norm_eps == 1e-5
+    assert load_model(str(copy))[0] is not changed

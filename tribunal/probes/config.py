@@ -15,7 +15,8 @@ PROBES = ("trajectory", "tokens", "chunks")
 
 def option(default, help: str, probes=PROBES, **cli):
     """A field with its command-line help and the probes that take it. cli: flags=(...) (the command-line
-    spelling when it is not --the-name)."""
+    spelling when it is not --the-name), given_stores=True (only for commands that probe stores given to them,
+    not for run and slurm submit, which probe what they sampled)."""
     return field(default=default, metadata={"help": help, "probes": tuple(probes), **cli})
 
 
@@ -32,6 +33,8 @@ class ProbeConfig:
     C: float = option(1.0, "Inverse L2 strength of the logistic probes.", ("trajectory", "chunks"), flags=("-C",))
     margin: float = option(0.02, "Early exit: accuracy the exit rule may lose against the full traces.", ("chunks",))
     test_fraction: float = option(0.25, "Token probe: share of problems held out.", ("tokens",))
+    allow_steered: bool = option(False, "Probe stores sampled under an intervention (`tribunal steer`'s arms), "
+                                        "which are not the model's own behaviour.", given_stores=True)
 
     def __post_init__(self):
         if isinstance(self.aggregations, str):  # the command line's comma list
@@ -72,6 +75,16 @@ class ProbeConfig:
         """Bytes of activations read per block in a pass over the store: a quarter of the budget, at most
         the store's default block (larger blocks read no faster), at least 1 MiB."""
         return max(1 << 20, min(DEFAULT_BLOCK_BYTES, self.memory_bytes // 4))
+
+    def check_store(self, store) -> None:
+        """Refuse a store sampled under an intervention unless --allow-steered: a direction fit on steered traces
+        describes the intervention as much as the model."""
+        steered = store.interventions
+        if steered and not self.allow_steered:
+            path, how = steered[0]
+            raise TribunalError(f"{path} was sampled under an intervention ({how.get('kind')} at layer "
+                                f"{how.get('layer')}, {how.get('arm', '')}): its traces are not the model's own "
+                                "behaviour; probe an unsteered store, or pass --allow-steered")
 
     def validate(self) -> "ProbeConfig":
         """Refuse bad values before any work or output (a run must not sample for an hour and then fail here)."""

@@ -133,11 +133,7 @@ def score_store(doc: dict, store: Store, out_csv, layer: int | None = None, aggr
                          "relative_position", "logit"])
         for s, first, block in store.iter_blocks(cell["layer"], block_bytes):
             logits = norm * (block.astype(np.float64) @ u) + bias
-            rows = np.arange(first, first + len(block))
-            overlap = overlapping_traces(starts, ends, store.trace_offsets, s, first, first + len(block))
-            trace = overlap[np.searchsorted(starts[overlap], rows, side="right") - 1]  # global trace of each row
-            local = rows - starts[trace]
-            gen = local >= plen[trace]
+            trace, local, gen = block_positions(store, s, first, len(block))
             n_gen = np.maximum(ends[trace] - starts[trace] - plen[trace], 1)
             rel = np.where(gen, (local - plen[trace]) / n_gen, np.nan)
             np.add.at(per_trace, trace[gen], logits[gen])
@@ -148,3 +144,30 @@ def score_store(doc: dict, store: Store, out_csv, layer: int | None = None, aggr
                                  [f"{x:.6g}" for x in logits.tolist()]))
     return {"layer": cell["layer"], "aggregation": cell["aggregation"], "csv": str(out_csv),
             "mean_generated_logit": (per_trace / np.maximum(counts, 1)).tolist()}
+
+
+def block_positions(store: Store, shard: int, first: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the `rows` token rows of shard `shard` from row `first` (a block of Store.iter_blocks): each row's global
+    trace, its position in that trace, and whether it is a generated token."""
+    table = store.table
+    starts, ends = table["token_start"].astype(np.int64), table["token_end"].astype(np.int64)
+    at = np.arange(first, first + rows)
+    overlap = overlapping_traces(starts, ends, store.trace_offsets, shard, first, first + rows)
+    trace = overlap[np.searchsorted(starts[overlap], at, side="right") - 1]
+    local = at - starts[trace]
+    return trace, local, local >= table["prompt_length"].astype(np.int64)[trace]
+
+
+def projection_sd(store: Store, layer: int, direction, block_bytes: int = 64 << 20) -> float:
+    """The standard deviation of `direction . x` over every generated token of the store at `layer`: the unit in
+    which `tribunal steer` moves the residual (alpha = 1 is one standard deviation of the model's own spread)."""
+    u = np.asarray(direction, np.float64)
+    total = square = count = 0.0
+    for s, first, block in store.iter_blocks(layer, block_bytes):
+        _, _, gen = block_positions(store, s, first, len(block))
+        x = block[gen].astype(np.float64) @ u
+        total, square, count = total + x.sum(), square + (x * x).sum(), count + len(x)
+    if count < 2:
+        raise TribunalError("the probing store has fewer than two generated tokens: it cannot scale a steering shift")
+    mean = total / count
+    return float(np.sqrt(max(square / count - mean * mean, 0.0)))

@@ -32,6 +32,7 @@ def probe_trajectory(stores, out_dir, layers=None, progress: bool = True, **opti
     """Every stored layer (or `layers`) x aggregation: probes beside baselines on grouped folds, nested selection."""
     cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
+        cfg.check_store(store)
         data = load_trajectory_data(store, layers, cfg.aggregations, cfg.last_k, cfg.block_bytes, progress)
         result = evaluate_cells(data, cfg.folds, cfg.seed, cfg.permutations, cfg.C, progress)
         result.update(labels=data.y.tolist(), problems=int(len(np.unique(data.groups))))
@@ -48,6 +49,7 @@ def probe_tokens(stores, out_dir, layer: int | None = None, progress: bool = Tru
     """The per-token probe at `layer` (default: the middle stored layer), fit out of core within --memory."""
     cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
+        cfg.check_store(store)
         if layer is None:
             layer = store.layers[len(store.layers) // 2]
         token = fit_token_probe(store, layer, cfg.memory_bytes, cfg.test_fraction, cfg.seed, progress=progress)
@@ -70,6 +72,7 @@ def probe_chunks(stores, out_dir, decode_pieces, pattern=None, progress: bool = 
 
     cfg = ProbeConfig(**options).validate()
     with open_store(stores) as store:
+        cfg.check_store(store)
         data = load_chunks(store, decode_pieces, pattern, progress)
         extra = {name: np.asarray(v, float) for name, v in (("trial_answer", trial_answer),
                                                            ("trial_answer_correct", trial_answer_correct))

@@ -51,6 +51,8 @@ def transfer(train, test, out_dir, decode_pieces=None, layers=None, token_layer:
     train, test = _specs(train, "--train"), _specs(test, "--test")
     with ExitStack() as stack:
         sides = [_open_side(specs, stack) for specs in (train, test)]
+        for store, _ in sides:
+            cfg.check_store(store)
         _check_same_space(sides)
         (tr_store, tr_files), (te_store, te_files) = sides
         keys = [_problem_keys(s) for s, _ in sides]

@@ -275,6 +275,17 @@ class Store:
         return self.shards[0].attrs
 
     @property
+    def interventions(self) -> list[tuple[str, dict]]:
+        """(file, intervention) of each shard sampled under an intervention on the residual stream (`tribunal
+        steer`'s arms, generation_settings.intervention): not the model's own behaviour."""
+        out = []
+        for shard in self.shards:
+            settings = fmt.parse_json_text(shard.attrs.get("generation_settings")) or {}
+            if isinstance(settings, dict) and settings.get("intervention"):
+                out.append((str(shard.path), settings["intervention"]))
+        return out
+
+    @property
     def n_traces(self) -> int:
         return int(self.trace_offsets[-1])
 

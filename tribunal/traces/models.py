@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import parse_index_list
@@ -88,9 +89,36 @@ def resolve_layers(spec, depth: int) -> list[int]:
     return sorted(set(layers))
 
 
+_KEPT: dict | None = None  # inside keep_loaded(): the arguments of load_model -> (model, tokenizer)
+
+
+@contextmanager
+def keep_loaded():
+    """Within this block, load_model returns the model it already loaded for the same arguments (and the same
+    local files): `tribunal steer` samples many arms of one model with one load. Leaving it drops them."""
+    global _KEPT
+    outer, _KEPT = _KEPT, {} if _KEPT is None else _KEPT
+    try:
+        yield
+    finally:
+        _KEPT = outer
+
+
 def load_model(model_id: str | None = None, *, revision: str | None = None, compute_dtype: str = "auto",
                device_map: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) through AutoModelForCausalLM / AutoTokenizer, on CPU, one GPU or many (device_map)."""
+    if _KEPT is None:
+        return _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code)
+    path = Path(str(model_id or EMBEDDED_MODEL))
+    key = (str(model_id), revision, compute_dtype, str(device_map), trust_remote_code,
+           local_fingerprint(path) if path.is_dir() else None)
+    if key not in _KEPT:
+        _KEPT.clear()  # one model held at a time
+        _KEPT[key] = _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code)
+    return _KEPT[key]
+
+
+def _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,12 +163,20 @@ def model_identity(model, model_id: str | None) -> tuple[str, str]:
     `models/m`, `./models/m` and `/abs/models/m` are one model, and a requeued task whose working
     directory or copy of the model differs still resumes when the content is the same.
     """
+    recorded = recorded_model_id(model_id)
     if model_id is None:
-        return EMBEDDED_MODEL_ID, "embedded"
+        return recorded, "embedded"
+    if Path(str(model_id)).exists():
+        return recorded, local_fingerprint(Path(str(model_id)))
+    return recorded, str(getattr(model.config, "_commit_hash", None) or "unknown")
+
+
+def recorded_model_id(model_id: str | None) -> str:
+    """The model_id a store (and a probes folder) records for `--model model_id`, known before the model loads."""
+    if model_id is None:
+        return EMBEDDED_MODEL_ID
     path = Path(str(model_id))
-    if path.exists():
-        return str(path.resolve()), local_fingerprint(path)
-    return str(model_id), str(getattr(model.config, "_commit_hash", None) or "unknown")
+    return str(path.resolve()) if path.exists() else str(model_id)
 
 
 def local_fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:

@@ -70,3 +70,17 @@ def test_capture_refuses_another_model(hf_store, tiny_model, tmp_path):
 def test_capture_memory_must_be_a_size(hf_store, tmp_path):
     bad = CliRunner().invoke(main, ["capture", str(hf_store), "--out", str(tmp_path / "x.h5"), "--capture-memory", "lots"])
     assert bad.exit_code == 2 and "not a size like 512M or 8G" in bad.output and not (tmp_path / "x.h5").exists()
+
+
+def test_a_steered_store_is_not_recaptured(tmp_path, tiny_model):
+    """Teacher forcing without the intervention would store states the traces were not sampled from."""
+    from conftest import make_record, writer_kwargs
+    from tribunal.errors import TribunalError
+    from tribunal.store import StoreWriter
+
+    src = tmp_path / "arm.h5"
+    with StoreWriter(src, **writer_kwargs(generation_settings={"intervention": {"kind": "ablate", "layer": 1}})) as w:
+        w.append([make_record(0)])
+    with pytest.raises(TribunalError, match="under an intervention"):
+        recapture_store(src, tmp_path / "re.h5", model=str(tiny_model), progress=False)
+    assert not (tmp_path / "re.h5").exists()

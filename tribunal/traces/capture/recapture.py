@@ -29,6 +29,11 @@ def recapture_store(sources, out, model: str | None = None, layers=None, capture
     from tqdm import tqdm
 
     with GracefulStop() as stop, open_store(sources) as src:
+        if src.interventions:
+            path, how = src.interventions[0]
+            raise TribunalError(f"{path} was sampled under an intervention ({how.get('kind')} at layer "
+                                f"{how.get('layer')}): teacher forcing without it would store states the traces "
+                                "were not sampled from; rerun `tribunal steer` with the layers you need instead")
         spec = model if model is not None else (None if src.model_id == EMBEDDED_MODEL_ID else src.model_id)
         net, tokenizer = load_model(spec, compute_dtype=compute_dtype, device_map=device_map)
         model_id, revision = model_identity(net, spec)
