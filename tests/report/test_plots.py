@@ -9,8 +9,8 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import ErrorbarContainer
 
-from tribunal.report.plots import (MIN_BIN_TRACES, chunk_probe_figure, early_exit_figure, merge_small_bins,
-                                   probe_results_figure, token_probe_figure)
+from tribunal.report.plots import (MIN_BIN_TRACES, STEERING_PANELS, chunk_probe_figure, early_exit_figure,
+                                   merge_small_bins, probe_results_figure, steering_figure, token_probe_figure)
 
 from .test_outputs import probe_run
 
@@ -171,3 +171,54 @@ def test_overlapping_ci_bands_are_outlines(run):
     bands = [c for ax in fig.axes for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2 + 2 * len(run["tok"]["token"]["directions"])
     assert all(not band.get_facecolor()[:, 3].any() for band in bands)  # no fill to mix colours
+
+
+def steering_result():
+    """A steering report's arms: the direction at -4, +4, +8 (+8 with a wide CI), three random directions at +-4
+    and +8, and the ablation arm; (value, CI low, CI high) the same for every outcome."""
+    def arm(name, kind, alpha, index, effect):
+        effects = None if effect is None else {o: {"value": effect[0], "ci": [effect[1], effect[2]]}
+                                               for o in STEERING_PANELS}
+        return {"name": name, "kind": kind, "alpha": alpha, "random_index": index, "effects": effects,
+                "accuracy": 0.4, "mean_tokens": 812.3, "cues_per_trace": 3.1, "answer_changed": 0.0}
+
+    arms = [arm("baseline", "baseline", 0.0, None, None),
+            arm("direction_a-4", "direction", -4.0, None, (-0.1, -0.2, 0.0)),
+            arm("direction_a+4", "direction", 4.0, None, (0.2, 0.1, 0.3)),
+            arm("direction_a+8", "direction", 8.0, None, (0.3, -0.4, 0.9)),
+            arm("ablation", "ablation", None, None, (-0.5, -0.8, -0.2))]
+    for i in range(3):
+        arms += [arm(f"random{i}_a{a:+g}", "random", a, i, (0.02 * (i - 1) * a, 0, 0)) for a in (-4.0, 4.0, 8.0)]
+    return {"arms": arms}
+
+
+def test_the_steering_figure_is_a_grid_of_outcomes_with_bands_lines_and_the_ablation_apart():
+    fig = steering_figure(steering_result())
+    renderer = drawn(fig)
+    axes = data_axes(fig)
+    assert len(axes) == 4
+    assert len({round(ax.get_position().x0, 2) for ax in axes}) == 2 == len({round(ax.get_position().y0, 2)
+                                                                             for ax in axes})
+    assert fig.get_size_inches()[0] * fig.dpi <= 1200
+    (legend,) = fig.legends
+    for ax in axes:
+        assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)), ax.get_title()
+        randoms = [ln for ln in ax.lines if ln.get_color() == "dimgray"]
+        assert len(randoms) == 3 and all(ln.get_linewidth() < 1 for ln in randoms)
+        assert [list(ln.get_xdata()) for ln in randoms] == [[-4.0, 0.0, 4.0, 8.0]] * 3  # through the baseline
+        (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        ys = band.get_paths()[0].vertices[:, 1]
+        scale = 100 if "accuracy" in ax.get_title() or "answer" in ax.get_title() else 1
+        assert ys.min() == pytest.approx(-0.16 * scale) and ys.max() == pytest.approx(0.16 * scale)  # random at +-8
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["-4", "0", "4", "8", "ablate"]
+        (ablation,) = [c for c in ax.containers if c.lines[0].get_marker() == "D"]
+        assert ablation.lines[0].get_xdata()[0] > 8 and ablation.lines[0].get_ydata()[0] == pytest.approx(-0.5 * scale)
+        (star,) = [ln for ln in ax.lines if ln.get_marker() == "*"]
+        assert (list(star.get_xdata()), list(star.get_ydata())) == ([0.0], [0.0])
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        for container in ax.containers:
+            for bars in container.lines[2]:
+                for segment in bars.get_segments():
+                    assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in segment), ax.get_title()
+    assert "accuracy (baseline 40.0%)" in [ax.get_title() for ax in axes]

@@ -374,3 +374,79 @@ def transfer_figure(result: dict):
     handles, labels = ax.get_legend_handles_labels()
     _legend_slot(axes[0][1], handles, labels)
     return fig
+
+
+# outcome -> (panel title, y label, scale): shares are drawn in percent (percentage points for a change)
+STEERING_PANELS = {"accuracy": ("accuracy", "change against the baseline\n(percentage points)", 100.0),
+                   "mean_tokens": ("mean generated tokens per trace", "change against the baseline\n(tokens)", 1.0),
+                   "cues_per_trace": ("reflection cues per trace", "change against the baseline\n(cues per trace)",
+                                      1.0),
+                   "answer_changed": ("final answer changed", "traces whose final answer\ndiffers (%)", 100.0)}
+STEERING_LEVEL = {"accuracy": "{:.1%}", "mean_tokens": "{:.1f}", "cues_per_trace": "{:.2f}"}
+
+
+def steering_figure(result: dict):
+    """Dose response, one panel per outcome: each arm's change against the baseline (alpha = 0, a star) by alpha,
+    the probe's direction with its 95% CIs, every random direction as a thin grey line and their min-to-max range
+    as a shaded grey band (a range, not a CI, and one per panel: nothing for it to mix with), and the ablation
+    arm at its own x position ("ablate") past a dotted line. result: report.steering_report's (its `arms`)."""
+    arms = result["arms"]
+    base = next(a for a in arms if a["kind"] == "baseline")
+    direction = [a for a in arms if a["kind"] == "direction"]
+    randoms = {}
+    for a in arms:
+        if a["kind"] == "random":
+            randoms.setdefault(a["random_index"], []).append(a)
+    ablation = [a for a in arms if a["kind"] == "ablation"]
+    alphas = sorted({0.0, *(a["alpha"] for a in direction), *(a["alpha"] for rs in randoms.values() for a in rs)})
+    spacing = float(np.min(np.diff(alphas))) if len(alphas) > 1 else 1.0
+    ablate_x = [alphas[-1] + (1.5 + i) * spacing for i in range(len(ablation))]
+    fig, axes = _grid(2)
+    for ax, (outcome, (title, ylabel, scale)) in zip(axes.flat, STEERING_PANELS.items()):
+        ends, band = [0.0], {}
+        for k, (_, mine) in enumerate(sorted(randoms.items())):
+            points = sorted([(0.0, 0.0), *((a["alpha"], scale * a["effects"][outcome]["value"]) for a in mine)])
+            ax.plot(*zip(*points), color="dimgray", lw=0.7, alpha=0.8,
+                    label="each random direction (same alpha)" if k == 0 else None)
+            for x, y in points:
+                band.setdefault(x, []).append(y)
+        if randoms:
+            xs = sorted(band)
+            ax.fill_between(xs, [min(band[x]) for x in xs], [max(band[x]) for x in xs], color="tab:gray", alpha=0.2,
+                            lw=0, label=f"the {len(randoms)} random directions: min to max")
+            ends += [y for ys in band.values() for y in ys]
+        if direction:
+            points = sorted([(0.0, {"value": 0.0, "ci": [0.0, 0.0]}),
+                             *((a["alpha"], _scaled(a["effects"][outcome], scale)) for a in direction)],
+                            key=lambda p: p[0])
+            _errorbars(ax, [x for x, _ in points], [v for _, v in points], "tab:blue", "o",
+                       "the probe's direction (95% CI)", line=True)
+            ends += [end for _, v in points for end in v["ci"]]
+        for k, (x, a) in enumerate(zip(ablate_x, ablation)):
+            e = _scaled(a["effects"][outcome], scale)
+            v, (lo, hi) = e["value"], e["ci"]
+            ax.errorbar([x], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt="D", color="tab:red", ms=6,
+                        capsize=3, lw=1.2, label="ablation: the direction projected out (95% CI)" if k == 0 else None)
+            ends += [lo, hi]
+        ax.plot([0.0], [0.0], "k*", ms=10, label="baseline (alpha = 0)", zorder=3)
+        ax.axhline(0, color="gray", lw=0.8, ls=":")
+        if ablation:
+            ax.axvline(alphas[-1] + 0.75 * spacing, color="black", lw=0.6, ls=":")
+        ax.set_xticks([*alphas, *ablate_x], [f"{a:g}" for a in alphas] + ["ablate"] * len(ablate_x))
+        ax.set_xlim(alphas[0] - 0.6 * spacing, (ablate_x or alphas)[-1] + 0.6 * spacing)
+        ax.set_ylim(*_limits(ends, include=(), pad=0.08))
+        level = STEERING_LEVEL.get(outcome)
+        ax.set_title(f"{title} (baseline {level.format(base[outcome])})" if level else
+                     f"{title} (share of each arm's traces)", fontsize=9)
+        ax.set_xlabel("alpha (shift in units of sigma along the direction)")
+        ax.set_ylabel(ylabel, fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("steering: each arm against the baseline over the same (problem, sample) pairs and seeds\n"
+                 "error bars: 95% problem-bootstrap CIs; grey: random directions (controls) at the same alpha",
+                 fontsize=9)
+    return fig
+
+
+def _scaled(effect: dict, scale: float) -> dict:
+    return {"value": scale * effect["value"], "ci": [scale * end for end in effect["ci"]]}
