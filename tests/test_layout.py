@@ -111,8 +111,9 @@ def test_dependencies_point_one_way():
         if rel.startswith("store/"):  # the store is upstream of everything but problems
             assert not any(n.startswith(("tribunal.traces", "tribunal.probes", "tribunal.report")) for n in found), rel
         chains = {"tribunal.traces", "tribunal.probes"} <= {".".join(n.split(".")[:2]) for n in found}
-        # the pipeline chains generation and probes; the live monitor reads the probes' results while sampling
-        assert not chains or rel in ("pipeline.py", "cli.py", "traces/monitor.py"), \
-            f"{rel}: only the pipeline (and the live monitor) chain generation and probes"
+        # the pipeline chains generation and probes; so does steer (its arms sample along the probes' direction);
+        # the live monitor reads the probes' results while sampling
+        assert not chains or rel in ("pipeline.py", "steer.py", "cli.py", "traces/monitor.py"), \
+            f"{rel}: only the pipeline, steer (and the live monitor) chain generation and probes"
         if rel == "grading.py":
             assert not any(n.startswith("tribunal") for n in found), rel

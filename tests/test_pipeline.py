@@ -113,6 +113,39 @@ def test_run_end_to_end_on_the_embedded_default(tmp_path):
     assert again.exit_code == 0 and again.output.splitlines()[0].endswith(" 0 new tok/s"), again.output
     assert "exit report: FULL" in again.output
     exited_at_first_answering_chunk(run)
+    validated(run)
+
+
+def validated(run):
+    """Resumed with --validate: the halves of the run's problems hold its traces between them, the probes transfer
+    both ways, every steering arm samples the run's problems, and report.md says what came of it."""
+    done = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5", "--validate",
+                                     "--random-directions", "1", "--alpha", "0,4", "--bootstrap", "200"])
+    assert done.exit_code == 0, done.output
+    halves = [run / "validate" / "halves" / f"{name}.h5" for name in ("short", "long")]
+    with open_store(run) as full, open_store(halves[0]) as short, open_store(halves[1]) as long:
+        assert short.n_traces + long.n_traces == full.n_traces
+        assert not set(short.table["problem_id"].tolist()) & set(long.table["problem_id"].tolist())
+        problems = len(set(full.table["problem_id"].tolist()))
+    for way in ("short_to_long", "long_to_short"):
+        assert (run / "validate" / f"transfer_{way}" / "transfer.png").stat().st_size > 0
+    arms = sorted(p.name for p in (run / "validate" / "steering" / "arms").iterdir())
+    assert arms == ["ablation", "baseline", "direction_a+4", "random0_a+4"]
+    with open_store(run / "validate" / "steering" / "arms" / "baseline" / "store.h5") as baseline:
+        assert len(set(baseline.table["problem_id"].tolist())) >= problems
+    report = (run / "report.md").read_text()
+    section = report[report.index("## Is it real?"):report.index("## Files")]
+    assert "### Transfer between short and long questions" in section and section.count("| trajectory probe") == 2
+    assert "![accuracy and length against alpha](validate/steering/dose_response.png)" in section
+    assert "steering along the direction at alpha = 4 changes accuracy by" in section
+
+
+def test_steering_options_need_validate(tmp_path):
+    with pytest.raises(TribunalError, match="--random-directions sets the steering of `run --validate`: add --validate"):
+        run_pipeline(tmp_path / "runs" / "x", {}, progress=False, steering={"random_directions": 2})
+    with pytest.raises(TribunalError, match="--alpha"):
+        run_pipeline(tmp_path / "runs" / "x", {}, progress=False, validate=True, steering={"alpha": "0"})
+    assert not (tmp_path / "runs").exists()
 
 
 def exited_at_first_answering_chunk(run):

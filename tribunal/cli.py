@@ -202,6 +202,14 @@ def run_generator_options(func):
     return generator_options(func, leave_out=("exit_policy",))
 
 
+def run_steer_options(func):
+    """`run --validate`'s steering: SteerConfig's options (one definition) that `run` takes."""
+    from .pipeline import RUN_STEER_OPTIONS
+    from .steer import SteerConfig
+
+    return with_options(func, field_options([f for f in SteerConfig.cli_fields() if f.name in RUN_STEER_OPTIONS]))
+
+
 def probe_options(*probes: str, beside_generator: bool = False):
     """The options of these probes, derived from ProbeConfig (one definition), plus --config and --quiet.
     beside_generator: for commands that also take the generator's options (run, slurm submit), which bring
@@ -210,7 +218,8 @@ def probe_options(*probes: str, beside_generator: bool = False):
     from .traces.settings import GenerateConfig
 
     generator = {f.name for f in GenerateConfig.cli_fields()} if beside_generator else set()
-    options = field_options([f for f in ProbeConfig.cli_fields(*probes) if f.name not in generator], ProbeConfig.flags)
+    options = field_options([f for f in ProbeConfig.cli_fields(*probes) if f.name not in generator
+                             and not (beside_generator and f.metadata.get("given_stores"))], ProbeConfig.flags)
 
     def decorate(func):
         return with_options(func, options if beside_generator else [config_option(), *options, quiet_option()])
@@ -242,10 +251,15 @@ def generate(quiet, **options):
               help="Then sample the same problems and seeds again with the run's own probes as the exit policy "
                    "(--exit-rule, --exit-threshold, --exit-answer), into OUT/early_exit/, and measure the tokens "
                    "saved and the accuracy change against the first run in report.md.")
+@click.option("--validate", is_flag=True,
+              help="Then ask whether the direction is real: transfer between the short- and long-question halves "
+                   "of the run's problems, both ways, and `tribunal steer` with its defaults (the direction against "
+                   "random ones), into OUT/validate/ and report.md's \"Is it real?\".")
 @run_generator_options
 @probe_options(beside_generator=True)
+@run_steer_options
 @user_errors
-def run(out, early_exit, quiet, **options):
+def run(out, early_exit, validate, quiet, **options):
     """The main job: generate (the embedded default when no model is given), the probes, report.md, in OUT.
 
     --seed seeds the sampling and every probe. Rerunning resumes the generation. Exit 75 when interrupted
@@ -254,7 +268,10 @@ def run(out, early_exit, quiet, **options):
     from .pipeline import run_pipeline
     from .traces.generate import EXIT_INTERRUPTED, format_summary
 
-    result = run_pipeline(out, options, progress=not quiet, early_exit=early_exit)
+    from .pipeline import RUN_STEER_OPTIONS
+
+    steering = {k: options.pop(k) for k in RUN_STEER_OPTIONS}
+    result = run_pipeline(out, options, progress=not quiet, early_exit=early_exit, validate=validate, steering=steering)
     click.echo(format_summary(result["generate"]))
     if result["generate"]["status"] != "done":
         sys.exit(EXIT_INTERRUPTED)
@@ -267,6 +284,15 @@ def run(out, early_exit, quiet, **options):
             sys.exit(EXIT_INTERRUPTED)
     if "early_exit" in result:
         click.echo(result["early_exit"])
+    if "validation" in result:
+        if result["validation"].get("status") == "interrupted":
+            sys.exit(EXIT_INTERRUPTED)
+        for part in result["validation"]["transfer"]:
+            click.echo(part["summary"])
+        if result["validation"]["steering"]:
+            click.echo(result["validation"]["steering"]["summary"])
+        for note in result["validation"]["notes"]:
+            click.echo(note)
     click.echo(f"report: {out}/report.md")
 
 
@@ -481,6 +507,37 @@ def score(directions, stores, out_csv, layer, aggregation, chunk_ends, tokenizer
         click.echo(f"scored {result['chunks']} chunk ends at layer {result['layer']} (chunk direction): {out_csv}")
     else:
         click.echo(f"scored layer {result['layer']} ({result['aggregation']} direction): {out_csv}")
+
+
+def steer_options(func):
+    """steer's own options (SteerConfig: one definition) and the generator's it takes (not what steer sets)."""
+    from .steer import NOT_STEER_OPTIONS, SteerConfig
+
+    return generator_options(with_options(func, field_options(SteerConfig.cli_fields())), leave_out=NOT_STEER_OPTIONS)
+
+
+@main.command()
+@click.argument("probes")
+@click.option("--out", "out_dir", required=True,
+              help="Output folder: arms/NAME/store.h5 per arm, steering.json, steering.csv, dose_response.png.")
+@steer_options
+@user_errors
+def steer(probes, out_dir, quiet, **options):
+    """Steer the model along PROBES' direction (a probes folder): the same pairs and seeds sampled once per arm
+    (alpha = 0, each alpha along the direction and along --random-directions random ones, the direction projected
+    out) and each arm measured against alpha = 0. Exit 75 when interrupted (rerun to resume)."""
+    from .steer import SteerConfig, steer as run_steer
+    from .traces.stop import EXIT_INTERRUPTED
+
+    show_progress_log()
+    own = {f.name for f in SteerConfig.cli_fields()}
+    result = run_steer(probes, out_dir, {k: v for k, v in options.items() if k not in own}, progress=not quiet,
+                       **{k: v for k, v in options.items() if k in own})
+    if result["status"] != "done":
+        click.echo(f"interrupted in arm {result['arm']}; rerun the same command to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(result["summary"])
+    click.echo(f"wrote {out_dir}/steering.json, steering.csv and dose_response.png ({len(result['arm_names'])} arms)")
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -17,18 +17,23 @@ from pathlib import Path
 
 from .cluster.slurm import PROBE_JOB, SubmitConfig
 from .errors import TribunalError
+from .problems.halves import question_halves
+from .problems.loading import load_problems
 from .probes.config import ProbeConfig
 from .probes.tokens import MIN_PROBLEMS as MIN_TOKEN_PROBE_PROBLEMS
 from .report.exit_report import exit_report
-from .report.markdown import EXIT_FOLDER, write_report
-from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs
+from .report.markdown import EXIT_FOLDER, VALIDATE_FOLDER, write_report
+from .report.outputs import chunk_outputs, token_outputs, trajectory_outputs, transfer_outputs
+from .steer import NOT_STEER_OPTIONS, SteerConfig, steer
 from .store import open_store
+from .store.merge import merge_stores
 from .traces.generate import run_generation
 from .traces.models import EMBEDDED_MODEL, piece_decoder
 from .traces.settings import GenerateConfig
 
 STORE_NAME = "store.h5"
 EXIT_OPTIONS = ("exit_rule", "exit_threshold", "exit_answer", "exit_answer_budget")  # `run --early-exit`'s policy
+RUN_STEER_OPTIONS = ("layer", "alpha", "random_directions", "no_ablation", "bootstrap")  # `run --validate`'s steering
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -53,14 +58,17 @@ def submit_config(run_dir, options: dict, probe_args=(), **slurm) -> SubmitConfi
     return SubmitConfig(run_dir=run_dir, generate=generate, probe_args=args, **slurm)
 
 
-def run_pipeline(run_dir, options: dict, progress: bool = True, early_exit: bool = False) -> dict:
+def run_pipeline(run_dir, options: dict, progress: bool = True, early_exit: bool = False, validate: bool = False,
+                 steering: dict | None = None) -> dict:
     """Generate into RUN/store.h5 (resuming), probe it, write RUN/report.md. Returns what each step said.
 
     options: GenerateConfig and ProbeConfig fields (split_options). All are checked first; the run folder
     appears when the store writer opens, once the model and problems have loaded. early_exit: after the probes,
     sample the same problems and seeds again with RUN itself as the exit policy's probes folder (the exit_*
     options), every trace kept, into RUN/early_exit/store.h5 (outside RUN/*.h5, so RUN still opens as one run),
-    and measure it against the first run (report.exit_report) in report.md's "Early exit, measured"."""
+    and measure it against the first run (report.exit_report) in report.md's "Early exit, measured". validate:
+    then ask whether the direction is real (validate_run), in report.md's "Is it real?"; steering: its
+    SteerConfig options (RUN_STEER_OPTIONS), which need validate."""
     run = Path(run_dir)
     generate, probe_options = split_options(options)
     policy = exit_options(generate, early_exit)
@@ -70,6 +78,11 @@ def run_pipeline(run_dir, options: dict, progress: bool = True, early_exit: bool
     if config.max_problems < enough:
         raise TribunalError(f"--max-problems {config.max_problems} cannot fill {probes['folds']} problem-grouped folds "
                             f"and the token probe's held-out problems: give at least {enough}")
+    steering = dict(steering or {})
+    given = [k for k, v in steering.items() if v != SteerConfig.__dataclass_fields__[k].default]
+    if given and not validate:
+        raise TribunalError(f"--{given[0].replace('_', '-')} sets the steering of `run --validate`: add --validate")
+    SteerConfig(**steering).validate()
     exit_config = None
     if early_exit:  # the monitor is the policy's own (its probes); keep_all: every full trace gets its twin
         exit_config = replace(config, out=str(run / EXIT_FOLDER / STORE_NAME), exit_policy=str(run), monitor=None,
@@ -111,8 +124,56 @@ def run_pipeline(run_dir, options: dict, progress: bool = True, early_exit: bool
             measured = {"not_measured": f"the run with the exit policy failed: {exc}"}
     if measured is not None:
         result["early_exit"] = measured.get("summary") or f"early exit: not measured: {measured['not_measured']}"
-    write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks, exit_measured=measured)
+    validation = validate_run(run, store, config, gen, decoder, probes, steering, progress) if validate else None
+    if validation is not None:
+        result["validation"] = validation
+        if validation.get("status") == "interrupted":
+            return result
+    write_report(run / "report.md", gen, traj, tok, time.time() - started, chunks, exit_measured=measured,
+                 validation=validation)
     return result
+
+
+def validate_run(run: Path, store: Path, config: GenerateConfig, gen: dict, decoder, probes: dict, steering: dict,
+                 progress: bool) -> dict:
+    """`run --validate`: is the direction real? (1) transfer: the run's problems split into short and long
+    questions (problems.halves), each half's traces copied into a store of its own (VALIDATE_FOLDER/halves/), every
+    probe fit on one half and scored on the other, both ways; (2) steering (tribunal steer with its defaults, RUN as
+    the probes folder) over the problems the run tried, with the run's generator options and seed. A step that
+    cannot run says why in the report instead of stopping it. steering: SteerConfig options."""
+    folder = run / VALIDATE_FOLDER
+    out = {"transfer": [], "steering": None, "notes": [], "folder": VALIDATE_FOLDER}
+    with open_store(store) as opened:
+        stored = set(opened.table["problem_id"].tolist())
+    problems = [p for p in load_problems(config.dataset, config.split) if p.problem_id in stored]
+    try:
+        halves = question_halves(problems)
+    except TribunalError as exc:
+        out["notes"].append(f"transfer not measured: {exc}")
+        halves = []
+    for name, ids, description in halves:
+        merge_stores(store, folder / "halves" / f"{name}.h5", progress=progress, problems=ids, subset=description)
+    for (a, _, a_is), (b, _, b_is) in (halves, halves[::-1]) if halves else ():
+        where = folder / f"transfer_{a}_to_{b}"
+        try:
+            measured = transfer_outputs([folder / "halves" / f"{a}.h5"], [folder / "halves" / f"{b}.h5"], where,
+                                        decoder, progress=progress, **probes)
+            out["transfer"].append({"train": a_is, "test": b_is, "folder": f"{VALIDATE_FOLDER}/{where.name}",
+                                    "rows": measured["rows"], "summary": measured["summary"]})
+        except TribunalError as exc:
+            out["notes"].append(f"transfer from the {a} half to the {b} half not measured: {exc}")
+    generator = {f.name for f in GenerateConfig.cli_fields()} - set(NOT_STEER_OPTIONS)
+    options = {k: v for k, v in asdict(config).items() if k in generator} | {"max_problems": gen["problems_tried"]}
+    try:
+        steered = steer(run, folder / "steering", options, progress=progress, **steering)
+    except TribunalError as exc:
+        out["notes"].append(f"steering not measured: {exc}")
+        return out
+    if steered["status"] != "done":
+        return {**out, "status": "interrupted"}
+    out["steering"] = {k: steered[k] for k in ("sentences", "summary", "layer", "sigma", "arms", "headline_alpha")
+                       if k in steered} | {"folder": f"{VALIDATE_FOLDER}/steering"}
+    return out
 
 
 def exit_options(generate: dict, early_exit: bool) -> dict:

@@ -98,3 +98,22 @@ def test_merge_memory_is_a_byte_budget_flat_across_widths(tmp_path, python_env):
     for width, peak in peaks.items():  # the budget, plus the writer's one chunk buffer per layer (<= 4 MiB each)
         tails = 4 * default_chunk_tokens(width, "float16") * width * 2
         assert peak < budget + tails + (20 << 20), (peaks, width, tails)
+
+
+def test_a_merge_of_some_problems_copies_only_theirs_and_says_which(tmp_path):
+    """`run --validate` splits a run into two stores of disjoint problems: each holds exactly its problems' traces
+    and finished problems, passes verify, and records what subset it is."""
+    from tribunal.errors import StoreError
+    from tribunal.store.merge import merge_stores
+
+    shard(tmp_path / "run.h5", range(12))  # problems 0..3, three traces each (make_record's problem is i // 3)
+    result = merge_stores(tmp_path / "run.h5", tmp_path / "some.h5", progress=False, problems={1, 3},
+                          subset="problems 1 and 3")
+    assert result["traces"] == 6
+    with open_store(tmp_path / "some.h5") as some, open_store(tmp_path / "run.h5") as run:
+        assert sorted(set(some.table["problem_id"].tolist())) == [1, 3] and verify_store(some) == []
+        assert {p for p, _ in some.problems_done()} == {1, 3} and some.attrs["subset"] == "problems 1 and 3"
+        source = {(t.problem_id, t.sample_index): t.text for t in map(run.trace, range(run.n_traces))}
+        assert all(source[(t.problem_id, t.sample_index)] == t.text for t in map(some.trace, range(some.n_traces)))
+    with pytest.raises(StoreError, match="needs a `subset`"):
+        merge_stores(tmp_path / "run.h5", tmp_path / "other.h5", progress=False, problems={0})

@@ -36,7 +36,8 @@ from .trajectory import load_trajectory_data
 from .verdict import fmt_ci
 
 SAME = ("model_id", "model_revision", "layers", "d_model", "dtype")  # must match: one activation space
-NAMED = ("dataset", "split", "prompt_template", "chat_template", "temperature", "top_p", "max_new_tokens")
+NAMED = ("dataset", "split", "subset", "prompt_template", "chat_template", "temperature", "top_p", "max_new_tokens")
+GENERATION_NAMED = NAMED[3:]  # of generation_settings; dataset, split and subset (merge's) are attributes of their own
 JSON_FILE, CSV_FILE = "transfer.json", "transfer.csv"
 
 
@@ -140,8 +141,8 @@ def _settings(store: Store) -> list[dict]:
         attrs = shard.attrs
         gen = parse_json_text(attrs.get("generation_settings", {})) or {}
         gen = gen if isinstance(gen, dict) else {}
-        out.append({"dataset": attrs.get("dataset_id"), "split": attrs.get("dataset_split"),
-                    **{k: gen.get(k) for k in NAMED[2:]}})
+        out.append({"dataset": attrs.get("dataset_id"), "split": attrs.get("dataset_split"), "subset": attrs.get("subset"),
+                    **{k: gen.get(k) for k in GENERATION_NAMED}})
     return out
 
 

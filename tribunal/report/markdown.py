@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..probes import verdict
 from ..probes.run import DIRECTIONS_FILE
+from ..probes.transfer import fate
 from ..probes.verdict import fmt_ci
 from .outputs import CHUNK_FIGURE, EXIT_FIGURE, TOKEN_FIGURE, TRAJECTORY_FIGURE
 from .plots import MIN_BIN_TRACES, merge_small_bins
@@ -19,14 +20,16 @@ from .plots import MIN_BIN_TRACES, merge_small_bins
 FOLDS_CHOICE = "the folds' choice"
 DIRECTION_CELL = "the direction cell"
 EXIT_FOLDER = "early_exit"  # `run --early-exit`: the exit run's store and the measured report, inside the run folder
+VALIDATE_FOLDER = "validate"  # `run --validate`: the halves' stores, the transfers and the steering arms
 LABEL_ORDER = ("correct", "incorrect", "unparsed")
 
 
 def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, chunks: dict | None = None,
-                 exit_measured: dict | None = None) -> None:
+                 exit_measured: dict | None = None, validation: dict | None = None) -> None:
     """generation: what run_generation returned; traj, tok, chunks: what the probes' outputs returned;
     exit_measured: what exit_report returned for `run --early-exit` (its files in EXIT_FOLDER), or
-    {"not_measured": why} when there was nothing to measure."""
+    {"not_measured": why} when there was nothing to measure; validation: what pipeline.validate_run returned
+    for `run --validate`."""
     prov = traj["document"]["provenance"]
     result = traj["result"]
     sel = result["selection"]
@@ -56,6 +59,8 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
         lines += ["", "## Early exit, measured", "",
                   *(exit_measured_lines(exit_measured, f"{EXIT_FOLDER}/") if measured
                     else [f"Not measured: {exit_measured['not_measured'].rstrip('.')}."])]
+    if validation is not None:
+        lines += is_it_real_section(validation)
     lines += [
         "",
         "## Files",
@@ -68,6 +73,9 @@ def write_report(path, generation: dict, traj: dict, tok: dict, seconds: float, 
         "- `chunk_metrics.json`: the chunk probe's nested figures, its direction cell, and early exit",
         *([f"- `{EXIT_FOLDER}/`: the run with the exit policy (`store.h5`) and its measured report "
            "(`exit_report.md`, `exit_report.json`, a plot per rule)"] if measured else []),
+        *([f"- `{VALIDATE_FOLDER}/`: the halves' stores (`halves/`), each transfer (`transfer_*/`: transfer.json, "
+           "transfer.csv, transfer.png) and the steering arms (`steering/`: a store per arm, steering.json, "
+           "steering.csv, dose_response.png)"] if validation is not None else []),
         "",
     ]
     Path(path).write_text("\n".join(lines))
@@ -363,3 +371,52 @@ def exit_measured_lines(doc: dict, folder: str = "") -> list[str]:
 
 def _traces(n: int) -> str:
     return f"{n} trace" + ("" if n == 1 else "s")
+
+
+def _transfer_rows(measured: dict) -> list[dict]:
+    """Of a transfer's rows, the ones a reader needs: the trajectory cell and the chunk layer best in distribution,
+    and the token probe's LDA direction on every token."""
+    rows = measured["rows"]
+    picked = []
+    for kind, label in (("trajectory", "trajectory probe"), ("chunk", "chunk probe")):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        if of_kind:
+            best = max(of_kind, key=lambda r: r["in_distribution"]["value"])
+            where = f"layer {best['layer']}" + (f", {best['aggregation']}" if kind == "trajectory" else "")
+            picked.append({**best, "name": f"{label} ({where}; best in distribution)"})
+    picked += [{**r, "name": f"token probe (layer {r['layer']}, LDA, every token)"} for r in rows
+               if r["kind"] == "token" and r["aggregation"] == "lda:tokens"]
+    return picked
+
+
+def is_it_real_section(validation: dict) -> list[str]:
+    """report.md's "Is it real?": transfer between the halves of the run's problems, in a table, and steering along
+    the direction against random directions, in a plot and sentences."""
+    folder = validation["folder"]
+    lines = ["", "## Is it real?", "",
+             "A probe that separates right from wrong traces on one set of problems may have learned that set. Two "
+             "checks: does it hold on problems of another kind (transfer), and does moving the model along it change "
+             "what the model does, more than moving it along random directions (steering)?"]
+    if validation["transfer"]:
+        lines += ["", "### Transfer between short and long questions", "",
+                  "The run's problems split by the length of their question; each probe is fit on one half (grouped "
+                  "CV there gives the in-distribution figure) and scored on the other. 95% CIs; \"falls to chance\": "
+                  "the transferred CI covers 0.5.", "",
+                  "| fit on | scored on | probe | AUROC in distribution | AUROC transferred | |", "|---|---|---|---|---|---|"]
+        for t in validation["transfer"]:
+            for r in _transfer_rows(t):
+                lines.append(f"| {t['train']} | {t['test']} | {r['name']} | {fmt_ci(r['in_distribution'])} | "
+                             f"{fmt_ci(r['transferred'])} | {fate(r['transferred'])} |")
+        lines += ["", "Every cell, layer and baseline: " + ", ".join(f"`{t['folder']}/transfer.csv`"
+                                                                    for t in validation["transfer"]) + "."]
+    steering = validation.get("steering")
+    if steering:
+        lines += ["", "### Steering along the direction", "",
+                  f"Every arm samples the same problems and seeds, with the residual leaving layer {steering['layer']} "
+                  f"shifted at every generated position by alpha standard deviations (sigma = {steering['sigma']:.4g}) "
+                  "of the direction's projection, along the direction and along random directions of the same norm; "
+                  "one arm projects the direction out.", "",
+                  f"![accuracy and length against alpha]({steering['folder']}/dose_response.png)", ""]
+        lines += [f"- {line}" for line in steering["sentences"]]
+    lines += [f"- {note}" for note in validation["notes"]] if validation["notes"] else []
+    return lines
