@@ -46,8 +46,11 @@ def test_run_seed_reaches_every_probe(tmp_path):
     assert metrics["run"] == metrics["3"] != metrics["0"]
 
 
-def flags_in(help_text: str, probes) -> dict:
-    return {flag: flag in help_text for f in ProbeConfig.cli_fields(*probes) for flag in ProbeConfig.flags(f)}
+def flags_in(help_text: str, probes, own_stores: bool = False) -> dict:
+    """Each probe option's flags in a help text; own_stores: a command that probes what it sampled (run, slurm
+    submit), which takes no option that is only for stores given to it (--allow-steered)."""
+    return {flag: flag in help_text for f in ProbeConfig.cli_fields(*probes) for flag in ProbeConfig.flags(f)
+            if not (own_stores and f.metadata.get("given_stores"))}
 
 
 @pytest.mark.parametrize("command, probes", [(["probe", "trajectory"], ["trajectory"]), (["probe", "tokens"], ["tokens"]),
@@ -55,7 +58,9 @@ def flags_in(help_text: str, probes) -> dict:
                                              (["slurm", "submit"], ["trajectory", "tokens"])])
 def test_probe_options_come_from_probe_config(command, probes):
     text = invoke(*command, "--help").output
-    assert all(flags_in(text, probes).values()), flags_in(text, probes)
+    own = command[0] in ("run", "slurm")
+    assert all(flags_in(text, probes, own).values()), flags_in(text, probes, own)
+    assert ("--allow-steered" in text) == (not own)
     others = {flag for f in ProbeConfig.cli_fields() if f not in ProbeConfig.cli_fields(*probes)
               for flag in ProbeConfig.flags(f)}
     assert not [flag for flag in others if f" {flag} " in text], others

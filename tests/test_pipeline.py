@@ -120,7 +120,7 @@ def validated(run):
     """Resumed with --validate: the halves of the run's problems hold its traces between them, the probes transfer
     both ways, every steering arm samples the run's problems, and report.md says what came of it."""
     done = CliRunner().invoke(main, ["run", "--out", str(run), "--quiet", "--permutations", "5", "--validate",
-                                     "--random-directions", "1", "--alpha", "0,4", "--bootstrap", "200"])
+                                     "--random-directions", "1", "--alpha", "0,4"])
     assert done.exit_code == 0, done.output
     halves = [run / "validate" / "halves" / f"{name}.h5" for name in ("short", "long")]
     with open_store(run) as full, open_store(halves[0]) as short, open_store(halves[1]) as long:
@@ -137,7 +137,7 @@ def validated(run):
     section = report[report.index("## Is it real?"):report.index("## Files")]
     assert "### Transfer between short and long questions" in section and section.count("| trajectory probe") == 2
     assert "![accuracy and length against alpha](validate/steering/dose_response.png)" in section
-    assert "steering along the direction at alpha = 4 changes accuracy by" in section
+    assert "steering along the direction at alpha = 4 changes accuracy by" in section and "specificity screen" in section
 
 
 def test_steering_options_need_validate(tmp_path):

@@ -33,7 +33,7 @@ from .traces.settings import GenerateConfig
 
 STORE_NAME = "store.h5"
 EXIT_OPTIONS = ("exit_rule", "exit_threshold", "exit_answer", "exit_answer_budget")  # `run --early-exit`'s policy
-RUN_STEER_OPTIONS = ("layer", "alpha", "random_directions", "no_ablation", "bootstrap")  # `run --validate`'s steering
+RUN_STEER_OPTIONS = ("layer", "alpha", "random_directions", "no_ablation")  # `run --validate`'s steering
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -171,7 +171,7 @@ def validate_run(run: Path, store: Path, config: GenerateConfig, gen: dict, deco
         return out
     if steered["status"] != "done":
         return {**out, "status": "interrupted"}
-    out["steering"] = {k: steered[k] for k in ("sentences", "summary", "layer", "sigma", "arms", "headline_alpha")
+    out["steering"] = {k: steered[k] for k in ("sentences", "summary", "layer", "sigma", "specificity", "headline_alpha")
                        if k in steered} | {"folder": f"{VALIDATE_FOLDER}/steering"}
     return out
 

@@ -418,5 +418,19 @@ def is_it_real_section(validation: dict) -> list[str]:
                   "one arm projects the direction out.", "",
                   f"![accuracy and length against alpha]({steering['folder']}/dose_response.png)", ""]
         lines += [f"- {line}" for line in steering["sentences"]]
+        lines.append(f"- {specific_sentence(steering['specificity'])}")
     lines += [f"- {note}" for note in validation["notes"]] if validation["notes"] else []
     return lines
+
+
+def specific_sentence(specificity: list[dict]) -> str:
+    """Where, over every alpha and outcome, the direction's effect passed the specificity screen."""
+    passed = {}
+    for entry in specificity:
+        if entry["verdict"] == "specific":
+            passed.setdefault(entry["alpha"], []).append(entry["outcome"].replace("_", " "))
+    if not passed:
+        return "at no alpha does the direction's effect on any outcome pass the specificity screen"
+    return "the direction's effect passes the specificity screen at " + "; ".join(
+        f"alpha = {alpha:g} ({', '.join(outcomes)})" for alpha, outcomes in sorted(passed.items())) + \
+        " (steering.json's `specificity` has every alpha and outcome)"
