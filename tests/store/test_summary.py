@@ -99,3 +99,21 @@ def test_inspect_shows_monitor_scores_and_the_exit_policy(tmp_path):
         output = runner.invoke(main, [*args, str(tmp_path / "plain.h5")]).output
         output = output.replace(str(tmp_path), "TMP")  # the test's folder name holds "monitor"
         assert "early exit" not in output and "monitor" not in output and "token_score" not in output, output
+
+
+def test_inspect_says_a_store_is_steered(tmp_path):
+    from conftest import make_record, writer_kwargs
+    from tribunal.store import StoreWriter
+    from tribunal.store.summary import format_summary, summarize
+
+    path = tmp_path / "arm.h5"
+    how = {"arm": "direction_a+4", "kind": "add", "layer": 5, "alpha": 4.0, "sigma": 2.5, "direction": "probe",
+           "random_index": None}
+    with StoreWriter(path, **writer_kwargs(generation_settings={"intervention": how})) as w:
+        w.append([make_record(0)])
+    with open_store(path) as store:
+        info = summarize(store)
+        assert info["interventions"] == [{"store": str(path), **how}]
+        line = format_summary(info).splitlines()[-1]
+    assert line.startswith("STEERED") and "alpha +4 x sigma 2.5 along the probe direction at layer 5" in line
+    assert "--allow-steered" in line

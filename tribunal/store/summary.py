@@ -52,6 +52,7 @@ def summarize(store: Store) -> dict:
         "chunk_tokens": attrs.get("chunk_tokens"),
         "monitor": monitor_summary(store),
         "exit": exit_summary(store),
+        "interventions": [{"store": path, **how} for path, how in store.interventions],
     }
 
 
@@ -127,8 +128,19 @@ def format_summary(info: dict) -> str:
         rows.append(("monitor", _describe_monitor(info["monitor"])))
     if info.get("exit"):
         rows.append(("early exit", _describe_exit(info["exit"])))
+    for how in info.get("interventions", []):
+        rows.append(("STEERED", _describe_intervention(how)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _describe_intervention(how: dict) -> str:
+    """One steered shard: what was done where, and that its traces are not the model's own behaviour."""
+    what = (f"{how.get('direction')} direction projected out" if how.get("kind") == "ablate" else
+            f"alpha {how.get('alpha'):+g} x sigma {how.get('sigma', float('nan')):.4g} along the {how.get('direction')} "
+            "direction" + (f" {how['random_index']}" if how.get("random_index") is not None else ""))
+    return (f"{how.get('store')}: arm {how.get('arm')}: {what} at layer {how.get('layer')}, every generated position "
+            "(tribunal steer); not the model's own behaviour: the probes refuse it without --allow-steered")
 
 
 def _describe_monitor(monitor: dict) -> str:
