@@ -52,20 +52,28 @@ def test_block_bytes_follow_the_memory_budget_within_bounds():
 
 
 def test_the_library_defaults_are_probe_configs():
-    """Each probe default is written once: the estimators' keyword defaults are read from ProbeConfig."""
+    """Each probe default is written once: the estimators' keyword defaults are read from ProbeConfig (in the
+    source, not only equal in value)."""
     import inspect
+    import re
 
     from tribunal.probes import chunk_probe, early_exit, tokens, trajectory
 
     config = ProbeConfig()
     for func, name, field in [(trajectory.evaluate_cells, "folds", "folds"),
                               (trajectory.evaluate_cells, "permutations", "permutations"),
+                              (trajectory.evaluate_cells, "seed", "seed"),
                               (trajectory.load_trajectory_data, "k", "last_k"),
                               (chunk_probe.evaluate_chunk_probe, "margin", "margin"),
+                              (chunk_probe.evaluate_chunk_probe, "seed", "seed"),
+                              (chunk_probe.evaluate_chunk_layers, "seed", "seed"),
                               (early_exit.choose_threshold, "margin", "margin"),
                               (tokens.fit_token_probe, "memory_bytes", "memory_bytes"),
-                              (tokens.fit_token_probe, "test_fraction", "test_fraction")]:
+                              (tokens.fit_token_probe, "test_fraction", "test_fraction"),
+                              (tokens.fit_token_probe, "seed", "seed")]:
         assert inspect.signature(func).parameters[name].default == getattr(config, field), (func, name)
+        signature = inspect.getsource(func).split("->")[0]
+        assert re.search(rf"\b{name}: [^=,]+= DEFAULTS\.{field}\b", signature), (func.__name__, name)
 
 
 def test_the_probes_never_import_click():

@@ -140,7 +140,7 @@ def chunk_features(store: Store, layer: int, data: ChunkData, block_bytes: int =
     return out
 
 
-def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = 0,
+def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.folds, seed: int = DEFAULTS.seed,
                          permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
                          margin: float = DEFAULTS.margin, block_bytes: int = DEFAULT_BLOCK_BYTES,
                          progress: bool = False, trial_answer=None) -> dict:
@@ -150,7 +150,7 @@ def evaluate_chunk_probe(store: Store, data: ChunkData, folds: int = DEFAULTS.fo
                                  folds, seed, permutations, C, margin, progress, trial_answer)
 
 
-def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = 0,
+def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAULTS.folds, seed: int = DEFAULTS.seed,
                           permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C,
                           margin: float = DEFAULTS.margin, progress: bool = False, trial_answer=None) -> dict:
     """evaluate_chunk_probe on features(layer) -> (chunks, d) arrays: what the store supplies, or a simulation."""
@@ -169,7 +169,7 @@ def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAUL
     nested = chosen["oof_probability"]
     inner_for_exit = [(tr, candidates[j].inner_oof[k]) for k, ((tr, _), j) in enumerate(zip(d.outer, chosen["chosen"]))]
     final = max(layer_rows, key=lambda c: c["metrics"]["auroc"]["value"])
-    paired = {name: ev.paired_auroc_difference(y, nested, s, d.outer, groups, chosen["refit"]["auroc"])
+    paired = {name: ev.paired_auroc_difference(y, nested, s, d.outer, groups, chosen["refit"]["auroc"], d.refit_df)
               for name, s in base.items()}
     per_fold = {}
     for j in chosen["chosen"]:

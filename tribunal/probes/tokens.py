@@ -58,7 +58,7 @@ def split_problems(groups, test_fraction: float, seed: int):
 
 
 def fit_token_probe(store: Store, layer: int, memory_bytes: int = DEFAULTS.memory_bytes,
-                    test_fraction: float = DEFAULTS.test_fraction, seed: int = 0, shrinkage: float = 1e-2,
+                    test_fraction: float = DEFAULTS.test_fraction, seed: int = DEFAULTS.seed, shrinkage: float = 1e-2,
                     progress: bool = False) -> dict:
     """Fit LDA and mass-mean directions on training problems' tokens; evaluate on held-out problems."""
     layer = store.check_layers([layer])[0]

@@ -92,7 +92,7 @@ def random_direction_scores(X, y, folds, seed: int) -> np.ndarray:
     return cv_predict(make_probe, (X @ (r / np.linalg.norm(r)))[:, None], y, folds)
 
 
-def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int = 0,
+def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int = DEFAULTS.seed,
                    permutations: int = DEFAULTS.permutations, C: float = DEFAULTS.C, progress: bool = False) -> dict:
     """Every cell scored beside every baseline on the same folds; one permutation null shared by all cells
     (per-cell p-values and the family-wise max-statistic p); nested selection of the best cell."""
@@ -107,7 +107,7 @@ def evaluate_cells(data: TrajectoryData, folds: int = DEFAULTS.folds, seed: int 
         cand = search.score_candidate(d, key, X, C)
         candidates.append(cand)
         scores = {**base, "random_direction": random_direction_scores(X, y, d.outer, seed)}
-        paired = {name: ev.paired_auroc_difference(y, cand.oof, s, d.outer, groups, cand.refit["auroc"])
+        paired = {name: ev.paired_auroc_difference(y, cand.oof, s, d.outer, groups, cand.refit["auroc"], d.refit_df)
                   for name, s in scores.items()}
         cells.append({
             "layer": int(layer), "aggregation": agg, "k": data.k if agg == "last_k" else None,
