@@ -55,7 +55,7 @@ def flags_in(help_text: str, probes, own_stores: bool = False) -> dict:
 
 @pytest.mark.parametrize("command, probes", [(["probe", "trajectory"], ["trajectory"]), (["probe", "tokens"], ["tokens"]),
                                              (["probe", "chunks"], ["chunks"]), (["run"], []),
-                                             (["slurm", "submit"], ["trajectory", "tokens"])])
+                                             (["slurm", "submit"], ["trajectory", "tokens", "chunks"])])
 def test_probe_options_come_from_probe_config(command, probes):
     text = invoke(*command, "--help").output
     own = command[0] in ("run", "slurm")

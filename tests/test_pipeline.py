@@ -81,11 +81,12 @@ def test_chunk_probe_reads_chunk_ends_with_the_stores_tokenizer(tmp_path):
 def test_submit_config_gives_the_probe_job_the_non_default_probe_options(tmp_path):
     from tribunal.pipeline import submit_config
 
-    cfg = submit_config(tmp_path / "r", {"seed": 2, "max_new_tokens": 64, "folds": 3, "test_fraction": 0.3},
-                        ["--layers", "4"], shards=2)
+    cfg = submit_config(tmp_path / "r", {"seed": 2, "max_new_tokens": 64, "folds": 3, "test_fraction": 0.3,
+                                         "margin": 0.05}, ["--layers", "4"], shards=2)
     assert cfg.generate == {"seed": 2, "max_new_tokens": 64} and cfg.shards == 2
     assert cfg.probe_args == {"trajectory": ["--folds", "3", "--seed", "2", "--layers", "4"],
-                              "tokens": ["--seed", "2", "--test-fraction", "0.3"]}
+                              "tokens": ["--seed", "2", "--test-fraction", "0.3"],
+                              "chunks": ["--folds", "3", "--seed", "2", "--margin", "0.05"]}
     with pytest.raises(TribunalError, match="--margin"):
         submit_config(tmp_path / "r", {"margin": 5})
 

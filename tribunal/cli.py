@@ -351,7 +351,7 @@ def slurm():
 @click.option("--run-dir", required=True, help="Run folder: shards, logs, filled sbatch scripts, probes.")
 @click.option("--shards", default=4, show_default=True, help="Array tasks (one store shard each).")
 @cluster_generator_options
-@probe_options("trajectory", "tokens", beside_generator=True)
+@probe_options("trajectory", "tokens", "chunks", beside_generator=True)
 @click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Per-task time limit.")
 @click.option("--partition", default=None)
 @click.option("--gpus", default=1, show_default=True, help="GPUs per task (0 for CPU).")

@@ -206,6 +206,7 @@ def test_array_preempt_requeue_resume_merge_probe(slurm, tmp_path, monkeypatch):
     assert "OK:" in probe_log, probe_log
     assert (run / "probes" / "implicit_value_directions.json").exists(), probe_log
     assert (run / "probes" / "token_probe.png").exists()
+    assert (run / "probes" / "chunk_metrics.json").exists(), probe_log  # and the chunk probe, with early exit
 
 
 def test_status_table_without_a_queue(tmp_path):

@@ -21,7 +21,7 @@ from ..errors import TribunalError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TASK_SCRIPT = TEMPLATES / "tribunal-task"
-PROBE_JOB = ("trajectory", "tokens")  # the probes that probe.sbatch runs, in order
+PROBE_JOB = ("trajectory", "tokens", "chunks")  # the probes that probe.sbatch runs, in order
 SIGNAL_LEAD_S = 300  # sbatch --signal=B:USR1@300: the stop signal comes this long before the time limit
 
 
@@ -40,7 +40,7 @@ class SubmitConfig:
     max_requeues: int = 5
     probe_time: str = "02:00:00"
     generate_args: list = field(default_factory=list)
-    probe_args: dict = field(default_factory=dict)  # probe (trajectory, tokens) -> its arguments in the probe job
+    probe_args: dict = field(default_factory=dict)  # probe (trajectory, tokens, chunks) -> its arguments in the probe job
 
 
 def _site_lines(cfg: SubmitConfig, gpus: int, mem: str | None) -> str:
