@@ -153,17 +153,6 @@ def test_bad_input_is_refused_in_one_line_and_leaves_nothing(tmp_path, store, ch
     assert not (tmp_path / "new").exists(), sorted(p.name for p in (tmp_path / "new").rglob("*"))
 
 
-def test_score_writes_into_a_new_folder_and_bad_input_leaves_none(store, tmp_path):
-    probes = tmp_path / "probes"
-    assert invoke("probe", "trajectory", store, "--out", probes, "--aggregations", "mean", "--permutations", 0,
-                  "--folds", 3, "--quiet").exit_code == 0
-    r = invoke("score", probes, store, "--layer", 9, "--out", tmp_path / "bad" / "x.csv")
-    assert r.exit_code == 1 and "no direction for layer 9" in r.output and not (tmp_path / "bad").exists()
-    r = invoke("score", probes, store, "--out", tmp_path / "new" / "x.csv")
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "new" / "x.csv").read_text().startswith("trace,")
-
-
 def test_probe_and_score_name_what_is_wrong_with_their_input(tmp_path):
     """A layer the store lacks, too few problems for the folds, a direction of another width or layer."""
     one = synth_store(tmp_path / "one.h5", traces=40, problems=10, layers=(2, 4), d_model=24)
