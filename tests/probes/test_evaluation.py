@@ -72,3 +72,20 @@ def test_ratio_interval_by_hand():
     # two problems: (1 + 0) / 2 and (1 + 1) / 2 -> 3 / 4
     m = ev.ratio_interval([1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1])
     assert m["value"] == 0.75 and m["ci"][0] < 0.75 < m["ci"][1]
+
+
+def test_satterthwaite_df_sums_the_folds_problems_and_follows_the_largest_share():
+    """Folds of equal variance: the df of their mean is the folds' problems - 1 summed (5 folds of 8 problems:
+    35, where the old lower bound said 7); a fold that holds all the variance gives its own problems - 1; refitting's
+    variance brings its own df (permutations - 1)."""
+    y = np.tile([0, 1], 40)
+    groups = np.repeat(np.arange(40), 2)
+    score = np.random.default_rng(0).random(80)
+    folds = ev.grouped_folds(y, groups, 5, seed=0)
+    mean, variance, term = (v[0] for v in ev.cv_values(y, score, folds, groups)["auroc"])
+    equal = variance / 5
+    assert ev.satterthwaite_df(5 * equal, 5 * equal ** 2 / 7) == pytest.approx(35)
+    assert ev.satterthwaite_df(variance, variance ** 2 / 7) == pytest.approx(7)
+    assert 7 <= ev.satterthwaite_df(variance, term) <= 35
+    assert ev.satterthwaite_df(1.0, 1.0 / 35, refit=1.0, refit_df=49) == pytest.approx(4 / (1 / 35 + 1 / 49))
+    assert ev.cv_interval(ev.cv_values(y, score, folds, groups)["auroc"])["value"] == pytest.approx(mean)

@@ -9,10 +9,11 @@ import pytest
 from tribunal.probes import simulation as sim
 
 # (shape, data sets, seed, highest coverage allowed). The second shape has more dimensions than training
-# traces, as real runs do, and folds of 8 problems, where the t interval's degrees of freedom (the smallest
-# fold's problems - 1 = 7) make it slightly conservative: 97.25% of its cells' CIs cover 0.5 (389 of 400).
+# traces, as real runs do, and folds of 8 problems: with the smallest fold's problems - 1 (7) as the cells'
+# df its CIs covered 0.5 in 97.25% of cells; Welch-Satterthwaite's df (about 35) gives 93.5%, the nested
+# figure (which keeps the lower bound) 95.5%.
 NULL_CASES = [(sim.Shape(problems=60, samples=4, dim=64), 400, 5000, 0.97),
-              (sim.Shape(problems=40, samples=2, dim=512), 200, 0, 0.975)]
+              (sim.Shape(problems=40, samples=2, dim=512), 200, 0, 0.97)]
 
 
 @pytest.mark.parametrize("shape, sets, seed, highest", NULL_CASES, ids=["60x4_d64", "40x2_d512"])

@@ -169,7 +169,7 @@ def evaluate_chunk_layers(data: ChunkData, layers, features, folds: int = DEFAUL
     nested = chosen["oof_probability"]
     inner_for_exit = [(tr, candidates[j].inner_oof[k]) for k, ((tr, _), j) in enumerate(zip(d.outer, chosen["chosen"]))]
     final = max(layer_rows, key=lambda c: c["metrics"]["auroc"]["value"])
-    paired = {name: ev.paired_auroc_difference(y, nested, s, d.outer, groups, chosen["refit"]["auroc"], d.refit_df)
+    paired = {name: ev.paired_auroc_difference(y, nested, s, d.outer, groups, chosen["refit"]["auroc"], df=d.nested_df)
               for name, s in base.items()}
     per_fold = {}
     for j in chosen["chosen"]:

@@ -75,8 +75,9 @@ def _balanced_accuracy(y, pred) -> float:
 
 METRICS = ("auroc", "balanced_accuracy", "accuracy")
 INTERVALS = ("95% CIs: mean over folds of each fold's metric, variance = the held-out problems' (influence curve, "
-             "problem-level) + refitting's (measured by the permutation null); t quantile, df = the smallest fold's "
-             "problems - 1")
+             "problem-level) + refitting's (measured by the permutation null); t quantile, Welch-Satterthwaite df "
+             "(each fold's variance on its problems - 1, refitting's on the permutations - 1), for the nested "
+             "figures the smallest fold's problems - 1")
 
 
 def _fold_terms(y, score) -> dict:
@@ -117,18 +118,47 @@ def _cluster_variance(terms, groups) -> np.ndarray:
 
 
 def cv_values(y, score, folds, groups) -> dict:
-    """Per metric: (mean over folds of each fold's value, the held-out variance of that mean), per column."""
+    """Per metric: (mean over folds of each fold's value, the held-out variance of that mean, and that variance's
+    Welch-Satterthwaite term: the sum over folds of (its share of the variance)^2 / (its problems - 1)), per column."""
     groups = np.asarray(groups)
     per_fold = [(_fold_terms(np.asarray(y)[test], np.asarray(score)[test]), groups[test]) for _, test in folds]
+    problems = np.array([max(len(np.unique(g)) - 1, 1) for _, g in per_fold], float)[:, None]
     out = {}
     for name in METRICS:
         values = np.array([terms[name][0] for terms, _ in per_fold])
         variances = np.array([_cluster_variance(np.nan_to_num(terms[name][1]), g) for terms, g in per_fold])
         variances[np.isnan(values)] = np.nan
         defined = np.maximum((~np.isnan(values)).sum(axis=0), 1)
+        shares = variances / defined ** 2
         out[name] = (np.nanmean(values, axis=0) if np.isfinite(values).any() else np.full(values.shape[1], np.nan),
-                     np.nansum(variances, axis=0) / defined ** 2)
+                     np.nansum(shares, axis=0), np.nansum(shares ** 2 / problems, axis=0))
     return out
+
+
+def satterthwaite_df(variance: float, term: float, refit: float = 0.0, refit_df: int = 0) -> float:
+    """Degrees of freedom of a sum of independent variance estimates (Welch-Satterthwaite): the folds' held-out
+    variances (term, from cv_values) and refitting's, estimated from refit_df + 1 permutations. With folds of equal
+    variance it is the folds' problems - 1 summed; the smallest fold's problems - 1 (its lower bound) made
+    intervals of small folds conservative."""
+    denominator = term + (refit ** 2 / refit_df if refit > 0 and refit_df > 0 else 0.0)
+    total = variance + refit
+    return float(total ** 2 / denominator) if denominator > 0 and total > 0 else 1.0
+
+
+def smallest_fold_df(folds, groups) -> int:
+    """Satterthwaite's lower bound on the df of the folds' summed variances: the smallest fold's problems - 1. The
+    nested figures take it: their refitting variance combines the candidates' through an approximate correlation
+    (search.nested_refit_variance), whose own df is unknown; Welch-Satterthwaite there covered 0.5 in only 92.5% of
+    null data sets at 40 problems x 2, d 512 (docs/probes.md)."""
+    groups = np.asarray(groups)
+    return max(1, min(len(np.unique(groups[test])) for _, test in folds) - 1)
+
+
+def cv_interval(values: tuple, refit: float = 0.0, refit_df: int = 0, column: int = 0, df: float | None = None) -> dict:
+    """The 95% CI of one column of a cv_values metric, with refitting's variance added; df: Welch-Satterthwaite's
+    unless given (the nested figures give smallest_fold_df)."""
+    mean, variance, term = (np.atleast_1d(v)[column] for v in values)
+    return interval(mean, variance + refit, satterthwaite_df(variance, term, refit, refit_df) if df is None else df)
 
 
 def refit_variance(null_values: dict) -> dict:
@@ -136,34 +166,26 @@ def refit_variance(null_values: dict) -> dict:
     metric beyond what its own held-out variances explain (the covariance between folds that share training
     problems). null_values: cv_values of the permuted label vectors. Zero without permutations."""
     out = {}
-    for name, (values, variances) in null_values.items():
+    for name, (values, variances, *_) in null_values.items():
         ok = np.isfinite(values)
         out[name] = float(max(0.0, np.var(values[ok], ddof=1) - np.mean(variances[ok]))) if ok.sum() > 2 else 0.0
     return out
 
 
-def degrees_of_freedom(folds, groups) -> int:
-    """The t interval's degrees of freedom: each fold's held-out variance rests on its own problems, so the
-    sum over folds has, at least, the smallest fold's problems minus one (Satterthwaite's lower bound)."""
-    groups = np.asarray(groups)
-    return max(1, min(len(np.unique(groups[test])) for _, test in folds) - 1)
-
-
-def interval(value: float, variance: float, df: int, bounds=(0.0, 1.0)) -> dict:
-    """value [95% CI] from a t interval with df degrees of freedom (degrees_of_freedom), kept inside bounds."""
+def interval(value: float, variance: float, df: float, bounds=(0.0, 1.0)) -> dict:
+    """value [95% CI] from a t interval with df degrees of freedom (satterthwaite_df), kept inside bounds."""
     se = float(np.sqrt(variance))
     half = float(student_t.ppf(0.975, max(df, 1))) * se
     return {"value": float(value), "ci": [float(max(bounds[0], value - half)), float(min(bounds[1], value + half))],
             "se": se}
 
 
-def cv_metrics(y, score, folds, groups, refit: dict | None = None) -> dict:
+def cv_metrics(y, score, folds, groups, refit: dict | None = None, refit_df: int = 0) -> dict:
     """Cross-validated ROC-AUC, balanced accuracy and accuracy of out-of-fold probabilities: each the mean over
-    folds, with a 95% CI whose variance is the held-out one plus refit[metric] (from refit_variance)."""
+    folds, with a 95% CI whose variance is the held-out one plus refit[metric] (from refit_variance, estimated on
+    refit_df + 1 permutations)."""
     values = cv_values(y, score, folds, groups)
-    df = degrees_of_freedom(folds, groups)
-    return {name: interval(values[name][0][0], values[name][1][0] + (refit or {}).get(name, 0.0), df)
-            for name in METRICS}
+    return {name: cv_interval(values[name], (refit or {}).get(name, 0.0), refit_df) for name in METRICS}
 
 
 def heldout_metrics(y, score, groups) -> dict:
@@ -172,21 +194,24 @@ def heldout_metrics(y, score, groups) -> dict:
     return cv_metrics(y, score, [(np.zeros(0, int), np.arange(len(y)))], groups)
 
 
-def paired_auroc_difference(y, score, other, folds, groups, refit: float = 0.0) -> dict:
+def paired_auroc_difference(y, score, other, folds, groups, refit: float = 0.0, refit_df: int = 0,
+                            df: float | None = None) -> dict:
     """AUROC(score) - AUROC(other) on the same folds and traces, with its 95% CI: the per-fold differences'
     influence terms cancel what the two share, so the interval is narrower than either's. refit: the refitting
     variance of the difference (the probe's; a baseline of one or two features barely overfits)."""
     y, groups = np.asarray(y), np.asarray(groups)
-    diffs, variance = [], 0.0
+    diffs, variances, problems = [], [], []
     for _, test in folds:
         a, b = _fold_terms(y[test], np.asarray(score)[test])["auroc"], _fold_terms(y[test], np.asarray(other)[test])["auroc"]
         if np.isnan(a[0][0]) or np.isnan(b[0][0]):
             continue
         diffs.append(a[0][0] - b[0][0])
-        variance += _cluster_variance(a[1] - b[1], groups[test])[0]
-    variance = variance / max(len(diffs), 1) ** 2 + refit
-    return interval(float(np.mean(diffs)) if diffs else float("nan"), variance, degrees_of_freedom(folds, groups),
-                    bounds=(-1.0, 1.0))
+        variances.append(_cluster_variance(a[1] - b[1], groups[test])[0])
+        problems.append(max(len(np.unique(groups[test])) - 1, 1))
+    shares = np.array(variances) / max(len(diffs), 1) ** 2
+    variance, term = float(shares.sum()), float((shares ** 2 / np.array(problems, float)).sum()) if diffs else 0.0
+    return interval(float(np.mean(diffs)) if diffs else float("nan"), variance + refit,
+                    satterthwaite_df(variance, term, refit, refit_df) if df is None else df, bounds=(-1.0, 1.0))
 
 
 def ratio_interval(numerator, denominator, groups) -> dict:

@@ -153,8 +153,14 @@ class Design:
     permuted: np.ndarray  # (n, permutations)
 
     @property
-    def df(self) -> int:
-        return ev.degrees_of_freedom(self.outer, self.groups)
+    def nested_df(self) -> int:
+        """The nested figures' df (evaluation.smallest_fold_df)."""
+        return ev.smallest_fold_df(self.outer, self.groups)
+
+    @property
+    def refit_df(self) -> int:
+        """Degrees of freedom of refitting's variance, the spread of the permuted label vectors' CV metrics."""
+        return max(self.permuted.shape[1] - 1, 0)
 
 
 def design(y, groups, folds: int, seed: int, permutations: int) -> Design:
@@ -191,9 +197,9 @@ def score_candidate(d: Design, key, X, C: float = DEFAULTS.C) -> Candidate:
     labels = np.column_stack([d.y, d.permuted])
     prob = FoldFeatures(X, d.outer, C).fit_out_of_fold(labels)
     values = ev.cv_values(labels, prob, d.outer, d.groups)
-    null = {name: (v[1:], var[1:]) for name, (v, var) in values.items()}
+    null = {name: (v[1:], var[1:]) for name, (v, var, _) in values.items()}
     refit = ev.refit_variance(null)
-    metrics = {name: ev.interval(values[name][0][0], values[name][1][0] + refit[name], d.df) for name in ev.METRICS}
+    metrics = {name: ev.cv_interval(values[name], refit[name], d.refit_df) for name in ev.METRICS}
     observed = metrics["auroc"]["value"]
     p = ev.permutation_pvalue(observed, null["auroc"][0]) if d.permuted.shape[1] else float("nan")
     inner_oof = [FoldFeatures(X[tr], inner, C).fit_out_of_fold(d.y[tr]) for (tr, _), inner in zip(d.outer, d.inner)]
@@ -248,8 +254,7 @@ def select(d: Design, candidates: list[Candidate], what: str = "candidates") -> 
     null_best = np.max([c.null_auroc for c in candidates], axis=0) if permutations else np.zeros(0)
     return {
         "chosen": chosen, "best": best, "oof_probability": nested, "refit": refit,
-        "nested_metrics": {name: ev.interval(values[name][0][0], values[name][1][0] + refit[name], d.df)
-                           for name in ev.METRICS},
+        "nested_metrics": {name: ev.cv_interval(values[name], refit[name], df=d.nested_df) for name in ev.METRICS},
         "family_wise": {
             "method": f"max-statistic permutation test: under each of {permutations} grouped permutations, the best "
                       f"CV ROC-AUC of all {len(candidates)} {what}; p = share of permutations whose best reaches "
