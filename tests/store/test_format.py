@@ -24,7 +24,7 @@ def documented_names():
     """Root attributes and datasets that docs/store-format.md names (the contract the tests hold the code to)."""
     doc = (ROOT / "docs" / "store-format.md").read_text()
     attrs_section = doc.split("### Root attributes", 1)[1].split("All but", 1)[0]  # the list, not the prose after it
-    attrs = [a for a in re.findall(r"`([a-z_]+)`", attrs_section) if a not in ("synth", "merged_from")]
+    attrs = [a for a in re.findall(r"`([a-z_]+)`", attrs_section) if a not in ("synth", "merged_from", "subset")]
     datasets = [d for d, optional in documented_datasets() if not optional and not d.startswith("synth/")]
     return attrs, datasets
 
