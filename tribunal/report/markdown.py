@@ -392,7 +392,6 @@ def _transfer_rows(measured: dict) -> list[dict]:
 def is_it_real_section(validation: dict) -> list[str]:
     """report.md's "Is it real?": transfer between the halves of the run's problems, in a table, and steering along
     the direction against random directions, in a plot and sentences."""
-    folder = validation["folder"]
     lines = ["", "## Is it real?", "",
              "A probe that separates right from wrong traces on one set of problems may have learned that set. Two "
              "checks: does it hold on problems of another kind (transfer), and does moving the model along it change "
