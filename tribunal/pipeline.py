@@ -142,7 +142,7 @@ def validate_run(run: Path, store: Path, config: GenerateConfig, gen: dict, deco
     the probes folder) over the problems the run tried, with the run's generator options and seed. A step that
     cannot run says why in the report instead of stopping it. steering: SteerConfig options."""
     folder = run / VALIDATE_FOLDER
-    out = {"transfer": [], "steering": None, "notes": [], "folder": VALIDATE_FOLDER}
+    out = {"transfer": [], "steering": None, "notes": []}
     with open_store(store) as opened:
         stored = set(opened.table["problem_id"].tolist())
     problems = [p for p in load_problems(config.dataset, config.split) if p.problem_id in stored]
