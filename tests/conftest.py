@@ -153,5 +153,6 @@ def pytest_collection_modifyitems(items):
     """The vLLM engine's tests run last (a stable sort keeps every other order): the in-process vLLM engine they
     start is kept for reuse by later runs in this process, with what vLLM sets up around it, and must not reach
     other tests."""
-    vllm_tests = Path(__file__).parent / "traces" / "engines" / "test_vllm.py"
-    items.sort(key=lambda item: item.path == vllm_tests)
+    engines = Path(__file__).parent / "traces" / "engines"
+    vllm_tests = (engines / "test_vllm.py", engines / "test_vllm_inline.py")
+    items.sort(key=lambda item: item.path in vllm_tests)

@@ -89,7 +89,8 @@ def sampled_by(settings) -> str:
     if settings.get("engine", "hf") == "hf":
         how = "tribunal's hf engine, captured while decoding"
     else:
-        how = f"vLLM {settings.get('vllm_version', '?')}, captured by teacher forcing"
+        how = f"vLLM {settings.get('vllm_version', '?')}, " + (
+            "captured inside vLLM's forward" if settings.get("capture") == "inline" else "captured by teacher forcing")
     if settings.get("captured_by", "").startswith("tribunal capture"):
         how += "; re-captured by tribunal capture"
     if settings.get("per_trace_seeds") is False:

@@ -67,7 +67,12 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
         ledger = RunLedger(loaded.problems, held, loaded.target, config.samples_per_problem, config.keep_all,
                            loaded.prompts)
         with ledger.progress(f"generate {config.shard}", config.progress, config.out):
-            if config.engine == "vllm":
+            if config.engine == "vllm" and config.capture == "inline":
+                from .engines.vllm_inline import sample_inline
+
+                status, notes = sample_inline(config, loaded.llm, loaded.layers, int(loaded.model.config.hidden_size),
+                                              loaded.store_dtype, ledger, writes, stop, loaded.per_trace_seeds)
+            elif config.engine == "vllm":
                 from .engines.vllm import sample_with_vllm
 
                 status, notes = sample_with_vllm(config, loaded.llm, loaded.model, loaded.layers, loaded.store_dtype,
@@ -118,9 +123,14 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
 
         positions = getattr(model.config, "max_position_embeddings", None) or math.inf
         longest = max((len(prompts.ids(p)) for p in problems), default=1)
+        capture = None
+        if config.capture == "inline":  # its requests sample one token past the limit (engines/vllm_inline.py)
+            from .engines.vllm_worker import CaptureSettings
+
+            capture = CaptureSettings(tuple(loaded["layers"]), loaded["store_dtype"], float(config.temperature))
         # the longest sequence rounded up to a power of two (runs of like settings share an engine in a process)
-        need = 1 << (longest + config.max_new_tokens - 1).bit_length()
-        loaded.update(llm=start_engine(config, model, tokenizer, int(min(positions, need))),
+        need = 1 << (longest + config.max_new_tokens + (capture is not None) - 1).bit_length()
+        loaded.update(llm=start_engine(config, model, tokenizer, int(min(positions, need)), capture),
                       per_trace_seeds=not runs_on_cpu())
     return _Loaded(**loaded)
 
@@ -154,7 +164,7 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
 
     settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "queue_batches", "intervention")}
     if config.engine == "hf":
-        del settings["vllm_memory"]
+        del settings["vllm_memory"], settings["capture"]
     if config.intervention is not None:  # a steered store says so (the vector itself by its hash: see `steer`)
         settings["intervention"] = {k: v for k, v in config.intervention.items() if k != "vector"}
     # the store records whether the prompt opens thinking (grading reads it per prompt)
@@ -165,7 +175,8 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
     if config.engine == "vllm":
         import vllm
 
-        settings.update(vllm_version=vllm.__version__, captured_by="teacher forcing (transformers)")
+        settings.update(vllm_version=vllm.__version__, captured_by="teacher forcing (transformers)"
+                        if config.capture == "forward" else "vLLM's forward (aux hidden states, V1 model runner)")
     resume_identity = {k: settings[k] for k in ("split", "temperature", "top_p", "max_new_tokens",
                                                 "samples_per_problem", "seed", "shard", "prompt_template",
                                                 "chat_template", "max_problems", "keep_all")}
@@ -178,6 +189,8 @@ def _writer_kwargs(config: GenerateConfig, loaded: _Loaded) -> dict:
     resume_identity["dataset"] = dataset_identity(config.dataset, config.split)
     if config.engine != "hf":  # an hf store's identity is as it was before engines, so those stores still resume
         resume_identity["engine"] = config.engine
+    if config.engine == "vllm" and config.capture == "inline":  # (forward: as before --capture, those resume too)
+        resume_identity["capture"] = config.capture
     model_id, revision = model_identity(loaded.model, config.model)
     return dict(
         path=config.out, model_id=model_id, model_revision=revision, layers=loaded.layers,

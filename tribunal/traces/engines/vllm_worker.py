@@ -1,0 +1,200 @@
+"""`--capture inline`: the residual stream and the sampling scores taken inside vLLM's own forward, in vLLM's worker.
+
+vLLM builds its worker from a qualified class name (`LLM(worker_cls=...)`), in this process or in the engine's
+own processes (as on GPUs), so the capture lives in a worker subclass: CaptureCPUWorker or CaptureGPUWorker. It
+asks the model for EAGLE-3's auxiliary hidden states at tribunal's layers, which vLLM's Llama/Qwen/Mistral
+models compute inside their compiled (and CUDA-graphed) forward as `hidden_states + residual` after each chosen
+decoder layer: exactly the output of the transformers block (vLLM carries the residual beside the hidden state
+and adds them in the next layer's fused add-norm). Each step, the rows of the flattened batch are mapped to
+(request, position) (`step_rows`), copied to the host in the store's words and kept per request; the logits
+row of each request gives the log-prob of the token sampled from it and that distribution's entropy at the
+run's temperature, computed where the logits are (only two floats per request leave the device).
+
+The driver (vllm_inline.py) takes a finished request's states and scores with `collective_rpc("tribunal_take")`,
+as plain lists and bytes, which cross vLLM's process boundary without its insecure serialization.
+
+Depends on vLLM's V1 model runner (0.32): `input_batch.req_ids`, `num_computed_tokens_cpu`, `positions`,
+`execute_model_state` and `use_aux_hidden_state_outputs`; `check_runner` refuses a runner that lacks them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..capture.hooks import host_words
+
+CONFIG_KEY = "tribunal_capture"  # the key of vLLM's additional_config that carries CaptureSettings' fields
+RUNNER_ATTRIBUTES = ("input_batch", "positions", "execute_model_state", "use_aux_hidden_state_outputs")
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What the worker captures: tribunal's layer indices (decoder blocks, from 0), the store's dtype, the run's
+    sampling temperature (the log-probs' and entropies')."""
+
+    layers: tuple
+    store_dtype: str
+    temperature: float
+
+    def as_config(self) -> dict:
+        return {CONFIG_KEY: {"layers": list(self.layers), "store_dtype": self.store_dtype,
+                             "temperature": self.temperature}}
+
+    @classmethod
+    def from_config(cls, additional_config) -> "CaptureSettings":
+        raw = (additional_config or {})[CONFIG_KEY]
+        return cls(tuple(int(x) for x in raw["layers"]), str(raw["store_dtype"]), float(raw["temperature"]))
+
+
+def step_rows(order, counts, starts) -> tuple[np.ndarray, np.ndarray]:
+    """Which request (index into `order`) and which position each row of a step's flattened batch holds.
+    order: the batch's request ids, in the order the runner laid out their tokens; counts: tokens scheduled per
+    request; starts: each request's tokens computed before this step (its first row's position)."""
+    counts = np.asarray(counts, np.int64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first_row = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
+    positions = np.asarray(starts, np.int64)[owner] + (np.arange(len(owner)) - first_row[owner])
+    return owner, positions
+
+
+@dataclass
+class _Request:
+    """What one request has been given so far: its rows as (positions, states) pieces, and per sampled token
+    (by its position) the token, its log-prob and its distribution's entropy."""
+
+    pieces: list = field(default_factory=list)
+    scores: dict = field(default_factory=dict)
+
+
+class CaptureSink:
+    """The per-request store of captured rows in a worker; `take` hands a request's rows over and forgets them."""
+
+    def __init__(self, settings: CaptureSettings):
+        self.settings = settings
+        self.requests: dict[str, _Request] = {}
+        self._pending = None  # (order, sampled positions, scaled logits, their log-sum-exp, entropies) until sampled
+
+    def add_step(self, order, counts, starts, states, logits) -> None:
+        """One forward: states (rows, layers, d) of the flattened batch, logits (requests, vocab), one row each."""
+        owner, positions = step_rows(order, counts, starts)
+        words = host_words(states[: len(owner)], self.settings.store_dtype)
+        for i, request_id in enumerate(order):
+            rows = np.flatnonzero(owner == i)
+            if rows.size:
+                self.requests.setdefault(request_id, _Request()).pieces.append((positions[rows], words[rows]))
+        scaled = logits.float() / max(self.settings.temperature, 1e-6)  # a new tensor: the sampler edits its own
+        lse = scaled.logsumexp(-1)
+        entropy = lse - (scaled.softmax(-1) * scaled).sum(-1)
+        ends = np.asarray(starts, np.int64) + np.asarray(counts, np.int64)  # the position a row's sample takes
+        self._pending = (list(order), ends, scaled, lse, entropy)
+
+    def add_samples(self, req_ids, sampled_token_ids) -> None:
+        """The tokens the sampler drew from the pending step's rows (an empty list: a row vLLM discarded)."""
+        import torch
+
+        if self._pending is None:
+            return
+        order, ends, scaled, lse, entropy = self._pending
+        self._pending = None
+        row_of = {request_id: i for i, request_id in enumerate(order)}
+        rows, tokens = [], []
+        for request_id, sampled in zip(req_ids, sampled_token_ids):
+            if sampled and request_id in row_of:
+                rows.append(row_of[request_id])
+                tokens.append(int(sampled[0]))
+        if not rows:
+            return
+        at = torch.as_tensor(rows, device=scaled.device)
+        picked = scaled[at, torch.as_tensor(tokens, device=scaled.device)] - lse[at]
+        logprobs, entropies = picked.cpu().numpy(), entropy[at].cpu().numpy()
+        for k, (row, token) in enumerate(zip(rows, tokens)):
+            self.requests.setdefault(order[row], _Request()).scores[int(ends[row])] = (
+                token, float(logprobs[k]), float(entropies[k]))
+
+    def take(self, request_ids) -> list:
+        """Per request id: {positions, states (bytes), shape, dtype, scores {position: [token, logprob, entropy]}}
+        as plain types, its rows in position order (a position computed twice, after vLLM preempted and
+        recomputed the request: the last one, the state the later tokens attended to)."""
+        out = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None) or _Request()
+            if request.pieces:
+                positions = np.concatenate([p for p, _ in request.pieces])
+                words = np.concatenate([w for _, w in request.pieces])
+                last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]
+                positions, words = positions[last], words[last]
+            else:
+                positions, words = np.zeros(0, np.int64), np.zeros((0, len(self.settings.layers), 0), np.float32)
+            states = np.ascontiguousarray(words)
+            out.append({"positions": positions.tolist(), "states": states.tobytes(), "shape": list(states.shape),
+                        "dtype": str(states.dtype),
+                        "scores": {str(k): list(v) for k, v in sorted(request.scores.items())}})
+        return out
+
+
+def check_runner(runner) -> None:
+    """Refuse a model runner that does not keep what the capture reads (another vLLM version or runner)."""
+    missing = [name for name in RUNNER_ATTRIBUTES if not hasattr(runner, name)]
+    if missing:
+        raise RuntimeError(f"tribunal's inline capture cannot read this vLLM model runner ({type(runner).__name__} "
+                           f"has no {', '.join(missing)}): use --capture forward, or vLLM 0.32 with "
+                           "VLLM_USE_V2_MODEL_RUNNER=0")
+
+
+class CaptureMixin:
+    """Mixed into vLLM's worker: aux hidden states at tribunal's layers, a CaptureSink fed every step."""
+
+    def load_model(self, *args, **kwargs):
+        runner = self.model_runner
+        check_runner(runner)
+        settings = CaptureSettings.from_config(self.vllm_config.additional_config)
+        runner.use_aux_hidden_state_outputs = True  # read by load_model and by the compiled forward's unpacking
+        super().load_model(*args, **kwargs)
+        # vLLM's aux index i+1 is the sum after decoder layer i (index 0 is the embeddings)
+        runner.get_model().set_aux_hidden_state_layers(tuple(layer + 1 for layer in sorted(settings.layers)))
+        self.tribunal_sink = CaptureSink(settings)
+
+    def execute_model(self, scheduler_output):
+        output = super().execute_model(scheduler_output)
+        runner = self.model_runner
+        state = getattr(runner, "execute_model_state", None)
+        total = scheduler_output.total_num_scheduled_tokens
+        if output is None and state is not None and state.scheduler_output is scheduler_output and total > 0:
+            batch = runner.input_batch
+            order = list(batch.req_ids[: len(scheduler_output.num_scheduled_tokens)])
+            counts = [scheduler_output.num_scheduled_tokens[r] for r in order]
+            starts = batch.num_computed_tokens_cpu[: len(order)].copy()
+            _, positions = step_rows(order, counts, starts)
+            if not np.array_equal(positions, runner.positions[:total].cpu().numpy()):
+                raise RuntimeError("tribunal's inline capture mapped this step's tokens to other positions than "
+                                   "vLLM's runner did: use --capture forward and report the vLLM version")
+            import torch
+
+            states = torch.stack([h[:total] for h in state.aux_hidden_states], 1)
+            self.tribunal_sink.add_step(order, counts, starts, states, state.logits)
+        return output
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        if output is not None and hasattr(output, "sampled_token_ids"):
+            self.tribunal_sink.add_samples(output.req_ids, output.sampled_token_ids)
+        return output
+
+    def tribunal_take(self, request_ids):
+        return self.tribunal_sink.take(request_ids)
+
+
+def __getattr__(name):
+    """The worker classes, built on first use: importing vLLM's CPU worker on a GPU build (or the reverse) is not
+    safe, and only the one vLLM names is ever resolved."""
+    if name == "CaptureCPUWorker":
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return type("CaptureCPUWorker", (CaptureMixin, CPUWorker), {"__module__": __name__})
+    if name == "CaptureGPUWorker":
+        from vllm.v1.worker.gpu_worker import Worker
+
+        return type("CaptureGPUWorker", (CaptureMixin, Worker), {"__module__": __name__})
+    raise AttributeError(name)
