@@ -4,10 +4,12 @@
     python bench/bench_vllm.py --shape 7b            # a GPU: random-init Qwen2 at 7B shapes (also 1.5b)
 
 1. Generated tokens per second over the same prompts and settings, in one process, interleaved over rounds,
-   medians: plain vLLM (`LLM.generate` on the prompt ids, logprobs off, nothing stored: what a user of vLLM
-   alone runs), `run_generation(engine="vllm")` (sampling, capture of the layers by teacher forcing, grading,
-   the store) and `run_generation(engine="hf")`. All share one vLLM engine, started once (its start-up is
-   reported on its own); each run_generation loads its capture model, as a run does. On a GPU the peak
+   medians: plain vLLM (`LLM.generate` on the prompt ids, logprobs off, nothing stored, vLLM's defaults with
+   prefix caching on: what a user of vLLM alone runs), `run_generation(engine="vllm")` with `--capture
+   inline` (the layers, log-probs and entropies taken in vLLM's forward, grading, the store) and with
+   `--capture forward` (sampling, then teacher forcing), and `run_generation(engine="hf")`. Two vLLM engines
+   live through the rounds: plain vLLM and --capture forward share one, started once (its start-up is reported
+   on its own); the inline one has the capture worker. Each run_generation loads its model, as a run does. On a GPU the peak
    memory of each path is read from nvidia-smi while it runs (vLLM reserves --vllm-memory of it up front).
 2. `tribunal capture` of the vllm store (every trace re-forwarded, the layers written to a new store) in
    tokens per second, against the plain way to forward the same tokens: the same length-sorted batches
@@ -105,9 +107,10 @@ def plain_vllm(llm, prompts, args) -> tuple[float, int]:
     return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def tribunal_run(engine, out: Path, args, model) -> tuple[float, int]:
+def tribunal_run(engine, out: Path, args, model, capture="inline", monitor=None) -> tuple[float, int]:
     out.unlink(missing_ok=True)
-    config = GenerateConfig(out=str(out), model=model, engine=engine, vllm_memory=args.vllm_memory,
+    config = GenerateConfig(out=str(out), model=model, engine=engine, capture=capture, monitor=monitor,
+                            vllm_memory=args.vllm_memory, vllm_args=args.vllm_args if engine == "vllm" else None,
                             layers=args.layers, max_new_tokens=args.max_new_tokens, max_problems=args.problems,
                             samples_per_problem=args.samples, keep_all=True, batch_size=args.batch_size,
                             capture_memory=args.capture_memory,
@@ -159,19 +162,28 @@ def main():
     ap.add_argument("--vllm-memory", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=16, help="the hf engine's batch")
     ap.add_argument("--capture-memory", default="auto")
+    ap.add_argument("--vllm-args", default=None,
+                    help="tribunal's --vllm-args for every engine (default on a CPU: 1 GiB of KV cache each, since "
+                         "the second engine in the process would find the first one's memory taken)")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the hf engine (slow at 7B)")
     args = ap.parse_args()
     args.max_new_tokens = args.max_new_tokens or (128 if args.shape == "embedded" else 1024)
+    from tribunal.traces.engines.vllm import runs_on_cpu
+
+    if args.vllm_args is None and runs_on_cpu():
+        args.vllm_args = json.dumps({"kv_cache_memory_bytes": 1 << 30})
     work = Path(tempfile.mkdtemp(prefix="tribunal-bench-vllm-"))
     model = None if args.shape == "embedded" else str(random_qwen2(args.shape, work / "model"))
 
     from tribunal.traces.models import load_model
+    from tribunal.traces.engines import vllm as vllm_engine
     from tribunal.traces.engines.vllm import start_engine
 
     net, tokenizer = load_model(model)
     prompts = [build_prompt(tokenizer, p.question) for p in load_problems(None, "test")[: args.problems]
                for _ in range(args.samples)]
-    probe = GenerateConfig(out="-", model=model, engine="vllm", vllm_memory=args.vllm_memory)
+    probe = GenerateConfig(out="-", model=model, engine="vllm", capture="forward", vllm_memory=args.vllm_memory,
+                           vllm_args=args.vllm_args)
     need = 1 << (max(len(p) for p in prompts) + args.max_new_tokens - 1).bit_length()
     t0 = time.perf_counter()
     llm = start_engine(probe, net, tokenizer, min(need, getattr(net.config, "max_position_embeddings", need)))
@@ -182,13 +194,16 @@ def main():
 
         args.layers = ",".join(str(x) for x in resolve_layers(None, SHAPES.get(args.shape, {}).get("num_hidden_layers", 8))[:3])
 
+    vllm_engine.ENGINES_KEPT = 2  # the sampling-only engine (plain vLLM, --capture forward) and the inline one
     paths = {"plain vLLM": lambda: plain_vllm(llm, prompts, args),
-             "tribunal --engine vllm": lambda: tribunal_run("vllm", work / "vllm.h5", args, model)}
+             "tribunal --capture inline": lambda: tribunal_run("vllm", work / "inline.h5", args, model),
+             "tribunal --capture forward": lambda: tribunal_run("vllm", work / "vllm.h5", args, model, "forward")}
     if not args.skip_hf:
         paths["tribunal --engine hf"] = lambda: tribunal_run("hf", work / "hf.h5", args, model)
     rates = {name: [] for name in paths}
     peaks = {name: [] for name in paths}
-    tribunal_run("vllm", work / "warm.h5", args, model)  # warm-up: first-call costs off the clock
+    for capture in ("forward", "inline"):  # warm-up (both engines started): first-call costs off the clock
+        tribunal_run("vllm", work / "warm.h5", args, model, capture)
     for r in range(args.rounds):
         order = list(paths) if r % 2 == 0 else list(reversed(paths))
         for name in order:

@@ -251,7 +251,7 @@ def test_bad_exit_input_is_refused_in_one_line_with_nothing_written(tmp_path, pr
 
 @pytest.mark.parametrize("args, needle", [
     (["--exit-rule", "confidence"], "--exit-rule needs --exit-policy"),
-    (["--monitor", "P", "--engine", "vllm"], "run on the hf engine"),
+    (["--monitor", "P", "--engine", "vllm", "--capture", "forward"], "use --capture inline"),
     (["--monitor", "P", "--exit-policy", "Q"], "name different probes folders"),
 ])
 def test_exit_options_that_do_not_fit_together(tmp_path, args, needle):

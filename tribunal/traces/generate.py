@@ -71,7 +71,8 @@ def _run_generation(config: GenerateConfig, stop: GracefulStop) -> dict:
                 from .engines.vllm_inline import sample_inline
 
                 status, notes = sample_inline(config, loaded.llm, loaded.layers, int(loaded.model.config.hidden_size),
-                                              loaded.store_dtype, ledger, writes, stop, loaded.per_trace_seeds)
+                                              loaded.store_dtype, ledger, writes, stop, loaded.per_trace_seeds,
+                                              loaded.watching)
             elif config.engine == "vllm":
                 from .engines.vllm import sample_with_vllm
 
@@ -119,7 +120,7 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
     if (config.monitor or config.exit_policy) and not stop():
         loaded["watching"] = _watching(config, model, tokenizer, prompts, problems, eos_ids)
     if config.engine == "vllm" and not stop():
-        from .engines.vllm import runs_on_cpu, start_engine
+        from .engines.vllm import per_request_seeds, start_engine
 
         positions = getattr(model.config, "max_position_embeddings", None) or math.inf
         longest = max((len(prompts.ids(p)) for p in problems), default=1)
@@ -127,11 +128,13 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
         if config.capture == "inline":  # its requests sample one token past the limit (engines/vllm_inline.py)
             from .engines.vllm_worker import CaptureSettings
 
-            capture = CaptureSettings(tuple(loaded["layers"]), loaded["store_dtype"], float(config.temperature))
+            watching = loaded.get("watching")
+            capture = CaptureSettings(tuple(loaded["layers"]), loaded["store_dtype"], float(config.temperature),
+                                      tuple(watching.layers) if watching is not None else ())
         # the longest sequence rounded up to a power of two (runs of like settings share an engine in a process)
         need = 1 << (longest + config.max_new_tokens + (capture is not None) - 1).bit_length()
-        loaded.update(llm=start_engine(config, model, tokenizer, int(min(positions, need)), capture),
-                      per_trace_seeds=not runs_on_cpu())
+        llm = start_engine(config, model, tokenizer, int(min(positions, need)), capture)
+        loaded.update(llm=llm, per_trace_seeds=per_request_seeds(llm))
     return _Loaded(**loaded)
 
 

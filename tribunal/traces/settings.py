@@ -80,10 +80,11 @@ class GenerateConfig:
                                         secondary="--no-chat-template")
     monitor: str | None = option(None, "Probes folder (from `tribunal probe chunks` / `probe tokens`): while sampling, "
                                        "score every chunk end that states an answer with its chunk direction and every "
-                                       "generated token with its token direction; stored with each trace (hf engine).")
+                                       "generated token with its token direction; stored with each trace (hf engine, or "
+                                       "vllm with --capture inline).")
     exit_policy: str | None = option(None, "Probes folder: stop each trace's thinking at the first chunk end that states "
                                            "an answer where --exit-rule reaches --exit-threshold (monitors as well; hf "
-                                           "engine).")
+                                           "engine, or vllm with --capture inline).")
     exit_rule: str = option("probe", "Exit policy (generate --exit-policy, run --early-exit): probe (the chunk "
                                      "probe's probability) or confidence (exp of the mean log-prob over the chunk).",
                             choices=EXIT_RULES)
@@ -190,8 +191,9 @@ class GenerateConfig:
                         if getattr(self, name) != type(self).__dataclass_fields__[name].default]
         if exit_options and not self.exit_policy:
             raise TribunalError(f"--{exit_options[0].replace('_', '-')} needs --exit-policy PROBES_DIR")
-        if (self.monitor or self.exit_policy) and self.engine != "hf":
-            raise TribunalError("--monitor and --exit-policy run on the hf engine (--engine hf)")
+        if (self.monitor or self.exit_policy) and self.engine == "vllm" and self.capture != "inline":
+            raise TribunalError("--monitor and --exit-policy read the states as vLLM computes them: use --capture "
+                                "inline (or --engine hf)")
         if self.monitor and self.exit_policy and str(self.monitor) != str(self.exit_policy):
             raise TribunalError("--monitor and --exit-policy name different probes folders; give one (the exit "
                                 "policy monitors with its own probes)")

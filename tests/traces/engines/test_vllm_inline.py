@@ -18,7 +18,7 @@ from tribunal.cli import main
 from tribunal.store import open_store
 from tribunal.store.verify import verify_store
 from tribunal.traces.capture.teacher_forcing import forcer_for
-from tribunal.traces.engines.vllm_inline import assemble, cut
+from tribunal.traces.engines.vllm_inline import assemble, cut, first_stop
 from tribunal.traces.generate import GenerateConfig, run_generation
 
 if os.environ.get("TRIBUNAL_REQUIRE_VLLM") == "1":
@@ -30,21 +30,26 @@ pytestmark = pytest.mark.slow
 EOS = {2}
 
 
+def cut_at(generated, max_new_tokens, ended):
+    return cut(generated, first_stop(generated, EOS), max_new_tokens, ended)
+
+
 def test_a_trace_is_cut_once_its_stop_token_has_been_fed():
-    assert cut([5, 6, 2], EOS, 10, ended=False) is None  # the stop token was sampled, not yet fed
-    assert cut([5, 6, 2, 7], EOS, 10, ended=False) == (3, True)  # fed: the token after it is dropped
-    assert cut([5, 2, 9, 2], EOS, 10, ended=False) == (2, True)  # the first stop token ends it
+    assert cut_at([5, 6, 2], 10, ended=False) is None  # the stop token was sampled, not yet fed
+    assert cut_at([5, 6, 2, 7], 10, ended=False) == (3, True)  # fed: the token after it is dropped
+    assert cut_at([5, 2, 9, 2], 10, ended=False) == (2, True)  # the first stop token ends it
+    assert first_stop([5, 2, 9, 2], EOS, start=2) == 3  # a scan resumed past the first one
 
 
 def test_a_trace_at_the_length_limit_keeps_exactly_max_new_tokens():
-    assert cut([5] * 4, EOS, 4, ended=False) is None
-    assert cut([5] * 5, EOS, 4, ended=True) == (4, False)
-    assert cut([5, 5, 5, 5, 2], EOS, 4, ended=True) == (4, False)  # a stop token past the limit is not the trace's
-    assert cut([5, 5, 5, 2, 8], EOS, 4, ended=True) == (4, True)  # the 4th token is the stop token: stopped
+    assert cut_at([5] * 4, 4, ended=False) is None
+    assert cut_at([5] * 5, 4, ended=True) == (4, False)
+    assert cut_at([5, 5, 5, 5, 2], 4, ended=True) == (4, False)  # a stop token past the limit is not the trace's
+    assert cut_at([5, 5, 5, 2, 8], 4, ended=True) == (4, True)  # the 4th token is the stop token: stopped
 
 
 def test_a_request_vllm_ended_short_keeps_only_its_fed_tokens():
-    assert cut([5, 6, 7], EOS, 10, ended=True) == (2, False)
+    assert cut_at([5, 6, 7], 10, ended=True) == (2, False)
 
 
 def rows(positions, scores, d=3, layers=2):
@@ -150,6 +155,19 @@ def test_an_inline_store_is_a_store_like_any_other(stressed_store, tmp_path):
             np.testing.assert_allclose(b.activations(layer, 0), a.activations(layer, 0), rtol=1e-4, atol=1e-4)
 
 
+def test_on_a_cpu_each_trace_follows_its_own_seed_whatever_runs_beside_it(tmp_path):
+    """Inline capture starts vLLM's CPU build without chunked prefill, where it honours per-request seeds: the
+    traces of 2 problems run alone equal theirs in a run of 8 problems (other batch-mates, other order)."""
+    alone, crowd = tmp_path / "alone.h5", tmp_path / "crowd.h5"
+    assert run_generation(inline_config(alone, max_problems=2))["status"] == "done"
+    assert run_generation(inline_config(crowd, max_problems=8, samples_per_problem=3))["status"] == "done"
+    with open_store(alone) as a, open_store(crowd) as b:
+        assert a.attrs["generation_settings"]["per_trace_seeds"] is True
+        theirs = {(t.problem_id, t.sample_index): t.token_ids.tolist() for t in map(b.trace, range(b.n_traces))}
+        for t in map(a.trace, range(a.n_traces)):
+            assert t.token_ids.tolist() == theirs[(t.problem_id, t.sample_index)]
+
+
 def test_inline_refuses_a_model_vllm_cannot_capture_and_names_the_fallback():
     """A transformers class whose vLLM class has no hidden-state outputs of chosen layers (GPT-2): a clear error
     before vLLM starts, never a silent switch to teacher forcing."""
@@ -238,3 +256,117 @@ def test_sigusr1_exits_75_and_the_engine_in_its_own_process_captures_the_same(tm
             for k, layer in enumerate(store.layers):
                 reference = f.activations[k]
                 assert np.abs(store.activations(layer, t.index) - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+# -- the monitor and early exit on vLLM ------------------------------------------------------------------------
+
+WATCHED = dict(max_problems=4, samples_per_problem=2, max_new_tokens=160, layers="2,5", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """A monitored inline run without exit (float32), and its probes folder (random directions)."""
+    from ..test_monitor import probes_folder
+
+    tmp = tmp_path_factory.mktemp("watched")
+    probes, doc = probes_folder(tmp / "probes")
+    full = tmp / "full.h5"
+    assert run_generation(inline_config(full, monitor=str(probes), **WATCHED))["status"] == "done"
+    return tmp, probes, doc, full
+
+
+def test_vllm_monitor_scores_are_the_offline_scores_of_the_stored_activations(watched):
+    from tribunal.probes.chunk_probe import score_chunk_ends
+    from tribunal.traces.models import piece_decoder
+
+    tmp, _, doc, full = watched
+    with open_store(full) as store:
+        assert store.monitor_fields == ("chunk_probability", "token_score")
+        offline = score_chunk_ends(doc, store, piece_decoder(store.model_id), tmp / "chunks.csv")
+        u = np.asarray(doc["token"]["directions"]["lda"]["direction"])
+        offset = u @ np.asarray(doc["token"]["midpoint"])
+        chunk_ends = []
+        for i in range(store.n_traces):
+            t = store.trace(i)
+            online = t.monitor["chunk_probability"]
+            assert np.isnan(online[: t.prompt_length]).all()
+            chunk_ends += [(i, int(k) - t.prompt_length) for k in np.flatnonzero(~np.isnan(online))]
+            layer2 = store.activations(2, i).astype(np.float64)
+            np.testing.assert_allclose(t.monitor["token_score"][t.prompt_length:],
+                                       (layer2 @ u - offset)[t.prompt_length:], rtol=1e-4, atol=1e-4)
+        rows = [ln.split(",") for ln in (tmp / "chunks.csv").read_text().splitlines()[1:]]
+        assert chunk_ends and chunk_ends == [(int(r[0]), int(r[3])) for r in rows]  # online chunk ends = offline
+        online_p = np.concatenate([store.trace(i).monitor["chunk_probability"] for i in range(store.n_traces)])
+        np.testing.assert_allclose(online_p[~np.isnan(online_p)], 1 / (1 + np.exp(-offline["logits"])), rtol=1e-5)
+
+
+def test_vllm_exits_are_prefixes_of_their_full_twins_and_the_exit_report_pairs_them(watched, tmp_path):
+    """Threshold 0: every trace with an answering chunk before its last stops there; with per-request seeds the
+    exited trace is its full twin's prefix, states and scores included; `exit_report` pairs the two stores."""
+    from tribunal.report.exit_report import exit_report
+    from tribunal.traces.models import EMBEDDED_MODEL_ID, piece_decoder
+
+    from ..test_monitor import first_chunk_end, generated, traces_of
+
+    _, probes, _, full = watched
+    early = tmp_path / "zero.h5"
+    assert run_generation(inline_config(early, exit_policy=str(probes), exit_threshold="0",
+                                        **WATCHED))["status"] == "done"
+    a, _ = traces_of(full)
+    b, _ = traces_of(early)
+    pieces = piece_decoder(EMBEDDED_MODEL_ID)
+    exited = 0
+    for key, x in a.items():
+        y = b[key]
+        chunk, end = first_chunk_end(x, pieces)
+        if chunk is None:
+            assert y.exit["exit_chunk"] == -1 and generated(y) == generated(x)
+            continue
+        exited += 1
+        assert y.exit["exit_chunk"] == 0 and y.exit["thinking_tokens"] == end + 1
+        assert generated(y) == generated(x)[: end + 1]
+        np.testing.assert_allclose(y.activations, x.activations[:, : x.prompt_length + end + 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y.logprobs, x.logprobs[: x.prompt_length + end + 1], atol=1e-5)
+        assert (y.label, y.predicted, y.finish_reason) == (chunk.label, chunk.answer, "other")
+    assert exited >= len(a) // 2
+    doc = exit_report(full, [early], tmp_path / "report", pieces, resamples=200)
+    measured = doc["policies"][0]["measured"]
+    assert measured["pairs"] == len(a) and measured["prefix"]["share"] == 1.0
+
+
+def test_vllm_forced_answers_follow_the_exit_chunk_and_equal_teacher_forcing(watched, tmp_path):
+    """The continuation (prompt, thinking up to the exit chunk, the cue) answers within its budget; the stored
+    states, log-probs and entropies, the cue's included, are those of a plain forward of the stored tokens."""
+    from transformers import AutoTokenizer
+
+    from tribunal.grading import ANSWER_CUE
+    from tribunal.traces.models import EMBEDDED_MODEL, load_model
+
+    from ..test_monitor import generated, traces_of
+
+    _, probes, _, full = watched
+    forced = tmp_path / "forced.h5"
+    assert run_generation(inline_config(forced, exit_policy=str(probes), exit_threshold="0", exit_answer="forced",
+                                        exit_answer_budget=6, **WATCHED))["status"] == "done"
+    a, _ = traces_of(full)
+    b, _ = traces_of(forced)
+    cue = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+    model, _ = load_model(None)
+    checked = 0
+    for key, y in b.items():
+        if y.exit["exit_chunk"] < 0:
+            continue
+        x, k = a[key], y.exit["thinking_tokens"]
+        gen = generated(y)
+        assert gen[:k] == generated(x)[:k] and gen[k: k + len(cue)] == cue
+        assert y.exit["forced_tokens"] == len(gen) - k and len(cue) < y.exit["forced_tokens"] <= len(cue) + 6
+        f = forcer_for(model, [2, 5], 1.0, "float32", None).forward([(np.asarray(y.token_ids), y.prompt_length)])[0]
+        for j in range(2):
+            assert np.abs(y.activations[j] - f.activations[j]).max() <= 1e-4 * np.abs(f.activations[j]).max()
+        g = y.is_generated.astype(bool)
+        np.testing.assert_allclose(y.logprobs[g], f.logprobs, atol=1e-4)
+        np.testing.assert_allclose(y.entropies[g], f.entropies, atol=1e-4)
+        checked += 1
+    assert checked
+    with open_store(forced) as store:
+        assert verify_store(store) == [] and len(store.exit_table) == store.n_traces

@@ -105,8 +105,41 @@ def test_bfloat16_rows_are_kept_as_the_stores_16_bit_words():
 
 
 def test_settings_travel_through_vllms_additional_config():
-    settings = CaptureSettings((3, 5, 6), "float16", 0.6)
+    settings = CaptureSettings((3, 5, 6), "float16", 0.6, monitor_layers=(2, 5))
     assert CaptureSettings.from_config(settings.as_config()) == settings
+    assert settings.captured_layers == [2, 3, 5, 6]
+
+
+def test_readouts_score_every_row_from_the_stored_words_and_drain_once():
+    s = CaptureSink(CaptureSettings((3,), "float16", 1.0, monitor_layers=(1,)))  # captured: 1 (monitor), 3
+    w = [0.25, -1.0, 0.5, 2.0]
+    s.set_readouts([["token_score", 1, w, -0.5]])
+    states = states_for([0, 1, 2]) * 1.001  # not representable in float16: the read-out sees the stored rounding
+    s.add_step(["a"], [3], [0], states, torch.randn(1, 5))
+    s.add_samples(["a"], [[4]])
+    drained = s.drain()["a"]
+    rounded = states[:, 0].to(torch.float16).float()
+    expected = (rounded @ torch.tensor(w) - 0.5).tolist()
+    assert drained["positions"] == [0, 1, 2] and drained["token_score"] == pytest.approx(expected, abs=1e-6)
+    assert list(drained["scores"]) == ["3"] and s.drain() == {}
+    rows = s.take(["a"])[0]
+    assert rows["shape"] == [3, 1, 4]  # only the stored layer is kept
+    with pytest.raises(ValueError, match="does not capture"):
+        s.set_readouts([["chunk_logit", 2, w, 0.0]])
+
+
+def test_a_prompt_token_asked_for_is_scored_from_the_row_before_it():
+    """A forced answer's cue arrives in its continuation's prompt: scored as if sampled, from the final hidden
+    state of the row before it through the LM head."""
+    s = sink(temperature=0.5)
+    head = torch.nn.Linear(4, 7, bias=False)
+    hidden = torch.randn(3, 4)
+    s.score_tokens("a", {2: 6})  # the token at position 2, predicted by the row at position 1
+    s.add_step(["a"], [3], [0], states_for([0, 1, 2]), torch.randn(1, 7), hidden, head)
+    logp = torch.log_softmax(head(hidden[1]) / 0.5, -1)
+    token, logprob, entropy = s.take(["a"])[0]["scores"]["2"]
+    assert token == 6 and logprob == pytest.approx(float(logp[6]), abs=1e-5)
+    assert entropy == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-5)
 
 
 def test_a_runner_without_what_the_capture_reads_is_refused_with_the_fallback_named():

@@ -12,9 +12,10 @@ What the hf engine guarantees holds: a stop signal aborts the requests in flight
 finish, commits and returns 'interrupted' (exit 75); a kill -9 leaves a store the next open repairs; only
 captured, graded traces are committed, so every (problem, sample) is stored exactly once.
 
-Seeds: on a GPU each request is seeded from (run seed, problem, sample) as the hf engine seeds its traces.
-vLLM's CPU build has no per-request seeds; there the engine is seeded with the run seed, the store records
-per_trace_seeds: false, and traces are reproducible only as a whole run.
+Seeds: each request is seeded from (run seed, problem, sample) as the hf engine seeds its traces, where the
+engine honours per-request seeds (per_request_seeds: GPUs; vLLM's CPU build without chunked prefill, as inline
+capture starts it). Elsewhere the engine is seeded with the run seed, the store records per_trace_seeds: false,
+and traces are reproducible only as a whole run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ IN_FLIGHT_PER_SEQ = 2  # requests handed to vLLM per sequence its scheduler runs
 # run accepts quietly, in nats, by compute dtype; a larger gap is logged as a warning (docs/engines.md).
 LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.1}
 
-_ENGINE: tuple | None = None  # (key, LLM): one engine per process, reused by later runs with the same settings
+# Engines started in this process, by their settings, reused by later runs with the same settings: at most
+# ENGINES_KEPT (one for a run; a benchmark that interleaves several kinds of engine keeps more).
+_ENGINES: dict = {}
+ENGINES_KEPT = 1
 
 
 def runs_on_cpu() -> bool:
@@ -54,7 +58,6 @@ def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
     """vLLM's offline engine for `config.model` at the capture model's dtype (reused when a run in this process
     already started one with the same settings). capture: vllm_worker.CaptureSettings for --capture inline (the
     engine's worker then captures; None: vLLM only samples)."""
-    global _ENGINE
     on_cpu = runs_on_cpu()
     if on_cpu:  # the engine in this process: it starts in seconds, not a minute, and dies with it on kill -9
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -68,15 +71,19 @@ def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
     dtype = str(model.dtype).replace("torch.", "")
     key = (str(config.model or EMBEDDED_MODEL), config.revision, dtype, config.vllm_memory, max_model_len,
            config.seed, config.trust_remote_code, capture, config.vllm_args)
-    if _ENGINE is not None and _ENGINE[0] == key:
-        return _ENGINE[1]
-    _ENGINE = None
+    if key in _ENGINES:
+        return _ENGINES[key]
+    while _ENGINES and len(_ENGINES) >= ENGINES_KEPT:  # the oldest goes before a new one takes memory
+        del _ENGINES[next(iter(_ENGINES))]
     extra = {**({"distributed_executor_backend": "uni"} if on_cpu else {}), **config.vllm_engine_args()}
     if capture is not None:
         check_inline_model(model)
         extra.update(worker_cls="tribunal.traces.engines.vllm_worker." + ("CaptureCPUWorker" if on_cpu else
                                                                           "CaptureGPUWorker"),
                      additional_config=capture.as_config(), enable_prefix_caching=False, async_scheduling=False)
+        if on_cpu and "enable_chunked_prefill" not in extra and "max_num_batched_tokens" not in extra:
+            # whole prompts per step: vLLM's CPU build can then honour per-request seeds (see per_request_seeds)
+            extra.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 2048))
     try:
         llm = vllm.LLM(
             model=key[0], revision=config.revision, tokenizer=key[0], tokenizer_revision=config.revision,
@@ -89,8 +96,15 @@ def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
                                 f"{config.vllm_memory}), a smaller --max-new-tokens, or put the capture model on "
                                 "another device (--device-map)") from error
         raise
-    _ENGINE = (key, llm)
+    _ENGINES[key] = llm
     return llm
+
+
+def per_request_seeds(llm) -> bool:
+    """Whether this engine honours each request's seed. vLLM's CPU build fails on a seeded request whose prompt
+    is split over steps (chunked prefill rewinds its generator's offset, which a CPU generator does not have);
+    without chunked prefill it honours them, as GPUs always do."""
+    return not runs_on_cpu() or not llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill
 
 
 def check_inline_model(model) -> None:

@@ -31,21 +31,29 @@ RUNNER_ATTRIBUTES = ("input_batch", "positions", "execute_model_state", "use_aux
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    """What the worker captures: tribunal's layer indices (decoder blocks, from 0), the store's dtype, the run's
-    sampling temperature (the log-probs' and entropies')."""
+    """What the worker captures: tribunal's layer indices (decoder blocks, from 0) to store, the store's dtype,
+    the run's sampling temperature (the log-probs' and entropies'), and layers captured for the monitor's
+    read-outs only. Travels in vLLM's additional_config, which is part of its compile cache's key: the
+    read-outs themselves (a run's probes) are set per run (`tribunal_readouts`), so new probes do not recompile."""
 
     layers: tuple
     store_dtype: str
     temperature: float
+    monitor_layers: tuple = ()
+
+    @property
+    def captured_layers(self) -> list[int]:
+        return sorted(set(self.layers) | set(self.monitor_layers))
 
     def as_config(self) -> dict:
         return {CONFIG_KEY: {"layers": list(self.layers), "store_dtype": self.store_dtype,
-                             "temperature": self.temperature}}
+                             "temperature": self.temperature, "monitor_layers": list(self.monitor_layers)}}
 
     @classmethod
     def from_config(cls, additional_config) -> "CaptureSettings":
         raw = (additional_config or {})[CONFIG_KEY]
-        return cls(tuple(int(x) for x in raw["layers"]), str(raw["store_dtype"]), float(raw["temperature"]))
+        return cls(tuple(int(x) for x in raw["layers"]), str(raw["store_dtype"]), float(raw["temperature"]),
+                   tuple(int(x) for x in raw.get("monitor_layers", ())))
 
 
 def step_rows(order, counts, starts) -> tuple[np.ndarray, np.ndarray]:
@@ -61,34 +69,92 @@ def step_rows(order, counts, starts) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class _Request:
-    """What one request has been given so far: its rows as (positions, states) pieces, and per sampled token
-    (by its position) the token, its log-prob and its distribution's entropy."""
+    """What one request has been given so far: its rows as (positions, states) pieces; per sampled token (by
+    its position) the token, its log-prob and its distribution's entropy; the read-outs of its rows and the
+    scores not yet drained; prompt positions to score (a continuation's forced tokens: position -> token)."""
 
     pieces: list = field(default_factory=list)
     scores: dict = field(default_factory=dict)
+    fresh_rows: list = field(default_factory=list)
+    fresh_scores: dict = field(default_factory=dict)
+    score_tokens: dict = field(default_factory=dict)
 
 
 class CaptureSink:
-    """The per-request store of captured rows in a worker; `take` hands a request's rows over and forgets them."""
+    """The per-request store of captured rows in a worker; `take` hands a request's rows over and forgets them,
+    `drain` hands over what the monitor reads each step."""
 
     def __init__(self, settings: CaptureSettings):
+        import torch
+
         self.settings = settings
+        captured = settings.captured_layers
+        self.stored = [captured.index(layer) for layer in sorted(settings.layers)]  # into the captured layers
+        self._readouts = []
         self.requests: dict[str, _Request] = {}
         self._pending = None  # (order, sampled positions, scaled logits, their log-sum-exp, entropies) until sampled
 
-    def add_step(self, order, counts, starts, states, logits) -> None:
-        """One forward: states (rows, layers, d) of the flattened batch, logits (requests, vocab), one row each."""
-        owner, positions = step_rows(order, counts, starts)
-        words = host_words(states[: len(owner)], self.settings.store_dtype)
-        for i, request_id in enumerate(order):
-            rows = np.flatnonzero(owner == i)
-            if rows.size:
-                self.requests.setdefault(request_id, _Request()).pieces.append((positions[rows], words[rows]))
+    def set_readouts(self, readouts) -> None:
+        """The monitor's read-outs, [name, layer, weights, bias] each (none: no monitor), computed on every row
+        from now on."""
+        import torch
+
+        captured = self.settings.captured_layers
+        missing = sorted({int(layer) for _, layer, _, _ in readouts} - set(captured))
+        if missing:
+            raise ValueError(f"read-outs at layers {missing}, which this engine does not capture ({captured})")
+        self._readouts = [(str(name), captured.index(int(layer)), torch.tensor(weights, dtype=torch.float32),
+                           float(bias)) for name, layer, weights, bias in readouts]
+
+    def score_tokens(self, request_id: str, tokens: dict) -> None:
+        """Score these tokens of a request's prompt ({position: token}) from the rows before them, as if sampled."""
+        self.requests.setdefault(request_id, _Request()).score_tokens.update({int(k): int(v) for k, v in tokens.items()})
+
+    def add_step(self, order, counts, starts, states, logits, hidden=None, head=None) -> None:
+        """One forward: states (rows, captured layers, d) of the flattened batch, logits (requests, vocab), one
+        row each; hidden and head (the final hidden states and the LM head) score prompt tokens asked for."""
+        import torch
+
+        _, positions = step_rows(order, counts, starts)
+        states = states[: len(positions)]
+        words = host_words(states[:, self.stored] if len(self.stored) < states.shape[1] else states,
+                           self.settings.store_dtype)
+        store = getattr(torch, self.settings.store_dtype)  # read out what is stored, as `tribunal score` would
+        readouts = {name: (states[:, k].to(store).float() @ w.to(states.device) + b).cpu().numpy()
+                    for name, k, w, b in self._readouts}
+        ends = np.cumsum(np.asarray(counts, np.int64))
+        for i, request_id in enumerate(order):  # a request's rows are contiguous, in the order of `order`
+            lo, hi = int(ends[i] - counts[i]), int(ends[i])
+            if lo == hi:
+                continue
+            request = self.requests.setdefault(request_id, _Request())
+            request.pieces.append((positions[lo:hi], words[lo:hi]))
+            if readouts:
+                request.fresh_rows.append((positions[lo:hi], {name: v[lo:hi] for name, v in readouts.items()}))
+            if request.score_tokens and hidden is not None:
+                self._score_prompt(request, positions[lo:hi], np.arange(lo, hi), hidden, head)
         scaled = logits.float() / max(self.settings.temperature, 1e-6)  # a new tensor: the sampler edits its own
         lse = scaled.logsumexp(-1)
         entropy = lse - (scaled.softmax(-1) * scaled).sum(-1)
         ends = np.asarray(starts, np.int64) + np.asarray(counts, np.int64)  # the position a row's sample takes
         self._pending = (list(order), ends, scaled, lse, entropy)
+
+    def _score_prompt(self, request: _Request, positions, rows, hidden, head) -> None:
+        import torch
+
+        wanted = [(r, int(q) + 1) for r, q in zip(rows, positions) if int(q) + 1 in request.score_tokens]
+        if not wanted:
+            return
+        at = torch.as_tensor([r for r, _ in wanted], device=hidden.device)
+        with torch.no_grad():
+            scaled = head(hidden[at]).float() / max(self.settings.temperature, 1e-6)
+        lse = scaled.logsumexp(-1)
+        entropy = (lse - (scaled.softmax(-1) * scaled).sum(-1)).cpu().numpy()
+        tokens = [request.score_tokens[q] for _, q in wanted]
+        picked = (scaled[torch.arange(len(wanted), device=hidden.device), torch.as_tensor(tokens, device=hidden.device)]
+                  - lse).cpu().numpy()
+        for k, (_, q) in enumerate(wanted):
+            request.scores[q] = request.fresh_scores[q] = (tokens[k], float(picked[k]), float(entropy[k]))
 
     def add_samples(self, req_ids, sampled_token_ids) -> None:
         """The tokens the sampler drew from the pending step's rows (an empty list: a row vLLM discarded)."""
@@ -110,8 +176,25 @@ class CaptureSink:
         picked = scaled[at, torch.as_tensor(tokens, device=scaled.device)] - lse[at]
         logprobs, entropies = picked.cpu().numpy(), entropy[at].cpu().numpy()
         for k, (row, token) in enumerate(zip(rows, tokens)):
-            self.requests.setdefault(order[row], _Request()).scores[int(ends[row])] = (
-                token, float(logprobs[k]), float(entropies[k]))
+            request = self.requests.setdefault(order[row], _Request())
+            request.scores[int(ends[row])] = scored = (token, float(logprobs[k]), float(entropies[k]))
+            if self._readouts:
+                request.fresh_scores[int(ends[row])] = scored
+
+    def drain(self) -> dict:
+        """What the monitor reads, per request, since the last drain: {positions, one list per read-out, scores
+        {position: [token, logprob, entropy]}} (empty without read-outs)."""
+        out = {}
+        for request_id, request in self.requests.items():
+            if not request.fresh_rows and not request.fresh_scores:
+                continue
+            positions = [int(q) for p, _ in request.fresh_rows for q in p]
+            entry = {"positions": positions, "scores": {str(k): list(v) for k, v in request.fresh_scores.items()}}
+            for name, _, _, _ in self._readouts:
+                entry[name] = [float(x) for _, values in request.fresh_rows for x in values[name]]
+            out[request_id] = entry
+            request.fresh_rows, request.fresh_scores = [], {}
+        return out
 
     def take(self, request_ids) -> list:
         """Per request id: {positions, states (bytes), shape, dtype, scores {position: [token, logprob, entropy]}}
@@ -153,7 +236,7 @@ class CaptureMixin:
         runner.use_aux_hidden_state_outputs = True  # read by load_model and by the compiled forward's unpacking
         super().load_model(*args, **kwargs)
         # vLLM's aux index i+1 is the sum after decoder layer i (index 0 is the embeddings)
-        runner.get_model().set_aux_hidden_state_layers(tuple(layer + 1 for layer in sorted(settings.layers)))
+        runner.get_model().set_aux_hidden_state_layers(tuple(layer + 1 for layer in settings.captured_layers))
         self.tribunal_sink = CaptureSink(settings)
 
     def execute_model(self, scheduler_output):
@@ -173,7 +256,8 @@ class CaptureMixin:
             import torch
 
             states = torch.stack([h[:total] for h in state.aux_hidden_states], 1)
-            self.tribunal_sink.add_step(order, counts, starts, states, state.logits)
+            self.tribunal_sink.add_step(order, counts, starts, states, state.logits, state.hidden_states,
+                                        runner.get_model().compute_logits)
         return output
 
     def sample_tokens(self, grammar_output):
@@ -184,6 +268,15 @@ class CaptureMixin:
 
     def tribunal_take(self, request_ids):
         return self.tribunal_sink.take(request_ids)
+
+    def tribunal_drain(self):
+        return self.tribunal_sink.drain()
+
+    def tribunal_readouts(self, readouts):
+        self.tribunal_sink.set_readouts(readouts)
+
+    def tribunal_score_tokens(self, request_id, tokens):
+        self.tribunal_sink.score_tokens(request_id, tokens)
 
 
 def __getattr__(name):
