@@ -120,6 +120,25 @@ def tribunal_run(engine, out: Path, args, model, capture="inline", monitor=None)
     return time.perf_counter() - t0, summary["new_tokens"]
 
 
+def random_probes(folder: Path, model_id: str, d_model: int, layer: int) -> Path:
+    """A probes folder with random unit directions at `layer` (chunk and token), as `probe chunks` and `probe
+    tokens` write it: the monitor's cost does not depend on how good its directions are."""
+    import numpy as np
+
+    from tribunal.probes.directions import FORMAT, VERSION
+
+    rng = np.random.default_rng(0)
+    u, v, m = rng.normal(size=(3, d_model))
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "version": VERSION, "provenance": {"model": model_id, "d_model": d_model, "layers": [layer]},
+           "chunk": {"direction": {"layer": layer, "direction": (u / np.linalg.norm(u)).tolist(), "weight_norm": 0.5,
+                                   "bias": 0.1}},
+           "token": {"layer": layer, "midpoint": m.tolist(),
+                     "directions": {"lda": {"direction": (v / np.linalg.norm(v)).tolist()}}}}
+    (folder / "implicit_value_directions.json").write_text(json.dumps(doc))
+    return folder
+
+
 def plain_forward(model_path, store_path, capture_memory: str) -> tuple[float, int]:
     """The same traces forwarded in the same length-sorted batches, no hooks, no log-prob slicing, no store."""
     import torch
@@ -159,7 +178,8 @@ def main():
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 embedded, 1024 otherwise")
     ap.add_argument("--layers", default=None, help="layers the tribunal paths capture (default: 3 middle layers)")
-    ap.add_argument("--vllm-memory", type=float, default=0.3)
+    ap.add_argument("--vllm-memory", type=float, default=0.3,
+                    help="each of the two engines' share (at 7B on one GPU: 0.3 x 2 plus the forward path's weights)")
     ap.add_argument("--batch-size", type=int, default=16, help="the hf engine's batch")
     ap.add_argument("--capture-memory", default="auto")
     ap.add_argument("--vllm-args", default=None,
@@ -168,7 +188,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="leave out the hf engine (slow at 7B)")
     args = ap.parse_args()
     args.max_new_tokens = args.max_new_tokens or (128 if args.shape == "embedded" else 1024)
-    from tribunal.traces.engines.vllm import runs_on_cpu
+    from tribunal.traces.vllm_engine import runs_on_cpu
 
     if args.vllm_args is None and runs_on_cpu():
         args.vllm_args = json.dumps({"kv_cache_memory_bytes": 1 << 30})
@@ -176,8 +196,8 @@ def main():
     model = None if args.shape == "embedded" else str(random_qwen2(args.shape, work / "model"))
 
     from tribunal.traces.models import load_model
-    from tribunal.traces.engines import vllm as vllm_engine
-    from tribunal.traces.engines.vllm import start_engine
+    from tribunal.traces import vllm_engine
+    from tribunal.traces.vllm_engine import start_engine
 
     net, tokenizer = load_model(model)
     prompts = [build_prompt(tokenizer, p.question) for p in load_problems(None, "test")[: args.problems]
@@ -188,22 +208,30 @@ def main():
     t0 = time.perf_counter()
     llm = start_engine(probe, net, tokenizer, min(need, getattr(net.config, "max_position_embeddings", need)))
     startup = time.perf_counter() - t0
+    net_config = net.config
     del net
     if args.layers is None:
         from tribunal.traces.models import resolve_layers
 
         args.layers = ",".join(str(x) for x in resolve_layers(None, SHAPES.get(args.shape, {}).get("num_hidden_layers", 8))[:3])
 
-    vllm_engine.ENGINES_KEPT = 2  # the sampling-only engine (plain vLLM, --capture forward) and the inline one
+    from tribunal.traces.models import recorded_model_id
+
+    probes = random_probes(work / "probes", recorded_model_id(model), int(net_config.hidden_size),
+                           int(args.layers.split(",")[0]))
+    vllm_engine.ENGINES_KEPT = 2  # sampling only (plain vLLM, --capture forward), and inline (the monitor's layer is stored)
     paths = {"plain vLLM": lambda: plain_vllm(llm, prompts, args),
              "tribunal --capture inline": lambda: tribunal_run("vllm", work / "inline.h5", args, model),
+             "tribunal --capture inline --monitor": lambda: tribunal_run("vllm", work / "monitor.h5", args, model,
+                                                                         monitor=str(probes)),
              "tribunal --capture forward": lambda: tribunal_run("vllm", work / "vllm.h5", args, model, "forward")}
     if not args.skip_hf:
         paths["tribunal --engine hf"] = lambda: tribunal_run("hf", work / "hf.h5", args, model)
     rates = {name: [] for name in paths}
     peaks = {name: [] for name in paths}
-    for capture in ("forward", "inline"):  # warm-up (both engines started): first-call costs off the clock
+    for capture in ("forward", "inline"):  # warm-up (every engine started): first-call costs off the clock
         tribunal_run("vllm", work / "warm.h5", args, model, capture)
+    tribunal_run("vllm", work / "warm.h5", args, model, monitor=str(probes))
     for r in range(args.rounds):
         order = list(paths) if r % 2 == 0 else list(reversed(paths))
         for name in order:

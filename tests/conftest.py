@@ -153,6 +153,7 @@ def pytest_collection_modifyitems(items):
     """The vLLM engine's tests run last (a stable sort keeps every other order): the in-process vLLM engine they
     start is kept for reuse by later runs in this process, with what vLLM sets up around it, and must not reach
     other tests."""
-    engines = Path(__file__).parent / "traces" / "engines"
-    vllm_tests = (engines / "test_vllm.py", engines / "test_vllm_inline.py")
+    traces = Path(__file__).parent / "traces"
+    vllm_tests = (traces / "test_vllm_engine.py", traces / "engines" / "test_vllm.py",
+                  traces / "engines" / "test_vllm_inline.py")
     items.sort(key=lambda item: item.path in vllm_tests)

@@ -213,3 +213,17 @@ def test_the_cli_writes_the_report(case, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "tokens saved 33.3%" in result.output
     assert (case["out"] / "exit_report.md").exists() and asked == [("test/model", "tok")]
+
+
+def test_stores_without_per_trace_seeds_are_paired_with_a_note_on_what_pairing_means(case, tmp_path):
+    """vLLM's CPU build with chunked prefill cannot seed each trace: the report still pairs, and says that a pair
+    then shares its prompt and settings, not its randomness."""
+    policy = {"probes": str(case["probes"]), "rule": "confidence", "threshold": 0.8, "threshold_spec": "0.8",
+              "answer": "intermediate", "threshold_how": {}, "answer_cue": "", "answer_budget": 8}
+    unseeded = write(tmp_path / "unseeded.h5", [exited((0, 0), 1, 3, 0, True, "confidence")],
+                     {**SETTINGS, "per_trace_seeds": False, "exit_policy": policy}, exit_table=True)
+    doc = exit_report(case["full"], [unseeded], tmp_path / "r", decode_pieces, resamples=50)
+    assert "not its randomness" in doc["pairing_note"] and "note: some of these stores" in doc["summary"]
+    assert "**Pairing.**" in (tmp_path / "r" / "exit_report.md").read_text()
+    seeded = exit_report(case["full"], [case["conf"]], tmp_path / "s", decode_pieces, resamples=50)
+    assert "pairing_note" not in seeded

@@ -92,3 +92,16 @@ def test_keep_loaded_loads_a_model_once_and_again_when_its_files_change(tmp_path
         changed = load_model(str(copy))[0]
         assert changed is not first and changed.config.rms_norm_eps == 1e-5
     assert load_model(str(copy))[0] is not changed
+
+
+def test_a_model_without_weights_has_the_structure_dtype_stop_tokens_and_identity_of_the_real_one():
+    """What --capture inline loads (vLLM holds the weights): nothing on a device, everything a run reads."""
+    from tribunal.traces.models import decoder_blocks, load_model, model_identity
+
+    bare, tokenizer = load_model(None, weights=False)
+    real, _ = load_model(None)
+    assert {p.device.type for p in bare.parameters()} == {"meta"}
+    assert bare.dtype == real.dtype and len(decoder_blocks(bare)) == len(decoder_blocks(real))
+    assert bare.config.to_dict() == real.config.to_dict()
+    assert bare.generation_config.eos_token_id == real.generation_config.eos_token_id
+    assert model_identity(bare, None) == model_identity(real, None) and tokenizer.eos_token_id is not None

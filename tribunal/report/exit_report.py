@@ -33,6 +33,10 @@ RESAMPLES = 2000
 RULE_COLOURS = ("tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:red")
 # generation settings that change what is sampled: the two runs must agree on each to be paired
 SAME_SETTINGS = ("temperature", "top_p", "max_new_tokens", "prompt_template", "chat_template", "engine")
+UNSEEDED_NOTE = ("some of these stores record per_trace_seeds: false (vLLM's CPU build with chunked prefill): their "
+                 "traces were not each seeded from (seed, problem, sample), so a pair shares its prompt and settings, "
+                 "not its randomness; the prefix share measures nothing there, and the paired differences compare "
+                 "two independent samples of each pair")
 SIMULATION_NOTE = ("the simulation stops after the first chunk of the full trace whose score reaches the threshold "
                    "and answers with that chunk's intermediate answer, counting no forced-answer tokens")
 
@@ -130,6 +134,11 @@ def settings_of(store) -> dict:
     return out
 
 
+def _seeded(store) -> bool:
+    """Whether each trace was sampled from its own seed (false: vLLM's CPU build with chunked prefill)."""
+    return (store.attrs.get("generation_settings") or {}).get("per_trace_seeds", True) is not False
+
+
 def setting_differences(full: dict, exited: dict) -> list[str]:
     return [f"{k}: {full[k]!r} in FULL, {exited.get(k)!r} here" for k in full if full[k] != exited.get(k)]
 
@@ -223,6 +232,7 @@ def exit_report(full, exited: list, out_dir, decode_pieces, probes=None, pattern
         if (full_store.attrs.get("generation_settings") or {}).get("exit_policy"):
             raise TribunalError(f"FULL ({full}) was sampled with an exit policy; give the run without one first")
         full_settings = settings_of(full_store)
+        seeded = [_seeded(full_store)]
         full_ids, full_keys = _TokenIds(full_store), _keys(full_store)
         full_correct = full_store.labels == "correct"
         full_gen = full_store.generated_lengths
@@ -237,6 +247,7 @@ def exit_report(full, exited: list, out_dir, decode_pieces, probes=None, pattern
                     raise TribunalError(f"EXITED {spec} is not a twin of FULL {full} ({'; '.join(diffs)}): its traces "
                                         "cannot be paired; sample it with FULL's settings and --exit-policy")
                 policy = exit_policy(store, f"EXITED {spec}")
+                seeded.append(_seeded(store))
                 pairs = pair_keys(full_keys, _keys(store))
                 if not len(pairs["full"]):
                     raise TribunalError(f"EXITED {spec} shares no (problem, sample) with FULL {full}: nothing to pair")
@@ -261,6 +272,8 @@ def exit_report(full, exited: list, out_dir, decode_pieces, probes=None, pattern
                                  "figure": figure_name(rule)})
         doc = {"full": {"store": str(full), "traces": int(full_store.n_traces), **full_settings},
                "simulation_note": SIMULATION_NOTE, "policies": policies}
+        if not all(seeded):
+            doc["pairing_note"] = UNSEEDED_NOTE
     return write_outputs(doc, out_dir)
 
 
@@ -328,4 +341,6 @@ def summary_text(doc: dict) -> str:
                    f"{_pm(s['accuracy_change'], s['accuracy_change_ci'], signed=True)})"
                    + (f"; unpaired: {p['only_in_full']} only in FULL, {p['only_in_exited']} only here"
                       if p["only_in_full"] or p["only_in_exited"] else ""))
+    if doc.get("pairing_note"):
+        out.append(f"  note: {doc['pairing_note']}")
     return "\n".join(out)

@@ -362,6 +362,8 @@ def exit_measured_lines(doc: dict, folder: str = "") -> list[str]:
             said.append("This run forces an answer after the exit; the simulation answers with the chunk's "
                         "intermediate answer, so its figures predict the intermediate-answer variant of this policy.")
         lines += [" ".join(said), ""]
+    if doc.get("pairing_note"):
+        lines += [f"**Pairing.** Note that {doc['pairing_note']}.", ""]
     for rule, figure in sorted({(p["rule"], p["figure"]) for p in policies}):
         lines += [f"![{rule} rule]({folder}{figure})", ""]
     lines.append("Each plot: tokens saved (x) against accuracy change (y) with 95% CIs; filled circles measured, "

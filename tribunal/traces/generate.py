@@ -107,8 +107,10 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
     problems = shard_problems(load_problems(config.dataset, config.split), shard, num_shards, config.max_problems)
     target = {"correct": math.ceil(config.target_correct / num_shards),
               "incorrect": math.ceil(config.target_incorrect / num_shards)}
+    inline = config.engine == "vllm" and config.capture == "inline"  # vLLM computes everything: no weights here
     model, tokenizer = load_model(config.model, revision=config.revision, compute_dtype=config.compute_dtype,
-                                  device_map=config.device_map, trust_remote_code=config.trust_remote_code)
+                                  device_map=config.device_map, trust_remote_code=config.trust_remote_code,
+                                  weights=not inline)
     eos_ids = {tokenizer.eos_token_id}
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
@@ -120,17 +122,18 @@ def _load(config: GenerateConfig, stop: GracefulStop) -> _Loaded:
     if (config.monitor or config.exit_policy) and not stop():
         loaded["watching"] = _watching(config, model, tokenizer, prompts, problems, eos_ids)
     if config.engine == "vllm" and not stop():
-        from .engines.vllm import per_request_seeds, start_engine
+        from .vllm_engine import per_request_seeds, start_engine
 
         positions = getattr(model.config, "max_position_embeddings", None) or math.inf
         longest = max((len(prompts.ids(p)) for p in problems), default=1)
         capture = None
         if config.capture == "inline":  # its requests sample one token past the limit (engines/vllm_inline.py)
-            from .engines.vllm_worker import CaptureSettings
+            from .capture.vllm_worker import CaptureSettings
 
             watching = loaded.get("watching")
+            monitor_only = sorted(set(watching.layers) - set(loaded["layers"])) if watching is not None else []
             capture = CaptureSettings(tuple(loaded["layers"]), loaded["store_dtype"], float(config.temperature),
-                                      tuple(watching.layers) if watching is not None else ())
+                                      tuple(monitor_only))
         # the longest sequence rounded up to a power of two (runs of like settings share an engine in a process)
         need = 1 << (longest + config.max_new_tokens + (capture is not None) - 1).bit_length()
         llm = start_engine(config, model, tokenizer, int(min(positions, need)), capture)

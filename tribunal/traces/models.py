@@ -105,20 +105,22 @@ def keep_loaded():
 
 
 def load_model(model_id: str | None = None, *, revision: str | None = None, compute_dtype: str = "auto",
-               device_map: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) through AutoModelForCausalLM / AutoTokenizer, on CPU, one GPU or many (device_map)."""
+               device_map: str | None = None, trust_remote_code: bool = False, weights: bool = True):
+    """(model, tokenizer) through AutoModelForCausalLM / AutoTokenizer, on CPU, one GPU or many (device_map).
+    weights=False: the model's structure on the meta device, no weights read or placed (for a run whose
+    activations vLLM computes: its config, dtype, layers and identity are all the run needs of it)."""
     if _KEPT is None:
-        return _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code)
+        return _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code, weights)
     path = Path(str(model_id or EMBEDDED_MODEL))
-    key = (str(model_id), revision, compute_dtype, str(device_map), trust_remote_code,
+    key = (str(model_id), revision, compute_dtype, str(device_map), trust_remote_code, weights,
            local_fingerprint(path) if path.is_dir() else None)
     if key not in _KEPT:
         _KEPT.clear()  # one model held at a time
-        _KEPT[key] = _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code)
+        _KEPT[key] = _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code, weights)
     return _KEPT[key]
 
 
-def _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code):
+def _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code, weights=True):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,7 +144,10 @@ def _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code
         kwargs.pop("revision")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
+        else:
+            model = _structure(model_id, dtype, kwargs)
     except OSError as exc:
         where = "local path" if local else "Hugging Face id (no network? set HF_HUB_OFFLINE=1 and use a local path)"
         raise TribunalError(f"cannot load model {model_id!r} as a {where}: {str(exc).splitlines()[0]}") from None
@@ -153,6 +158,22 @@ def _load_model(model_id, revision, compute_dtype, device_map, trust_remote_code
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def _structure(model_id: str, dtype, kwargs):
+    """The model built from its config on the meta device, with its generation config (stop tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_id, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=kwargs.get("trust_remote_code", False))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(model_id, **kwargs)
+    except OSError:  # no generation_config.json: the one from_config derived stands
+        pass
+    return model
 
 
 def model_identity(model, model_id: str | None) -> tuple[str, str]:

@@ -60,9 +60,11 @@ class GenerateConfig:
     batch_size: int = option(16, "hf engine: traces per batch (halved on a CUDA out-of-memory; capped by "
                                   "--capture-memory). vllm batches by itself.")
     capture_memory: str = option("auto", "Bound on captured activations held at once (hf: device buffer and host copies "
-                                         "together; vllm: the teacher-forced forward's batch), e.g. 8G; smaller batches "
-                                         "when long traces x layers x d_model would exceed it. auto: 8G for hf; for "
-                                         "vllm half of the capture device's free memory once vLLM started (CPU: 2G).")
+                                         "together; vllm inline: the rows of the requests in flight; vllm forward: the "
+                                         "teacher-forced forward's batch), e.g. 8G; smaller batches or fewer requests "
+                                         "when long traces x layers x d_model would exceed it. auto: 8G for hf, 2G for "
+                                         "vllm inline; for vllm forward half of the capture device's free memory once "
+                                         "vLLM started (CPU: 2G).")
     target_correct: int = option(50, "Stop storing correct traces after this many.")
     target_incorrect: int = option(50, "Stop storing incorrect traces after this many.")
     max_problems: int = option(200, "Try at most this many problems (all shards together).")

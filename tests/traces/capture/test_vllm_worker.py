@@ -1,4 +1,4 @@
-"""The inline capture's worker side (tribunal.traces.engines.vllm_worker) on synthetic steps: the mapping of a
+"""The inline capture's worker side (tribunal.traces.capture.vllm_worker) on synthetic steps: the mapping of a
 flattened batch to (request, position), the rows and scores a CaptureSink keeps per request, and what `take`
 hands back. The worker inside a running vLLM is tested in test_vllm_inline.py."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tribunal.traces.engines.vllm_worker import CaptureSettings, CaptureSink, check_runner, step_rows
+from tribunal.traces.capture.vllm_worker import CaptureSettings, CaptureSink, check_runner, step_rows
 
 
 def test_step_rows_maps_each_row_to_its_request_and_position():

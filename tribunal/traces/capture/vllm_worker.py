@@ -10,7 +10,7 @@ and adds them in the next layer's fused add-norm). Each step, the rows of the fl
 row of each request gives the log-prob of the token sampled from it and that distribution's entropy at the
 run's temperature, computed where the logits are (only two floats per request leave the device).
 
-The driver (vllm_inline.py) takes a finished request's states and scores with `collective_rpc("tribunal_take")`,
+The driver (engines/vllm_inline.py) takes a finished request's states and scores with `collective_rpc("tribunal_take")`,
 as plain lists and bytes, which cross vLLM's process boundary without its insecure serialization.
 
 Depends on vLLM's V1 model runner (0.32): `input_batch.req_ids`, `num_computed_tokens_cpu`, `positions`,
@@ -85,8 +85,6 @@ class CaptureSink:
     `drain` hands over what the monitor reads each step."""
 
     def __init__(self, settings: CaptureSettings):
-        import torch
-
         self.settings = settings
         captured = settings.captured_layers
         self.stored = [captured.index(layer) for layer in sorted(settings.layers)]  # into the captured layers
