@@ -182,16 +182,10 @@ def main():
                     help="each of the two engines' share (at 7B on one GPU: 0.3 x 2 plus the forward path's weights)")
     ap.add_argument("--batch-size", type=int, default=16, help="the hf engine's batch")
     ap.add_argument("--capture-memory", default="auto")
-    ap.add_argument("--vllm-args", default=None,
-                    help="tribunal's --vllm-args for every engine (default on a CPU: 1 GiB of KV cache each, since "
-                         "the second engine in the process would find the first one's memory taken)")
+    ap.add_argument("--vllm-args", default=None, help="tribunal's --vllm-args for every engine")
     ap.add_argument("--skip-hf", action="store_true", help="leave out the hf engine (slow at 7B)")
     args = ap.parse_args()
     args.max_new_tokens = args.max_new_tokens or (128 if args.shape == "embedded" else 1024)
-    from tribunal.traces.vllm_engine import runs_on_cpu
-
-    if args.vllm_args is None and runs_on_cpu():
-        args.vllm_args = json.dumps({"kv_cache_memory_bytes": 1 << 30})
     work = Path(tempfile.mkdtemp(prefix="tribunal-bench-vllm-"))
     model = None if args.shape == "embedded" else str(random_qwen2(args.shape, work / "model"))
 

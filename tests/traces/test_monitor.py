@@ -70,28 +70,34 @@ def full_run(tmp_path_factory):
     return tmp, probes, doc, generate(tmp, "full.h5", monitor=str(probes))
 
 
+def assert_monitor_is_offline(store, doc, folder) -> int:
+    """The monitor's stored scores are the offline ones of the stored activations (token scores of layer 2, chunk
+    ends and probabilities from `score_chunk_ends`, writing FOLDER/chunks.csv); returns the chunks scored. Shared
+    with the vLLM engine's test (tests/traces/engines/test_vllm_inline.py)."""
+    assert store.monitor_fields == ("chunk_probability", "token_score")
+    offline = score_chunk_ends(doc, store, piece_decoder(store.model_id), folder / "chunks.csv")
+    u = np.asarray(doc["token"]["directions"]["lda"]["direction"])
+    offset = u @ np.asarray(doc["token"]["midpoint"])
+    chunk_ends = []
+    for i in range(store.n_traces):
+        t = store.trace(i)
+        online = t.monitor["chunk_probability"]
+        assert np.isnan(online[: t.prompt_length]).all() and np.isnan(t.monitor["token_score"][: t.prompt_length]).all()
+        chunk_ends += [(i, int(k) - t.prompt_length) for k in np.flatnonzero(~np.isnan(online))]
+        layer2 = store.activations(2, i).astype(np.float64)
+        np.testing.assert_allclose(t.monitor["token_score"][t.prompt_length:], (layer2 @ u - offset)[t.prompt_length:],
+                                   rtol=1e-4, atol=1e-4)
+    rows = [ln.split(",") for ln in (folder / "chunks.csv").read_text().splitlines()[1:]]
+    assert chunk_ends == [(int(r[0]), int(r[3])) for r in rows]  # online chunk ends = offline ones
+    online_p = np.concatenate([store.trace(i).monitor["chunk_probability"] for i in range(store.n_traces)])
+    np.testing.assert_allclose(online_p[~np.isnan(online_p)], 1 / (1 + np.exp(-offline["logits"])), rtol=1e-5)
+    return len(chunk_ends)
+
+
 def test_monitor_scores_are_the_offline_scores_of_the_stored_activations(full_run):
     tmp, probes, doc, full = full_run
     with open_store(full) as store:
-        assert store.monitor_fields == ("chunk_probability", "token_score")
-        offline = score_chunk_ends(doc, store, piece_decoder(store.model_id), tmp / "chunks.csv")
-        u = np.asarray(doc["token"]["directions"]["lda"]["direction"])
-        offset = u @ np.asarray(doc["token"]["midpoint"])
-        chunk_ends, n_chunks = [], 0
-        for i in range(store.n_traces):
-            t = store.trace(i)
-            online = t.monitor["chunk_probability"]
-            assert np.isnan(online[: t.prompt_length]).all() and np.isnan(t.monitor["token_score"][: t.prompt_length]).all()
-            chunk_ends += [(i, int(k) - t.prompt_length) for k in np.flatnonzero(~np.isnan(online))]
-            layer2 = store.activations(2, i).astype(np.float64)
-            np.testing.assert_allclose(t.monitor["token_score"][t.prompt_length:], (layer2 @ u - offset)[t.prompt_length:],
-                                       rtol=1e-4, atol=1e-4)
-            n_chunks += int(np.sum(~np.isnan(online)))
-        rows = [ln.split(",") for ln in (tmp / "chunks.csv").read_text().splitlines()[1:]]
-        assert chunk_ends == [(int(r[0]), int(r[3])) for r in rows]  # online chunk ends = offline ones
-        online_p = np.concatenate([store.trace(i).monitor["chunk_probability"] for i in range(store.n_traces)])
-        np.testing.assert_allclose(online_p[~np.isnan(online_p)], 1 / (1 + np.exp(-offline["logits"])), rtol=1e-5)
-        assert n_chunks >= store.n_traces  # the embedded model states answers on the way
+        assert assert_monitor_is_offline(store, doc, tmp) >= store.n_traces  # the model states answers on the way
         settings = store.attrs["generation_settings"]
         assert settings["monitor"]["chunk_layer"] == 5 and settings["exit_policy"] is None
 

@@ -44,8 +44,8 @@ class GenerateConfig:
                                     "cannot hook). The hf engine always captures as it decodes.",
                           choices=CAPTURE_CHOICES)
     vllm_memory: float = option(0.5, "--engine vllm: the fraction of the GPU's memory vLLM takes (its "
-                                     "gpu_memory_utilization; on a CPU, of the RAM); the model that captures "
-                                     "uses the rest.")
+                                     "gpu_memory_utilization; on a CPU, of the RAM free when it starts); the model "
+                                     "that captures uses the rest.")
     vllm_args: str | None = option(None, "--engine vllm: more of vLLM's engine arguments as a JSON object, e.g. "
                                          "'{\"tensor_parallel_size\": 2, \"max_num_seqs\": 64}' (not those tribunal "
                                          "sets from its own options).")

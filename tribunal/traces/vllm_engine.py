@@ -8,6 +8,7 @@ On a CPU vLLM runs inside this process (its engine starts in seconds and dies wi
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -54,7 +55,8 @@ def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
         return _ENGINES[key]
     while _ENGINES and len(_ENGINES) >= ENGINES_KEPT:  # the oldest goes before a new one takes memory
         del _ENGINES[next(iter(_ENGINES))]
-    extra = {**({"distributed_executor_backend": "uni"} if on_cpu else {}), **config.vllm_engine_args()}
+        gc.collect()
+    extra = {**(cpu_engine_args(config.vllm_memory) if on_cpu else {}), **config.vllm_engine_args()}
     if capture is not None:
         check_inline_model(model)
         extra.update(worker_cls="tribunal.traces.capture.vllm_worker." + ("CaptureCPUWorker" if on_cpu else
@@ -77,6 +79,16 @@ def start_engine(config, model, tokenizer, max_model_len: int, capture=None):
         raise
     _ENGINES[key] = llm
     return llm
+
+
+def cpu_engine_args(share: float) -> dict:
+    """vLLM's CPU build in this process, its KV cache `share` of the RAM free now. (Left to itself it sizes the
+    cache as share x the node's RAM minus this process's resident memory, which fails once the process has held
+    an earlier engine or other large arrays, whatever RAM is free.)"""
+    import psutil
+
+    return {"distributed_executor_backend": "uni",
+            "kv_cache_memory_bytes": int(share * psutil.virtual_memory().available)}
 
 
 def per_request_seeds(llm) -> bool:

@@ -273,28 +273,11 @@ def watched(tmp_path_factory):
 
 
 def test_vllm_monitor_scores_are_the_offline_scores_of_the_stored_activations(watched):
-    from tribunal.probes.chunk_probe import score_chunk_ends
-    from tribunal.traces.models import piece_decoder
+    from ..test_monitor import assert_monitor_is_offline
 
     tmp, _, doc, full = watched
     with open_store(full) as store:
-        assert store.monitor_fields == ("chunk_probability", "token_score")
-        offline = score_chunk_ends(doc, store, piece_decoder(store.model_id), tmp / "chunks.csv")
-        u = np.asarray(doc["token"]["directions"]["lda"]["direction"])
-        offset = u @ np.asarray(doc["token"]["midpoint"])
-        chunk_ends = []
-        for i in range(store.n_traces):
-            t = store.trace(i)
-            online = t.monitor["chunk_probability"]
-            assert np.isnan(online[: t.prompt_length]).all()
-            chunk_ends += [(i, int(k) - t.prompt_length) for k in np.flatnonzero(~np.isnan(online))]
-            layer2 = store.activations(2, i).astype(np.float64)
-            np.testing.assert_allclose(t.monitor["token_score"][t.prompt_length:],
-                                       (layer2 @ u - offset)[t.prompt_length:], rtol=1e-4, atol=1e-4)
-        rows = [ln.split(",") for ln in (tmp / "chunks.csv").read_text().splitlines()[1:]]
-        assert chunk_ends and chunk_ends == [(int(r[0]), int(r[3])) for r in rows]  # online chunk ends = offline
-        online_p = np.concatenate([store.trace(i).monitor["chunk_probability"] for i in range(store.n_traces)])
-        np.testing.assert_allclose(online_p[~np.isnan(online_p)], 1 / (1 + np.exp(-offline["logits"])), rtol=1e-5)
+        assert assert_monitor_is_offline(store, doc, tmp) > 0
 
 
 def test_vllm_exits_are_prefixes_of_their_full_twins_and_the_exit_report_pairs_them(watched, tmp_path):

@@ -56,15 +56,13 @@ class CaptureSettings:
                    tuple(int(x) for x in raw.get("monitor_layers", ())))
 
 
-def step_rows(order, counts, starts) -> tuple[np.ndarray, np.ndarray]:
-    """Which request (index into `order`) and which position each row of a step's flattened batch holds.
-    order: the batch's request ids, in the order the runner laid out their tokens; counts: tokens scheduled per
-    request; starts: each request's tokens computed before this step (its first row's position)."""
+def step_rows(counts, starts) -> np.ndarray:
+    """The position each row of a step's flattened batch holds: the runner lays out each request's scheduled
+    tokens (`counts`, in its batch order) one after the other, from the tokens it had computed (`starts`)."""
     counts = np.asarray(counts, np.int64)
     owner = np.repeat(np.arange(len(counts)), counts)
     first_row = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
-    positions = np.asarray(starts, np.int64)[owner] + (np.arange(len(owner)) - first_row[owner])
-    return owner, positions
+    return np.asarray(starts, np.int64)[owner] + (np.arange(len(owner)) - first_row[owner])
 
 
 @dataclass
@@ -108,12 +106,13 @@ class CaptureSink:
         """Score these tokens of a request's prompt ({position: token}) from the rows before them, as if sampled."""
         self.requests.setdefault(request_id, _Request()).score_tokens.update({int(k): int(v) for k, v in tokens.items()})
 
-    def add_step(self, order, counts, starts, states, logits, hidden=None, head=None) -> None:
+    def add_step(self, order, counts, starts, states, logits, hidden=None, head=None, positions=None) -> None:
         """One forward: states (rows, captured layers, d) of the flattened batch, logits (requests, vocab), one
-        row each; hidden and head (the final hidden states and the LM head) score prompt tokens asked for."""
+        row each; hidden and head (the final hidden states and the LM head) score prompt tokens asked for;
+        positions: step_rows(counts, starts), where the caller has them already."""
         import torch
 
-        _, positions = step_rows(order, counts, starts)
+        positions = step_rows(counts, starts) if positions is None else positions
         states = states[: len(positions)]
         words = host_words(states[:, self.stored] if len(self.stored) < states.shape[1] else states,
                            self.settings.store_dtype)
@@ -247,7 +246,7 @@ class CaptureMixin:
             order = list(batch.req_ids[: len(scheduler_output.num_scheduled_tokens)])
             counts = [scheduler_output.num_scheduled_tokens[r] for r in order]
             starts = batch.num_computed_tokens_cpu[: len(order)].copy()
-            _, positions = step_rows(order, counts, starts)
+            positions = step_rows(counts, starts)
             if not np.array_equal(positions, runner.positions[:total].cpu().numpy()):
                 raise RuntimeError("tribunal's inline capture mapped this step's tokens to other positions than "
                                    "vLLM's runner did: use --capture forward and report the vLLM version")
@@ -255,7 +254,7 @@ class CaptureMixin:
 
             states = torch.stack([h[:total] for h in state.aux_hidden_states], 1)
             self.tribunal_sink.add_step(order, counts, starts, states, state.logits, state.hidden_states,
-                                        runner.get_model().compute_logits)
+                                        runner.get_model().compute_logits, positions)
         return output
 
     def sample_tokens(self, grammar_output):
