@@ -38,7 +38,7 @@ def test_bad_run_options_are_refused_before_the_run_folder_exists(tmp_path, opti
 
 @pytest.mark.parametrize("options, message", [({"exit_threshold": "1.5"}, "outside"),
                                               ({"exit_threshold": "conformal:2"}, "conformal"),
-                                              ({"engine": "vllm"}, "hf engine")])
+                                              ({"engine": "vllm", "capture": "forward"}, "--capture inline")])
 def test_a_bad_exit_policy_is_refused_before_the_first_run_samples(tmp_path, options, message):
     with pytest.raises(TribunalError, match=message):
         run_pipeline(tmp_path / "runs" / "x", options, progress=False, early_exit=True)
