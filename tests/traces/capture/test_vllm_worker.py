@@ -145,3 +145,38 @@ def test_a_runner_without_what_the_capture_reads_is_refused_with_the_fallback_na
 
     with pytest.raises(RuntimeError, match="execute_model_state.*--capture forward"):
         check_runner(OtherRunner())
+
+
+def test_a_request_holds_its_own_rows_only():
+    """Rows are filed per request, not as views of the step's array: a short request kept in flight does not
+    keep a long one's rows alive after it is taken (the in-flight cap counts each request's own rows)."""
+    s = sink()
+    s.add_step(["long", "short"], [500, 1], [0, 7], states_for(list(range(500)) + [7]), torch.randn(2, 5))
+    s.take(["long"])
+    short = s.requests["short"].rows
+    assert short.words.base is None and short.words.nbytes <= 16 * 2 * 4 * 4
+
+
+def test_rows_copied_asynchronously_are_read_only_once_arrived(monkeypatch):
+    """From a GPU a step's rows travel while vLLM goes on: they are filed at the next step (or a take), after
+    waiting for the copy, never read before."""
+    import tribunal.traces.capture.vllm_worker as worker
+
+    real, waits = worker.host_copy, []
+
+    def copying(states, dtype):
+        words, _ = real(states, dtype)
+        arrived = words.copy()
+        words[:] = -1  # not there yet: what the host buffer holds while the copy is in flight
+        return words, lambda: (waits.append(1), words.__setitem__(slice(None), arrived))
+
+    monkeypatch.setattr(worker, "host_copy", copying)
+    s = sink()
+    s.add_step(["a"], [2], [0], states_for([0, 1]), torch.randn(1, 5))
+    s.add_samples(["a"], [[3]])
+    assert waits == []
+    s.add_step(["a"], [1], [2], states_for([2]), torch.randn(1, 5))
+    assert waits == [1]
+    rows = s.take(["a"])[0]
+    assert waits == [1, 1] and rows["positions"] == [0, 1, 2]
+    assert np.frombuffer(rows["states"], dtype=rows["dtype"]).reshape(rows["shape"])[:, 0, 0].tolist() == [0, 1, 2]

@@ -1,7 +1,7 @@
 """Hook capture at the decoder blocks: forward hooks copy each target block's output (the residual stream
 leaving it) into one buffer while the model decodes; a budget bounds how many traces a batch may capture; and
 the one conversion of captured states into the store's words (bfloat16 kept as its 16-bit words), which the hf
-engine and teacher forcing both use.
+engine, teacher forcing and the vLLM worker all use, asynchronous from a GPU (host_copy).
 """
 
 from __future__ import annotations
@@ -25,6 +25,20 @@ def host_words(states: torch.Tensor, store_dtype: str) -> np.ndarray:
     if store_dtype == "bfloat16":
         return states.view(torch.int16).numpy().view(np.uint16)
     return states.numpy()
+
+
+def host_copy(states: torch.Tensor, store_dtype: str):
+    """(words, ready): `states` as the store's words on the host, readable once `ready()` returns (None: at
+    once). On a GPU an asynchronous copy, in the store's dtype, into pinned memory, queued on the current
+    stream after the work that computed `states`: the host goes on while the rows travel."""
+    if not states.is_cuda:
+        return host_words(states, store_dtype), None
+    states = states.to(getattr(torch, store_dtype))
+    host = torch.empty(states.shape, dtype=states.dtype, pin_memory=True)
+    host.copy_(states, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(states.device))
+    return host_words(host, store_dtype), event.synchronize
 
 
 class CaptureBudget:

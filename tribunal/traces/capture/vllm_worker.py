@@ -6,7 +6,8 @@ asks the model for EAGLE-3's auxiliary hidden states at tribunal's layers, which
 models compute inside their compiled (and CUDA-graphed) forward as `hidden_states + residual` after each chosen
 decoder layer: exactly the output of the transformers block (vLLM carries the residual beside the hidden state
 and adds them in the next layer's fused add-norm). Each step, the rows of the flattened batch are mapped to
-(request, position) (`step_rows`), copied to the host in the store's words and kept per request; the logits
+(request, position) (`step_rows`), copied to the host in the store's words (from a GPU asynchronously: the rows
+are filed at the next step, by when they have arrived) and kept per request in one growing array; the logits
 row of each request gives the log-prob of the token sampled from it and that distribution's entropy at the
 run's temperature, computed where the logits are (only two floats per request leave the device).
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..capture.hooks import host_words
+from .hooks import host_copy
 
 CONFIG_KEY = "tribunal_capture"  # the key of vLLM's additional_config that carries CaptureSettings' fields
 RUNNER_ATTRIBUTES = ("input_batch", "positions", "execute_model_state", "use_aux_hidden_state_outputs")
@@ -65,13 +66,45 @@ def step_rows(counts, starts) -> np.ndarray:
     return np.asarray(starts, np.int64)[owner] + (np.arange(len(owner)) - first_row[owner])
 
 
+class _Rows:
+    """A request's captured rows by position, in one array that grows (doubling) as positions arrive: a
+    position written again (vLLM preempted and recomputed the request) keeps its last computation, the state
+    the later tokens attended to. Holds the request's rows and no one else's."""
+
+    def __init__(self):
+        self.words = None
+        self.filled = np.zeros(0, bool)
+
+    def put(self, first: int, words: np.ndarray) -> None:
+        """Rows for positions first, first + 1, ... (a request's tokens of one step are consecutive)."""
+        end = first + len(words)
+        if self.words is None:
+            self.words = np.empty((max(end, 16), *words.shape[1:]), words.dtype)
+            self.filled = np.zeros(len(self.words), bool)
+        elif end > len(self.words):
+            grown = np.empty((max(end, 2 * len(self.words)), *self.words.shape[1:]), self.words.dtype)
+            grown[: len(self.words)] = self.words
+            self.words = grown
+            self.filled = np.concatenate([self.filled, np.zeros(len(grown) - len(self.filled), bool)])
+        self.words[first:end] = words
+        self.filled[first:end] = True
+
+    def positions_and_words(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.words is None:
+            return np.zeros(0, np.int64), np.zeros((0, layers, 0), np.float32)
+        positions = np.flatnonzero(self.filled)
+        n = len(positions)
+        words = self.words[:n] if n and positions[-1] == n - 1 else self.words[positions]
+        return positions, np.ascontiguousarray(words)
+
+
 @dataclass
 class _Request:
-    """What one request has been given so far: its rows as (positions, states) pieces; per sampled token (by
-    its position) the token, its log-prob and its distribution's entropy; the read-outs of its rows and the
-    scores not yet drained; prompt positions to score (a continuation's forced tokens: position -> token)."""
+    """What one request has been given so far: its rows (_Rows); per sampled token (by its position) the
+    token, its log-prob and its distribution's entropy; the read-outs of its rows and the scores not yet
+    drained; prompt positions to score (a continuation's forced tokens: position -> token)."""
 
-    pieces: list = field(default_factory=list)
+    rows: _Rows = field(default_factory=_Rows)
     scores: dict = field(default_factory=dict)
     fresh_rows: list = field(default_factory=list)
     fresh_scores: dict = field(default_factory=dict)
@@ -89,6 +122,7 @@ class CaptureSink:
         self._readouts = []
         self.requests: dict[str, _Request] = {}
         self._pending = None  # (order, sampled positions, scaled logits, their log-sum-exp, entropies) until sampled
+        self._arriving = []  # steps' rows still on their way from the device: (ready, words, [(request, lo, hi, first)])
 
     def set_readouts(self, readouts) -> None:
         """The monitor's read-outs, [name, layer, weights, bias] each (none: no monitor), computed on every row
@@ -112,29 +146,43 @@ class CaptureSink:
         positions: step_rows(counts, starts), where the caller has them already."""
         import torch
 
+        self._settle()  # the last step's rows have long arrived: filed before this step's
         positions = step_rows(counts, starts) if positions is None else positions
         states = states[: len(positions)]
-        words = host_words(states[:, self.stored] if len(self.stored) < states.shape[1] else states,
-                           self.settings.store_dtype)
+        words, ready = host_copy(states[:, self.stored] if len(self.stored) < states.shape[1] else states,
+                                 self.settings.store_dtype)
         store = getattr(torch, self.settings.store_dtype)  # read out what is stored, as `tribunal score` would
         readouts = {name: (states[:, k].to(store).float() @ w.to(states.device) + b).cpu().numpy()
                     for name, k, w, b in self._readouts}
         ends = np.cumsum(np.asarray(counts, np.int64))
+        filing = []
         for i, request_id in enumerate(order):  # a request's rows are contiguous, in the order of `order`
             lo, hi = int(ends[i] - counts[i]), int(ends[i])
             if lo == hi:
                 continue
             request = self.requests.setdefault(request_id, _Request())
-            request.pieces.append((positions[lo:hi], words[lo:hi]))
+            filing.append((request, lo, hi, int(positions[lo])))
             if readouts:
                 request.fresh_rows.append((positions[lo:hi], {name: v[lo:hi] for name, v in readouts.items()}))
             if request.score_tokens and hidden is not None:
                 self._score_prompt(request, positions[lo:hi], np.arange(lo, hi), hidden, head)
+        self._arriving.append((ready, words, filing))
+        if ready is None:
+            self._settle()
         scaled = logits.float() / max(self.settings.temperature, 1e-6)  # a new tensor: the sampler edits its own
         lse = scaled.logsumexp(-1)
         entropy = lse - (scaled.softmax(-1) * scaled).sum(-1)
         ends = np.asarray(starts, np.int64) + np.asarray(counts, np.int64)  # the position a row's sample takes
         self._pending = (list(order), ends, scaled, lse, entropy)
+
+    def _settle(self) -> None:
+        """File the rows that have arrived from the device under their requests (waiting for copies in flight)."""
+        for ready, words, filing in self._arriving:
+            if ready is not None:
+                ready()
+            for request, lo, hi, first in filing:
+                request.rows.put(first, words[lo:hi])
+        self._arriving = []
 
     def _score_prompt(self, request: _Request, positions, rows, hidden, head) -> None:
         import torch
@@ -197,17 +245,11 @@ class CaptureSink:
         """Per request id: {positions, states (bytes), shape, dtype, scores {position: [token, logprob, entropy]}}
         as plain types, its rows in position order (a position computed twice, after vLLM preempted and
         recomputed the request: the last one, the state the later tokens attended to)."""
+        self._settle()
         out = []
         for request_id in request_ids:
             request = self.requests.pop(request_id, None) or _Request()
-            if request.pieces:
-                positions = np.concatenate([p for p, _ in request.pieces])
-                words = np.concatenate([w for _, w in request.pieces])
-                last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]
-                positions, words = positions[last], words[last]
-            else:
-                positions, words = np.zeros(0, np.int64), np.zeros((0, len(self.settings.layers), 0), np.float32)
-            states = np.ascontiguousarray(words)
+            positions, states = request.rows.positions_and_words(len(self.settings.layers))
             out.append({"positions": positions.tolist(), "states": states.tobytes(), "shape": list(states.shape),
                         "dtype": str(states.dtype),
                         "scores": {str(k): list(v) for k, v in sorted(request.scores.items())}})

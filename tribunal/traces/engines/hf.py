@@ -20,7 +20,7 @@ import torch
 
 from ...config import parse_budget
 from ...errors import TribunalError
-from ..capture.hooks import BlockCapture, CaptureBudget, host_words
+from ..capture.hooks import BlockCapture, CaptureBudget, host_copy
 from ..intervention import Intervention, InterventionSpec
 from ..ledger import RunLedger, SampledTrace, no_wait, trace_seed
 from ..models import decoder_blocks
@@ -320,12 +320,5 @@ def _host_copy(capture: BlockCapture, store_dtype: str):
     """(words, ready, reused): the batch's captured states as storage words on the host. On a GPU, an
     asynchronous copy into pinned memory (the next batch starts while this one travels; `ready` waits for it);
     on a CPU, the capture buffer itself (`reused`: the next batch overwrites it, so traces copy their part)."""
-    hidden = capture.take()  # (layers, batch, positions, d_model) in the storage dtype
-    if not hidden.is_cuda:
-        return host_words(hidden, store_dtype), no_wait, True
-    host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-    stream = torch.cuda.current_stream(hidden.device)
-    host.copy_(hidden, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(stream)
-    return host_words(host, store_dtype), event.synchronize, False
+    words, ready = host_copy(capture.take(), store_dtype)  # (layers, batch, positions, d_model)
+    return words, ready or no_wait, ready is None
